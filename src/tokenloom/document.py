@@ -1,0 +1,171 @@
+"""Documents: interleaved text and images, optionally split into chat turns.
+
+A `Document` is what formats encode to token ids and decode back to. Images
+are grids of codebook indices (what the VQ tokenizer produces), so a document
+round-trips through ids without any pixels; decoded pixels may ride along on
+`ImagePart.pixels` but never take part in equality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+ROLES: tuple[str | None, ...] = (None, "system", "user", "assistant")
+
+
+@dataclass
+class TextPart:
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise TypeError(f"TextPart.text must be str, got {type(self.text).__name__}")
+
+
+@dataclass(eq=False)
+class ImagePart:
+    """One image as an int64 [height, width] grid of codebook indices."""
+
+    codes: np.ndarray
+    pixels: Any = field(default=None, compare=False, repr=False)  # PIL.Image.Image | None
+
+    def __post_init__(self) -> None:
+        codes = np.asarray(self.codes)
+        if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
+            raise ValueError(f"image codes must be a non-empty 2-D grid, got shape {codes.shape}")
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"image codes must be integers, got dtype {codes.dtype}")
+        self.codes = codes.astype(np.int64, copy=False)
+
+    @property
+    def height(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.codes.shape[1])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImagePart):
+            return NotImplemented
+        return self.codes.shape == other.codes.shape and bool(np.array_equal(self.codes, other.codes))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        # The full grid would drown logs; shape and a few codes identify it.
+        head = self.codes.ravel()[:4].tolist()
+        return f"ImagePart({self.height}x{self.width}, codes={head}{'...' if self.codes.size > 4 else ''})"
+
+
+Part = Union[TextPart, ImagePart]
+
+
+def _as_part(part: Part | str | np.ndarray) -> Part:
+    if isinstance(part, str):
+        return TextPart(part)
+    if isinstance(part, np.ndarray):
+        return ImagePart(part)
+    if isinstance(part, (TextPart, ImagePart)):
+        return part
+    raise TypeError(f"a part must be TextPart, ImagePart or str, got {type(part).__name__}")
+
+
+@dataclass
+class Turn:
+    role: str | None
+    parts: list[Part] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {ROLES}")
+        self.parts = [_as_part(p) for p in self.parts]
+
+
+@dataclass
+class Document:
+    turns: list[Turn] = field(default_factory=list)
+
+    @classmethod
+    def from_parts(cls, parts: Iterable[Part | str | np.ndarray], role: str | None = None) -> Document:
+        """One turn; str parts become text, 2-D arrays become images."""
+        return cls([Turn(role, list(parts))])
+
+    @classmethod
+    def chat(cls, messages: Iterable[tuple[str | None, Sequence[Part | str] | Part | str]]) -> Document:
+        """Turns from (role, parts) pairs; a single part may stand for its list."""
+        turns = []
+        for role, parts in messages:
+            if isinstance(parts, (str, TextPart, ImagePart, np.ndarray)):
+                parts = [parts]
+            turns.append(Turn(role, list(parts)))
+        return cls(turns)
+
+    @property
+    def parts(self) -> list[Part]:
+        return [p for t in self.turns for p in t.parts]
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    def normalized(self) -> Document:
+        """Merge adjacent text parts and drop empty ones; turns are kept as they are."""
+        turns = []
+        for turn in self.turns:
+            parts: list[Part] = []
+            for part in turn.parts:
+                if isinstance(part, TextPart):
+                    if not part.text:
+                        continue
+                    if parts and isinstance(parts[-1], TextPart):
+                        parts[-1] = TextPart(parts[-1].text + part.text)
+                        continue
+                    part = TextPart(part.text)
+                parts.append(part)
+            turns.append(Turn(turn.role, parts))
+        return Document(turns)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict; images become nested lists of codes (pixels are not kept)."""
+        return {
+            "turns": [
+                {
+                    "role": t.role,
+                    "parts": [
+                        {"type": "text", "text": p.text}
+                        if isinstance(p, TextPart)
+                        else {"type": "image", "codes": p.codes.tolist()}
+                        for p in t.parts
+                    ],
+                }
+                for t in self.turns
+            ]
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> Document:
+        """Inverse of `to_json`; also accepts the JSON text itself."""
+        if isinstance(data, str):
+            data = json.loads(data)
+        turns = []
+        for t in data["turns"]:
+            parts: list[Part] = []
+            for p in t["parts"]:
+                if p["type"] == "text":
+                    parts.append(TextPart(p["text"]))
+                elif p["type"] == "image":
+                    parts.append(ImagePart(np.asarray(p["codes"], dtype=np.int64)))
+                else:
+                    raise ValueError(f"unknown part type {p['type']!r}")
+            turns.append(Turn(t.get("role"), parts))
+        return cls(turns)

@@ -1,0 +1,219 @@
+"""The per-row grammar that keeps every generated image well formed.
+
+State lives in tensors, one entry per row, and the allowed-token mask of a step
+is built from a few precomputed vocabulary masks with vectorised operations: no
+Python loop over rows or over the vocabulary.
+
+    TEXT --image_begin--> HEIGHT --size--> WIDTH --size--> CODES --...--> END --image_end--> TEXT
+    (flat layout: TEXT --image_begin--> CODES, the grid fixed)
+    TEXT --eos/turn_end--> DONE
+
+In `unirep`, each row of codes is closed by end-of-line (forced when the row is
+full) and image end is forced after the last row. Image begin is allowed only
+while a whole image still fits in the row's remaining token budget, and the
+size tokens offered are only those whose image fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..vocab import Vocabulary
+
+TEXT, HEIGHT, WIDTH, CODES, END, DONE = range(6)
+MODES = ("text", "image", "any")
+
+
+@dataclass
+class GrammarTables:
+    """Vocabulary facts the grammar needs, as tensors on the engine's device."""
+
+    layout: str
+    flat_grid: tuple[int, int] | None
+    vocab_size: int
+    text_mask: torch.Tensor  # [V] text tokens plus the stop tokens
+    code_mask: torch.Tensor  # [V]
+    size_ids: torch.Tensor  # [G] id of the size token for n units, n = 1..G
+    size_value: torch.Tensor  # [V] code rows/columns a size token means (n * unit), 0 otherwise
+    size_unit: int  # code rows/columns per size unit (Lumina-mGPT: 2)
+    stop_ids: torch.Tensor  # [S]
+    image_begin: int
+    image_end: int
+    end_of_line: int | None
+    final_stop: int  # what a row in "image" mode emits after its image
+    idle: int  # fed to finished rows
+
+    @classmethod
+    def build(cls, vocab: Vocabulary, layout: str, flat_grid: tuple[int, int] | None, device) -> "GrammarTables":
+        if layout not in ("unirep", "flat"):
+            raise ValueError(f"unknown layout {layout!r}")
+        if layout == "unirep" and (vocab.end_of_line is None or vocab.max_grid_size == 0):
+            raise ValueError("the unirep layout needs end-of-line and size tokens in the vocabulary")
+        if layout == "flat" and flat_grid is None:
+            raise ValueError("the flat layout needs a fixed grid (height, width)")
+        stops = [t for t in (vocab.turn_end, vocab.eos) if t is not None]
+        if not stops:
+            raise ValueError("the vocabulary has neither a turn-end nor an eos token to stop on")
+        text_mask = vocab.text_mask.clone()
+        text_mask[stops] = True
+        size_ids = torch.tensor([vocab.size_token(n) for n in range(1, vocab.max_grid_size + 1)], dtype=torch.long)
+        unit = vocab.size_unit
+        size_value = torch.zeros(vocab.size, dtype=torch.long)
+        if len(size_ids):
+            size_value[size_ids] = torch.arange(1, len(size_ids) + 1) * unit
+        idle = vocab.pad if vocab.pad is not None else stops[-1]
+        return cls(layout, tuple(flat_grid) if flat_grid else None, vocab.size, text_mask.to(device),
+                   vocab.code_mask.to(device), size_ids.to(device), size_value.to(device),
+                   unit, torch.tensor(stops, dtype=torch.long, device=device), vocab.image_begin, vocab.image_end,
+                   vocab.end_of_line, stops[0], idle)
+
+    @property
+    def max_grid(self) -> int:
+        """Largest image side in code rows/columns."""
+        return int(self.size_ids.numel()) * self.size_unit if self.layout == "unirep" else max(self.flat_grid)
+
+    def image_length(self, height: int, width: int) -> int:
+        """Tokens of one image, begin and end included."""
+        if self.layout == "flat":
+            return height * width + 2
+        return height * (width + 1) + 4
+
+
+class Grammar:
+    """Grammar state for B rows. `mode`: "text" (no images), "image" (exactly one image
+    and nothing else) or "any" (interleaved). `image_size`: (height, width) in code
+    rows/columns to force, or None to let the model choose (unirep only)."""
+
+    def __init__(self, tables: GrammarTables, modes: list[str], image_sizes: list[tuple[int, int] | None],
+                 budgets: list[int], device):
+        self.t = tables
+        b = len(modes)
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown generation mode(s) {bad}; expected one of {MODES}")
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        if tables.layout == "flat":
+            for size in image_sizes:
+                if size is not None and tuple(size) != tables.flat_grid:
+                    raise ValueError(f"the flat layout draws {tables.flat_grid} grids only, not {tuple(size)}")
+            image_sizes = [tables.flat_grid] * b
+        fixed = [s if s is not None else (0, 0) for s in image_sizes]
+        self.fixed_h = tensor([s[0] for s in fixed])
+        self.fixed_w = tensor([s[1] for s in fixed])
+        self.state = torch.full((b,), TEXT, dtype=torch.long, device=device)
+        self.h = self.fixed_h.clone()
+        self.w = self.fixed_w.clone()
+        self.row = torch.zeros(b, dtype=torch.long, device=device)
+        self.col = torch.zeros(b, dtype=torch.long, device=device)
+        self.remaining = tensor(budgets)
+        self.images_done = torch.zeros(b, dtype=torch.long, device=device)
+        self.allow_text = torch.tensor([m != "image" for m in modes], device=device)
+        self.allow_image = torch.tensor([m != "text" for m in modes], device=device)
+        self.max_images = tensor([1 if m == "image" else (0 if m == "text" else 1 << 30) for m in modes])
+        if tables.layout == "unirep":
+            bad = [s for s in image_sizes if s is not None and (s[0] % tables.size_unit or s[1] % tables.size_unit)]
+            if bad:
+                raise ValueError(f"image sizes {bad} are not multiples of the size unit {tables.size_unit}")
+        # Code rows/columns each size token stands for, in size-token order.
+        self.sizes = torch.arange(1, tables.size_ids.numel() + 1, device=device) * tables.size_unit
+
+    # -- what may come next ---------------------------------------------------------------
+    def min_image_length(self) -> torch.Tensor:
+        h = torch.where(self.fixed_h > 0, self.fixed_h, self.t.size_unit)
+        w = torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit)
+        return h * w + 2 if self.t.layout == "flat" else h * (w + 1) + 4
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [B, V]: the tokens each row may emit now."""
+        t, s = self.t, self.state
+        b = s.shape[0]
+        allowed = torch.zeros(b, t.vocab_size, dtype=torch.bool, device=s.device)
+        in_text = s == TEXT
+        want_image = self.images_done < self.max_images
+        begin_ok = in_text & self.allow_image & want_image & (self.remaining >= self.min_image_length())
+        allowed |= (in_text & self.allow_text)[:, None] & t.text_mask[None]
+        allowed[:, t.image_begin] |= begin_ok
+        in_codes = s == CODES
+        if t.layout == "unirep":
+            need_eol = in_codes & (self.col == self.w)
+            allowed |= (in_codes & ~need_eol)[:, None] & t.code_mask[None]
+            allowed[:, t.end_of_line] |= need_eol
+            # Size tokens: the forced one, or every size whose image fits the budget.
+            n = self.sizes[None]
+            w_min = torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit)[:, None]
+            h_ok = torch.where(self.fixed_h[:, None] > 0, n == self.fixed_h[:, None],
+                               n * (w_min + 1) + 3 <= self.remaining[:, None])
+            w_ok = torch.where(self.fixed_w[:, None] > 0, n == self.fixed_w[:, None],
+                               self.h[:, None] * (n + 1) + 2 <= self.remaining[:, None])
+            sizes_ok = ((s == HEIGHT)[:, None] & h_ok) | ((s == WIDTH)[:, None] & w_ok)
+            allowed[:, t.size_ids] |= sizes_ok
+        else:
+            allowed |= in_codes[:, None] & t.code_mask[None]
+        allowed[:, t.image_end] |= s == END
+        allowed[:, t.idle] |= s == DONE
+        # A row left with nothing (an "image" row after its image, or one whose image no longer fits) stops.
+        allowed[:, t.final_stop] |= ~allowed.any(-1)
+        return allowed
+
+    def in_codes(self) -> torch.Tensor:
+        return self.state == CODES
+
+    def image_progress(self) -> torch.Tensor:
+        """Fraction of the current image's codes already emitted (for guidance intervals)."""
+        done = self.row * self.w + self.col.clamp(max=self.w)
+        return done.float() / (self.h * self.w).clamp(min=1).float()
+
+    # -- advancing --------------------------------------------------------------------------
+    def advance(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Consume one token per row; returns per-row flags describing what happened."""
+        t, s = self.t, self.state
+        active = s != DONE
+        new = s.clone()
+        started = (s == TEXT) & (tokens == t.image_begin)
+        stopped = (s == TEXT) & torch.isin(tokens, t.stop_ids)
+        if t.layout == "unirep":
+            new = torch.where(started, HEIGHT, new)
+            got_h = s == HEIGHT
+            self.h = torch.where(got_h, t.size_value[tokens], self.h)
+            new = torch.where(got_h, WIDTH, new)
+            got_w = s == WIDTH
+            self.w = torch.where(got_w, t.size_value[tokens], self.w)
+            new = torch.where(got_w, CODES, new)
+            self.row = torch.where(started, 0, self.row)
+            self.col = torch.where(started, 0, self.col)
+            code = (s == CODES) & (tokens != t.end_of_line)
+            eol = (s == CODES) & (tokens == t.end_of_line)
+            self.col = torch.where(code, self.col + 1, torch.where(eol, 0, self.col))
+            self.row = torch.where(eol, self.row + 1, self.row)
+            row_done = eol
+        else:
+            new = torch.where(started, CODES, new)
+            self.row = torch.where(started, 0, self.row)
+            self.col = torch.where(started, 0, self.col)
+            code = s == CODES
+            wrap = code & (self.col + 1 == self.w)
+            self.col = torch.where(code, torch.where(wrap, 0, self.col + 1), self.col)
+            self.row = torch.where(wrap, self.row + 1, self.row)
+            row_done = wrap
+        image_full = (s == CODES) & row_done & (self.row == self.h)
+        new = torch.where(image_full, END, new)
+        ended = (s == END) & (tokens == t.image_end)
+        new = torch.where(ended, TEXT, new)
+        self.images_done = self.images_done + ended.long()
+        new = torch.where(stopped, DONE, new)
+        self.remaining = self.remaining - active.long()
+        truncated = active & (new != DONE) & (self.remaining <= 0)
+        new = torch.where(truncated, DONE, new)
+        self.state = torch.where(active, new, s)
+        in_image = active & (self.state >= HEIGHT) & (self.state <= END)
+        return {"active": active, "started": started & active, "row_done": row_done & active,
+                "ended": ended & active, "stopped": stopped & active, "truncated": truncated,
+                "in_image": in_image | (ended & active)}
+
+    def done(self) -> torch.Tensor:
+        return self.state == DONE

@@ -1,0 +1,100 @@
+"""Per-row, per-modality sampling, vectorised over the batch.
+
+Every row draws its own Gumbel noise from its own generator, so a row samples
+the same tokens whatever else shares its batch (the seed belongs to the row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one modality is sampled. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def default_text_sampling() -> SamplingParams:
+    return SamplingParams(temperature=0.7, top_k=10, top_p=0.9, repetition_penalty=1.0)
+
+
+def default_image_sampling(codebook_size: int) -> SamplingParams:
+    # Lumina-mGPT samples 8192-code images with top_k 2000; keep that share for other codebooks.
+    return SamplingParams(temperature=1.0, top_k=max(1, round(codebook_size * 2000 / 8192)), top_p=None)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty on already generated tokens. seen: bool [B, V]; penalty: [B] (1 = off)."""
+    p = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p, with a different k and p per row (k <= 0 and p >= 1 mean off).
+
+    One sort per step over the vocabulary, no Python loop over rows or tokens.
+    """
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    if bool((top_p < 1.0).any()):
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        # Keep the smallest prefix whose mass reaches p: a token stays if the mass before it is < p.
+        mass_before = probs.cumsum(-1) - probs
+        keep = mass_before < top_p[:, None]
+        n_keep = keep.sum(-1).clamp(min=1)
+        threshold = sorted_logits.gather(-1, (n_keep - 1)[:, None])
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Temperature, then top-k/top-p, then Gumbel-max with one generator per row (the Hugging Face order).
+
+    logits: [B, V] with disallowed tokens at -inf; temperature, top_k, top_p: [B]; a row with
+    temperature 0 (or no generator) takes the argmax. Returns [B] token ids.
+    """
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
+    scaled = filter_logits(scaled, top_k, top_p)
+    noise = torch.zeros_like(scaled)
+    for i, gen in enumerate(generators):
+        # A row draws every step, greedy or not, so its stream depends on nothing but itself.
+        if gen is not None:
+            u = torch.rand(scaled.shape[-1], generator=gen, device=scaled.device, dtype=torch.float32)
+            noise[i] = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    no_noise = greedy | torch.tensor([g is None for g in generators], device=scaled.device)
+    noise = noise.masked_fill(no_noise[:, None], 0.0)
+    return torch.argmax(scaled + noise, dim=-1)

@@ -1,0 +1,309 @@
+"""A pipeline: model, vocabulary, text and image tokenizers and the sequence layout, loaded as one.
+
+Directory layout (Hugging Face style):
+    config.json             {"model": ModelConfig, "vocab": Vocabulary, "pipeline": PipelineConfig}
+    model.safetensors       (or shards + model.safetensors.index.json)
+    tokenizer.json          text tokenizer
+    vq.safetensors, vq_config.json   image tokenizer (VQGAN), when the model draws or reads images
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, atomic_write_json, iter_weights, save_weights
+from .document import Document, ImagePart, TextPart
+from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from .engine.sampling import default_image_sampling, default_text_sampling
+from .formats import Format, get_format, resolution_prompt
+from .image_processing import ImageTokenizer, check_image_size, load_image, preprocess
+from .model import ModelConfig, Transformer
+from .text_tokenizer import TextTokenizer
+from .vocab import Vocabulary
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class PipelineConfig:
+    """How a model family lays out and samples its sequences."""
+
+    profile: str = "native"
+    layout: str = "unirep"  # "unirep" or "flat"
+    flat_grid: tuple[int, int] | None = None  # (height, width) codes, flat layout only
+    image_width: int = 64  # default size of generated images, pixels
+    image_height: int = 64
+    max_image_side: int = 1024  # largest side accepted, pixels
+    resolution_prompt: bool = True  # Lumina-mGPT's "Generate an image of WxH ..." wording
+    guidance_scale: float = 3.0
+    max_new_tokens: int = 256  # for text answers
+    text_sampling: dict = field(default_factory=dict)  # SamplingParams fields
+    image_sampling: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown pipeline config keys: {sorted(unknown)}")
+        d = dict(d)
+        if d.get("flat_grid") is not None:
+            d["flat_grid"] = tuple(d["flat_grid"])
+        return cls(**d)
+
+
+def _torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+class Pipeline:
+    def __init__(self, model: Transformer, vocab: Vocabulary, text_tokenizer: TextTokenizer,
+                 image_tokenizer: ImageTokenizer | None, config: PipelineConfig | None = None):
+        self.model, self.vocab, self.text_tokenizer = model, vocab, text_tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.config = config or PipelineConfig()
+        if model.config.vocab_size < vocab.size:
+            raise ValueError(f"model vocab_size {model.config.vocab_size} < vocabulary size {vocab.size}")
+        grid = {"grid": self.config.flat_grid} if self.config.layout == "flat" else {}
+        self.format: Format = get_format(self.config.layout, vocab, text_tokenizer, **grid)
+        self._engine: Engine | None = None
+
+    # -- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "Pipeline":
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no model directory at {path}")
+        config_path = path / CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} is missing: not a tokenloom model directory")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        for key in ("model", "vocab", "pipeline"):
+            if key not in config:
+                raise ValueError(f"{config_path} has no {key!r} section")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = _torch_dtype(dtype)
+        model = load_model(path, ModelConfig.from_dict(config["model"]), device, dtype)
+        vocab = Vocabulary.from_dict(config["vocab"])
+        text_tokenizer = TextTokenizer.from_pretrained(path)
+        image_tokenizer = None
+        if (path / "vq_config.json").exists():
+            image_tokenizer = ImageTokenizer.from_pretrained(path, device=device)
+        return cls(model, vocab, text_tokenizer, image_tokenizer, PipelineConfig.from_dict(config["pipeline"]))
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_weights(self.model.state_dict(), path, max_shard_bytes)
+        self.text_tokenizer.save_pretrained(path)
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.save_pretrained(path)
+        # config.json last: a directory with a config is a complete one.
+        atomic_write_json(path / CONFIG_NAME, {"tokenloom_version": __version__, "model": self.model.config.to_dict(),
+                                               "vocab": self.vocab.to_dict(), "pipeline": self.config.to_dict()})
+        return path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- generation -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.model, self.vocab, self.text_tokenizer, self.config.layout,
+                                  self.config.flat_grid, self.image_tokenizer)
+        return self._engine
+
+    @property
+    def factor(self) -> int:
+        if self.image_tokenizer is None:
+            raise ValueError("this model has no image tokenizer (no vq_config.json in its directory)")
+        return self.image_tokenizer.factor
+
+    def sampling(self, modality: str, **overrides) -> SamplingParams:
+        if modality == "text":
+            base = {**default_text_sampling().to_dict(), **self.config.text_sampling}
+        else:
+            base = {**default_image_sampling(self.vocab.codebook_size).to_dict(), **self.config.image_sampling}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams.from_dict(base)
+
+    def grid_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """(height, width) in codes for a pixel size, checked against the model's limits."""
+        width = width or self.config.image_width
+        height = height or self.config.image_height
+        check_image_size(width, height, self.factor, self.config.max_image_side)
+        h, w = height // self.factor, width // self.factor
+        if self.config.layout == "flat" and (h, w) != tuple(self.config.flat_grid):
+            gh, gw = self.config.flat_grid
+            raise ValueError(f"this model draws {gw * self.factor}x{gh * self.factor} images only "
+                             f"(flat layout), not {width}x{height}")
+        unit = self.vocab.size_unit
+        if self.config.layout == "unirep" and (h % unit or w % unit or max(h, w) > self.vocab.max_grid_size * unit):
+            raise ValueError(f"{width}x{height} is not drawable: sides must be multiples of "
+                             f"{unit * self.factor} px and at most {self.vocab.max_grid_size * unit * self.factor} px")
+        return h, w
+
+    def encode_image(self, image, width: int | None = None, height: int | None = None) -> ImagePart:
+        """A PIL image or a path -> an ImagePart at the model's image size (or the one given)."""
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        if width is None and height is None and self.config.layout == "unirep":
+            width, height = self.config.image_width, self.config.image_height
+        h, w = self.grid_size(width, height)
+        codes = self.image_tokenizer.encode([image], width=w * self.factor, height=h * self.factor)[0]
+        return ImagePart(codes, pixels=image)
+
+    def image_prompt(self, prompt: str, width: int, height: int) -> Document:
+        text = resolution_prompt(prompt, width, height) if self.config.resolution_prompt else prompt
+        return Document.chat([("user", [TextPart(text)])])
+
+    def unconditional_prompt(self) -> list[int]:
+        """Context of guidance rows: bos and the unconditional token, or nothing (Lumina-mGPT)."""
+        ids = [self.vocab.bos] if self.vocab.bos is not None else []
+        return ids + [self.vocab.uncond] if self.vocab.uncond is not None else []
+
+    def generate_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
+                        guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
+                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        batch_size: int = 16, progress: bool = False) -> list:
+        """Text to image. Returns PIL images: num_images per prompt, in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        h, w = self.grid_size(width, height)
+        px_w, px_h = w * self.factor, h * self.factor
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        image_params = self.sampling("image", temperature=temperature, top_k=top_k, top_p=top_p)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            ids = self.format.encode(self.image_prompt(prompt, px_w, px_h), generation_role="assistant").ids
+            for k in range(num_images):
+                requests.append(GenerationRequest(
+                    ids, mode="image", image_size=(h, w), max_new_tokens=self.format.image_length(h, w) + 1,
+                    image=image_params, guidance_scale=scale, uncond_prompt_ids=self.unconditional_prompt(),
+                    seed=None if seed is None else seed + i * num_images + k))
+        images = []
+        for start in range(0, len(requests), batch_size):
+            for result in self.engine.generate(requests[start:start + batch_size], progress=progress):
+                images.extend(result.images[:1] or [None])
+        return images
+
+    def chat_request(self, document: Document, *, mode: str = "any", max_new_tokens: int | None = None,
+                     guidance_scale: float | None = None, seed: int | None = None,
+                     text_sampling: dict | None = None, image_sampling: dict | None = None,
+                     image_size: tuple[int, int] | None = None) -> GenerationRequest:
+        ids = self.format.encode(document, generation_role="assistant").ids
+        if image_size is None and self.config.layout == "unirep" and mode != "text" and self.image_tokenizer:
+            image_size = self.grid_size(None, None)
+        return GenerationRequest(
+            ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            text=self.sampling("text", **(text_sampling or {})), image=self.sampling("image", **(image_sampling or {})),
+            guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
+            uncond_prompt_ids=self.unconditional_prompt(), seed=seed)
+
+    def user_document(self, prompt: str, images=()) -> Document:
+        parts = [self.encode_image(im) for im in images]
+        if prompt:
+            parts.append(TextPart(prompt))
+        return Document.chat([("user", parts)])
+
+    def chat(self, prompt: str | Document, images=(), **kwargs) -> GenerationResult:
+        """Interleaved answer (text and images) to a user turn of text and optional images."""
+        doc = prompt if isinstance(prompt, Document) else self.user_document(prompt, images)
+        return self.engine.generate([self.chat_request(doc, **kwargs)])[0]
+
+    def stream(self, prompt: str | Document, images=(), **kwargs):
+        doc = prompt if isinstance(prompt, Document) else self.user_document(prompt, images)
+        return self.engine.stream([self.chat_request(doc, **kwargs)])
+
+    def ask(self, image, question: str, **kwargs) -> str:
+        """Image understanding: a text answer about an image."""
+        kwargs.setdefault("mode", "text")
+        return self.chat(question, images=[image], **kwargs).text.strip()
+
+    def caption(self, image, **kwargs) -> str:
+        return self.ask(image, "Describe the image.", **kwargs)
+
+
+def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> Transformer:
+    """Build on the meta device and assign tensors read one at a time from memory-mapped files."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    state = {}
+    for name, tensor in iter_weights(path):
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected weight {name!r} for this model config")
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"config expects {tuple(expected[name].shape)}")
+        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, codebook_size: int = 256,
+                    image_size: int = 64, layout: str = "unirep") -> Pipeline:
+    """A tiny randomly initialised pipeline (tests, demos before a trained model exists)."""
+    from .vocab import build_native
+    from .vqgan import VQGANConfig
+
+    corpus = ["a small red circle at the top left", "a large blue square in the center",
+              "Generate an image of 64x64 according to the following prompt:", "What color is the triangle?"]
+    vq_config = VQGANConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=32,
+                            embed_dim=16, codebook_size=codebook_size, resolution=image_size)
+    factor = vq_config.downsample_factor
+    max_grid = 1024 // factor
+    text_tokenizer, vocab = build_native(corpus, 300, codebook_size, max_grid)
+    grid = image_size // factor
+    model_config = ModelConfig(vocab_size=vocab.size, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
+                               num_kv_heads=2, qk_norm=True, max_position_embeddings=4096)
+    model = Transformer.random(model_config, seed=seed).eval()
+    image_tokenizer = ImageTokenizer.random(vq_config, seed=seed)
+    config = PipelineConfig(layout=layout, flat_grid=(grid, grid) if layout == "flat" else None,
+                            image_width=image_size, image_height=image_size)
+    return Pipeline(model, vocab, text_tokenizer, image_tokenizer, config)
+
+
+def load(path: str | Path | None = None, device=None, dtype=None) -> Pipeline:
+    """Load a pipeline from a directory, or the embedded default model when no path is given."""
+    if path is not None:
+        return Pipeline.from_pretrained(path, device=device, dtype=dtype)
+    default = default_model_path()
+    if default is not None:
+        return Pipeline.from_pretrained(default, device=device, dtype=dtype)
+    warnings.warn("no embedded default model is installed yet: using a small RANDOMLY INITIALISED model; "
+                  "its outputs are noise", stacklevel=2)
+    pipe = random_pipeline()
+    if device is not None or dtype is not None:
+        pipe.model.to(device=device, dtype=_torch_dtype(dtype))
+    return pipe
+
+
+def default_model_path() -> Path | None:
+    path = Path(__file__).parent / "assets" / "shapes-tiny"
+    return path if (path / CONFIG_NAME).exists() else None

@@ -1,0 +1,452 @@
+"""The joint vocabulary: which ids are text, image codes, special and size tokens.
+
+A `Vocabulary` is plain data derived from a tokenizer, never hard-coded ids, so
+one code path serves every model family:
+
+* native   -- tokenloom's own tokenizers (`<|image_begin|>`, `<|size_7|>`, ...),
+              codes appended after the last text id;
+* expand_llm -- Liquid style: any LLM tokenizer, tokenloom's specials added to it,
+              codes appended after its last id;
+* chameleon -- Chameleon / Anole / Lumina-mGPT: image tokens are `IMGIMG*` entries
+              already inside the 65k BPE vocabulary, scattered and shuffled.
+
+Id <-> code lookups are table gathers (numpy or torch), so they run on whole
+batches on any device without Python loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .text_tokenizer import TextTokenizer
+
+SPECIAL_ROLES: tuple[str, ...] = (
+    "bos", "eos", "pad", "image_begin", "image_end", "end_of_line",
+    "turn_end", "uncond", "user", "assistant", "system",
+)  # fmt: skip
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+NATIVE_SPECIAL_TOKENS: dict[str, str] = {role: f"<|{role}|>" for role in SPECIAL_ROLES}
+
+
+def native_size_token(n: int) -> str:
+    """Name of tokenloom's token meaning `n` grid units."""
+    return f"<|size_{n}|>"
+
+
+# Chameleon names, from HF transformers ChameleonImageVocabularyMapping and
+# facebookresearch/chameleon: image tokens are "IMGIMG" + code digits spelled with
+# letters A..J (0..9) + one trailing character that carries no digit.
+CHAMELEON_IMAGE_PREFIX = "IMGIMG"
+CHAMELEON_SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<s>",
+    "eos": "</s>",
+    "pad": "<pad>",
+    "image_begin": "<racm3:break>",
+    "image_end": "<eoss>",
+    "turn_end": "<reserved08706>",  # Lumina-mGPT's Conversation.sep_token
+}
+# Lumina-mGPT (Alpha-VLLM/Lumina-mGPT, lumina_mgpt/data/item_processor.py,
+# FlexARItemProcessor): new_line_token = "<reserved08799>" and
+# get_n_grids_token(n) = f"<reserved{8800 + n:05d}>". A "grid" there is a 32-pixel
+# patch while the VQGAN downsamples by 16, so one size unit is 2 code rows/columns.
+LUMINA_END_OF_LINE = "<reserved08799>"
+LUMINA_SIZE_UNIT = 2
+
+
+def lumina_size_token(n: int) -> str:
+    return f"<reserved{8800 + n:05d}>"  # 8800 is an offset in the token *name*, not an id
+
+
+# Per-id kinds, as stored in `Vocabulary.kinds`.
+KIND_TEXT, KIND_CODE, KIND_SPECIAL, KIND_SIZE = 0, 1, 2, 3
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+class VocabularyError(ValueError):
+    pass
+
+
+def _pack_ids(ids: np.ndarray) -> list[int] | dict[str, int]:
+    # Contiguous runs (the usual case) are stored as a range to keep configs readable.
+    if len(ids) > 1 and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+        return {"start": int(ids[0]), "count": int(len(ids))}
+    return ids.tolist()
+
+
+def _unpack_ids(data: list[int] | dict[str, int]) -> list[int]:
+    if isinstance(data, dict):
+        return list(range(data["start"], data["start"] + data["count"]))
+    return list(data)
+
+
+def _special_property(role: str) -> property:
+    def get(self: Vocabulary) -> int | None:
+        return self._specials.get(role)
+
+    get.__doc__ = f"Id of the {role} token, or None where the vocabulary has none."
+    return property(get)
+
+
+class Vocabulary:
+    def __init__(
+        self,
+        size: int,
+        specials: dict[str, int | None],
+        code_ids: Sequence[int] | np.ndarray,
+        size_token_ids: Sequence[int] | np.ndarray = (),
+        *,
+        size_unit: int = 1,
+    ) -> None:
+        """`code_ids[c]` is the id of codebook entry c; `size_token_ids[n-1]` means n size units.
+
+        `size_unit` is the number of code rows (or columns) one size unit stands for:
+        1 for tokenloom, 2 for Lumina-mGPT whose sizes count 32-pixel patches.
+        """
+        if int(size) < 1:
+            raise VocabularyError(f"vocabulary size must be positive, got {size}")
+        if int(size_unit) < 1:
+            raise VocabularyError(f"size_unit must be >= 1, got {size_unit}")
+        self._size = int(size)
+        self._size_unit = int(size_unit)
+        unknown = set(specials) - set(SPECIAL_ROLES)
+        if unknown:
+            raise VocabularyError(f"unknown special roles {sorted(unknown)}; known: {SPECIAL_ROLES}")
+        self._specials = {r: int(i) for r, i in specials.items() if i is not None}
+        for role in ("image_begin", "image_end"):
+            if role not in self._specials:
+                raise VocabularyError(f"a vocabulary needs an {role} token")
+        self._code_ids = np.asarray(code_ids, dtype=np.int64).reshape(-1)
+        self._size_ids = np.asarray(size_token_ids, dtype=np.int64).reshape(-1)
+        if len(self._code_ids) == 0:
+            raise VocabularyError("a vocabulary needs at least one image code")
+
+        special_ids = np.array(list(self._specials.values()), dtype=np.int64)
+        everything = np.concatenate([self._code_ids, special_ids, self._size_ids])
+        bad = everything[(everything < 0) | (everything >= self._size)]
+        if len(bad):
+            raise VocabularyError(f"ids {bad[:8].tolist()} are outside the vocabulary of size {self._size}")
+        uniq, counts = np.unique(everything, return_counts=True)
+        if (counts > 1).any():
+            raise VocabularyError(f"ids used twice across codes/specials/size tokens: {uniq[counts > 1][:8].tolist()}")
+
+        kinds = np.full(self._size, KIND_TEXT, dtype=np.int8)
+        kinds[self._code_ids] = KIND_CODE
+        kinds[special_ids] = KIND_SPECIAL
+        kinds[self._size_ids] = KIND_SIZE
+        self._kinds = kinds
+        self._id_to_code = np.full(self._size, -1, dtype=np.int64)
+        self._id_to_code[self._code_ids] = np.arange(len(self._code_ids))
+        self._size_of = {int(i): n + 1 for n, i in enumerate(self._size_ids)}
+        self._torch_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+
+    # -- basic facts ---------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def codebook_size(self) -> int:
+        return len(self._code_ids)
+
+    @property
+    def max_grid_size(self) -> int:
+        """Largest n with a size token (0 where there are none)."""
+        return len(self._size_ids)
+
+    @property
+    def size_unit(self) -> int:
+        return self._size_unit
+
+    @property
+    def specials(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    @property
+    def code_ids(self) -> np.ndarray:
+        return self._code_ids.copy()
+
+    @property
+    def size_token_ids(self) -> np.ndarray:
+        return self._size_ids.copy()
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """int8 [size]: KIND_TEXT, KIND_CODE, KIND_SPECIAL or KIND_SIZE per id (read-only)."""
+        view = self._kinds.view()
+        view.flags.writeable = False
+        return view
+
+    bos = _special_property("bos")
+    eos = _special_property("eos")
+    pad = _special_property("pad")
+    image_begin = _special_property("image_begin")
+    image_end = _special_property("image_end")
+    end_of_line = _special_property("end_of_line")
+    turn_end = _special_property("turn_end")
+    uncond = _special_property("uncond")
+
+    def role_id(self, role: str) -> int | None:
+        if role not in SPECIAL_ROLES:
+            raise VocabularyError(f"unknown role {role!r}; known: {SPECIAL_ROLES}")
+        return self._specials.get(role)
+
+    def role_of(self, id: int) -> str | None:
+        """Special role of an id, or None."""
+        for role, i in self._specials.items():
+            if i == id:
+                return role
+        return None
+
+    # -- codes ---------------------------------------------------------------
+
+    def _table(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.device)
+        table = self._torch_tables.get(key)
+        if table is None:
+            source = {"id_to_code": self._id_to_code, "code_to_id": self._code_ids}[name]
+            table = torch.from_numpy(source).to(like.device)
+            self._torch_tables[key] = table
+        return table
+
+    def ids_to_codes(self, ids: ArrayT) -> ArrayT:
+        """Codebook index per id, -1 where the id is not a code (ids outside the vocabulary included)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.long()
+            inside = (ids >= 0) & (ids < self._size)
+            codes = self._table("id_to_code", ids)[ids.clamp(0, self._size - 1)]
+            return torch.where(inside, codes, torch.full_like(codes, -1))
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < self._size)
+        return np.where(inside, self._id_to_code[np.clip(ids, 0, self._size - 1)], -1)
+
+    def is_code(self, ids: ArrayT) -> ArrayT:
+        return self.ids_to_codes(ids) >= 0
+
+    def codes_to_ids(self, codes: ArrayT) -> ArrayT:
+        n = self.codebook_size
+        if isinstance(codes, torch.Tensor):
+            codes = codes.long()
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= n):
+                raise VocabularyError(f"image codes must lie in [0, {n}), got [{int(codes.min())}, {int(codes.max())}]")
+            return self._table("code_to_id", codes)[codes]
+        codes = np.asarray(codes)
+        if codes.dtype.kind not in "iu":
+            raise VocabularyError(f"image codes must be integers, got dtype {codes.dtype}")
+        codes = codes.astype(np.int64, copy=False)
+        if codes.size and (codes.min() < 0 or codes.max() >= n):
+            raise VocabularyError(f"image codes must lie in [0, {n}), got [{codes.min()}, {codes.max()}]")
+        return self._code_ids[codes]
+
+    # -- size tokens ---------------------------------------------------------
+
+    def size_token(self, n: int) -> int:
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_grid_size:
+            raise VocabularyError(f"no size token for {n!r}; this vocabulary has sizes 1..{self.max_grid_size}")
+        return int(self._size_ids[int(n) - 1])
+
+    def size_of_token(self, id: int) -> int | None:
+        return self._size_of.get(int(id))
+
+    # -- masks ---------------------------------------------------------------
+
+    def _mask(self, name: str, kinds: Iterable[int]) -> torch.Tensor:
+        mask = self._masks.get(name)
+        if mask is None:
+            mask = torch.from_numpy(np.isin(self._kinds, list(kinds)))
+            self._masks[name] = mask
+        return mask
+
+    @property
+    def code_mask(self) -> torch.Tensor:
+        return self._mask("code", [KIND_CODE])
+
+    @property
+    def special_mask(self) -> torch.Tensor:
+        """Special and size tokens, so code/text/special masks partition the vocabulary."""
+        return self._mask("special", [KIND_SPECIAL, KIND_SIZE])
+
+    @property
+    def size_mask(self) -> torch.Tensor:
+        return self._mask("size", [KIND_SIZE])
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        return self._mask("text", [KIND_TEXT])
+
+    # -- serialisation ---------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self._size,
+            "specials": dict(self._specials),
+            "code_ids": _pack_ids(self._code_ids),
+            "size_token_ids": _pack_ids(self._size_ids),
+            "size_unit": self._size_unit,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+        return cls(
+            data["size"],
+            data["specials"],
+            _unpack_ids(data["code_ids"]),
+            _unpack_ids(data.get("size_token_ids", [])),
+            size_unit=data.get("size_unit", 1),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Vocabulary):
+            return NotImplemented
+        return (
+            self._size == other._size
+            and self._specials == other._specials
+            and self._size_unit == other._size_unit
+            and np.array_equal(self._code_ids, other._code_ids)
+            and np.array_equal(self._size_ids, other._size_ids)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Vocabulary(size={self._size}, codebook_size={self.codebook_size}, "
+            f"max_grid_size={self.max_grid_size}, specials={sorted(self._specials)})"
+        )
+
+    # -- constructors from tokenizers ------------------------------------------
+
+    @classmethod
+    def native(cls, tokenizer: TextTokenizer, codebook_size: int, max_grid_size: int) -> Vocabulary:
+        """tokenloom's own layout: every native special and size token must be in the tokenizer."""
+        names = dict(NATIVE_SPECIAL_TOKENS)
+        size_names = [native_size_token(n) for n in range(1, max_grid_size + 1)]
+        missing = [n for n in [*names.values(), *size_names] if tokenizer.token_to_id(n) is None]
+        if missing:
+            raise VocabularyError(f"tokenizer lacks tokenloom tokens: {', '.join(missing[:12])}")
+        specials = {role: tokenizer.token_to_id(name) for role, name in names.items()}
+        size_ids = [tokenizer.token_to_id(n) for n in size_names]
+        return cls._append_codes(tokenizer, specials, size_ids, codebook_size)
+
+    @classmethod
+    def expand_llm(
+        cls,
+        tokenizer: TextTokenizer,
+        codebook_size: int,
+        max_grid_size: int,
+        *,
+        bos_token: str,
+        eos_token: str,
+        pad_token: str | None = None,
+    ) -> Vocabulary:
+        """Liquid style: extend any LLM tokenizer (in place) with tokenloom's image/chat tokens.
+
+        bos/eos/pad stay the LLM's own tokens; without `pad_token` the vocabulary has no pad.
+        """
+        own = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+        missing = [name for name in own.values() if name is not None and tokenizer.token_to_id(name) is None]
+        if missing:
+            raise VocabularyError(f"tokenizer lacks its own tokens {missing}")
+        added_roles = [r for r in SPECIAL_ROLES if r not in own]
+        size_names = [native_size_token(n) for n in range(1, max_grid_size + 1)]
+        ids = tokenizer.add_special_tokens([NATIVE_SPECIAL_TOKENS[r] for r in added_roles] + size_names)
+        specials: dict[str, int | None] = dict(zip(added_roles, ids[: len(added_roles)]))
+        specials.update({r: tokenizer.token_to_id(n) if n is not None else None for r, n in own.items()})
+        return cls._append_codes(tokenizer, specials, ids[len(added_roles) :], codebook_size)
+
+    @classmethod
+    def _append_codes(
+        cls, tokenizer: TextTokenizer, specials: dict[str, int | None], size_ids: Sequence[int], codebook_size: int
+    ) -> Vocabulary:
+        if codebook_size < 1:
+            raise VocabularyError(f"codebook_size must be positive, got {codebook_size}")
+        first = tokenizer.vocab_size
+        return cls(first + codebook_size, specials, np.arange(first, first + codebook_size), size_ids)
+
+    @classmethod
+    def from_chameleon(
+        cls,
+        tokenizer: TextTokenizer | str | Path,
+        *,
+        lumina: bool = False,
+        max_grid_size: int | None = None,
+    ) -> Vocabulary:
+        """Chameleon / Anole vocabulary; `lumina=True` adds Lumina-mGPT's end-of-line and size tokens.
+
+        `tokenizer` may be a loaded tokenizer, a tokenizer JSON file, or a directory with
+        tokenizer.json. There is no uncond token (Lumina's unconditional context is
+        image_begin plus size tokens) and no role tokens (chat roles alternate).
+        With `lumina=True` and no `max_grid_size`, every consecutive Lumina size token
+        from 1 up is used.
+        """
+        if not isinstance(tokenizer, TextTokenizer):
+            tokenizer = TextTokenizer.from_pretrained(tokenizer)
+        vocab = tokenizer.get_vocab()
+
+        image = [(name, i) for name, i in vocab.items() if name.startswith(CHAMELEON_IMAGE_PREFIX)]
+        if not image:
+            raise VocabularyError(f"tokenizer has no {CHAMELEON_IMAGE_PREFIX}* image tokens")
+        codes = np.array([chameleon_code(name) for name, _ in image], dtype=np.int64)
+        order = np.argsort(codes)
+        codes = codes[order]
+        if not np.array_equal(codes, np.arange(len(codes))):
+            raise VocabularyError("Chameleon image codes are not exactly 0..N-1 (duplicates or holes)")
+        code_ids = np.array([i for _, i in image], dtype=np.int64)[order]
+
+        names = dict(CHAMELEON_SPECIAL_TOKENS)
+        size_ids: list[int] = []
+        size_unit = 1
+        if lumina:
+            names["end_of_line"] = LUMINA_END_OF_LINE
+            size_unit = LUMINA_SIZE_UNIT
+            if max_grid_size is None:
+                n = 1
+                while lumina_size_token(n) in vocab:
+                    n += 1
+                max_grid_size = n - 1
+            size_names = [lumina_size_token(n) for n in range(1, max_grid_size + 1)]
+            missing = [s for s in size_names if s not in vocab]
+            if missing or not size_names:
+                raise VocabularyError(f"tokenizer lacks Lumina-mGPT size tokens {missing[:8] or [lumina_size_token(1)]}")
+            size_ids = [vocab[s] for s in size_names]
+        missing = [name for name in names.values() if name not in vocab]
+        if missing:
+            raise VocabularyError(f"tokenizer lacks Chameleon tokens {missing}")
+        specials: dict[str, int | None] = {role: vocab[name] for role, name in names.items()}
+        return cls(tokenizer.vocab_size, specials, code_ids, size_ids, size_unit=size_unit)
+
+
+def chameleon_code(name: str) -> int:
+    """Code of a Chameleon image token: `IMGIMGBCDZ` -> "123" -> 123."""
+    if not name.startswith(CHAMELEON_IMAGE_PREFIX) or len(name) < len(CHAMELEON_IMAGE_PREFIX) + 2:
+        raise VocabularyError(f"{name!r} is not a Chameleon image token")
+    letters = name[len(CHAMELEON_IMAGE_PREFIX) : -1]
+    digits = "".join(str(ord(c) - ord("A")) if "A" <= c <= "J" else c for c in letters)
+    if not digits.isdigit() or not digits.isascii():
+        raise VocabularyError(f"cannot read a code from Chameleon image token {name!r}")
+    return int(digits)
+
+
+def chameleon_image_token(code: int) -> str:
+    """Inverse of `chameleon_code` (trailing character "Z", as in Chameleon's vocabulary)."""
+    return CHAMELEON_IMAGE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(int(code))) + "Z"
+
+
+def build_native(
+    texts: Iterable[str], text_vocab_size: int, codebook_size: int, max_grid_size: int
+) -> tuple[TextTokenizer, Vocabulary]:
+    """Train a tiny byte-level BPE with tokenloom's special/size tokens and its native vocabulary.
+
+    `text_vocab_size` counts byte and merge tokens; the special and size tokens come on top.
+    Meant for tests and toy pipelines.
+    """
+    specials = list(NATIVE_SPECIAL_TOKENS.values()) + [native_size_token(n) for n in range(1, max_grid_size + 1)]
+    tokenizer = TextTokenizer.train(texts, text_vocab_size + len(specials), specials)
+    return tokenizer, Vocabulary.native(tokenizer, codebook_size, max_grid_size)

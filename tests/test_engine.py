@@ -1,0 +1,207 @@
+"""The generation engine on random weights: grammar, cache, guidance, batching, streaming, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokenloom.document import Document, ImagePart, TextPart
+from tokenloom.engine import (Engine, Finished, GenerationRequest, ImageDone, ImageRow, ImageStarted,
+                              SamplingParams, TextDelta, TurnEnd)
+from tokenloom.engine.grammar import Grammar
+from tokenloom.pipeline import random_pipeline
+
+GREEDY = SamplingParams(temperature=0.0)
+HOT = SamplingParams(temperature=1.5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def flat_pipe():
+    return random_pipeline(seed=1, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, layout="flat")
+
+
+def prompt(pipe, text="a red circle"):
+    return pipe.format.encode(Document.chat([("user", [text])]), generation_role="assistant").ids
+
+
+def reference_greedy(pipe, request: GenerationRequest) -> list[int]:
+    """Recompute everything from scratch at every step: no cache, guidance by separate forwards."""
+    model, eng = pipe.model, pipe.engine
+    grammar = Grammar(eng.tables, [request.mode], [request.image_size], [request.max_new_tokens], eng.device)
+    out: list[int] = []
+    image_start = None
+    with torch.no_grad():
+        for _ in range(request.max_new_tokens):
+            cond = model(torch.tensor([request.prompt_ids + out]))[0, -1]
+            if request.guidance_scale != 1.0 and bool(grammar.in_codes()[0]):
+                u_ids = request.uncond_prompt_ids + out[image_start:]
+                u = model(torch.tensor([u_ids]))[0, -1]
+                cond = u + request.guidance_scale * (cond - u)
+            logits = cond.masked_fill(~grammar.allowed()[0], float("-inf"))
+            token = int(logits.argmax())
+            flags = grammar.advance(torch.tensor([token]))
+            if bool(flags["started"][0]):
+                image_start = len(out)
+            out.append(token)
+            if bool(grammar.done()[0]):
+                break
+    return out
+
+
+def test_cached_decoding_equals_recomputation(pipe):
+    req = GenerationRequest(prompt(pipe), mode="any", image_size=(4, 4), max_new_tokens=40, text=GREEDY, image=GREEDY)
+    got = pipe.engine.generate([req])[0].ids
+    assert got == reference_greedy(pipe, req)
+
+
+def test_guided_image_equals_separate_forwards(pipe):
+    req = GenerationRequest(prompt(pipe), mode="image", image_size=(4, 4), max_new_tokens=30, image=GREEDY,
+                            guidance_scale=3.0, uncond_prompt_ids=pipe.unconditional_prompt())
+    got = pipe.engine.generate([req])[0].ids
+    assert got == reference_greedy(pipe, req)
+    unguided = pipe.engine.generate([GenerationRequest(**{**req.__dict__, "guidance_scale": 1.0})])[0].ids
+    assert got != unguided, "guidance at scale 3 should change a random model's greedy image"
+
+
+def test_guidance_scale_one_equals_unguided(pipe):
+    base = dict(prompt_ids=prompt(pipe), mode="image", image_size=(4, 4), max_new_tokens=30, image=HOT, seed=5)
+    plain = pipe.engine.generate([GenerationRequest(**base)])[0]
+    scaled = pipe.engine.generate([GenerationRequest(**base, guidance_scale=1.0,
+                                                     uncond_prompt_ids=pipe.unconditional_prompt())])[0]
+    assert plain.ids == scaled.ids
+
+
+@pytest.mark.parametrize("layout", ["unirep", "flat"])
+def test_random_weight_fuzz_images_always_well_formed(pipe, flat_pipe, layout):
+    p = pipe if layout == "unirep" else flat_pipe
+    wild = SamplingParams(temperature=3.0)
+    # Free sizes (unirep), tight budgets, high temperature: the grammar alone keeps images whole.
+    # A random model rarely picks image begin by itself, so half the rows must draw ("image" mode).
+    reqs = [GenerationRequest(prompt(p, f"scene {i}"), mode=("any", "image")[i % 2], image_size=None,
+                              max_new_tokens=int(n), text=wild, image=wild, seed=i)
+            for i, n in enumerate(np.random.default_rng(0).integers(20, 90, size=24))]
+    results = p.engine.generate(reqs)
+    n_images = 0
+    for req, res in zip(reqs, results):
+        assert len(res.ids) <= req.max_new_tokens
+        decoded = p.format.decode(req.prompt_ids + res.ids, strict=True)  # raises on any malformed image
+        images = [q for q in res.document.parts if isinstance(q, ImagePart)]
+        assert decoded.turns[-1].parts == res.document.normalized().turns[0].parts
+        for im in images:
+            if layout == "flat":
+                assert im.codes.shape == p.config.flat_grid
+            assert im.pixels is not None and im.pixels.size == (im.width * p.factor, im.height * p.factor)
+        n_images += len(images)
+    assert n_images > 0, "the fuzz should have produced some images"
+
+
+def test_mixed_batch_rows_equal_solo_runs(pipe):
+    common = dict(text=GREEDY, image=GREEDY)
+    reqs = [
+        GenerationRequest(prompt(pipe, "hello"), mode="text", max_new_tokens=12, **common),
+        GenerationRequest(prompt(pipe, "a big red square please"), mode="image", image_size=(4, 4),
+                          max_new_tokens=30, guidance_scale=2.0, uncond_prompt_ids=pipe.unconditional_prompt(),
+                          **common),
+        GenerationRequest(prompt(pipe, "tell a story"), mode="any", image_size=(2, 4), max_new_tokens=50, **common),
+        GenerationRequest(prompt(pipe, "x"), mode="any", image_size=None, max_new_tokens=20,
+                          text=SamplingParams(temperature=1.0), image=SamplingParams(temperature=1.0), seed=3),
+    ]
+    batched = pipe.engine.generate(reqs)
+    for req, res in zip(reqs, batched):
+        solo = pipe.engine.generate([req])[0]
+        assert res.ids == solo.ids
+
+
+def test_stream_events_reassemble_into_document(pipe):
+    req = GenerationRequest(prompt(pipe), mode="any", image_size=(2, 4), max_new_tokens=60,
+                            text=SamplingParams(temperature=1.2), image=SamplingParams(temperature=1.2), seed=11)
+    for seed in range(6):
+        req.seed = seed
+        parts, text, rows, final = [], "", [], None
+        for ev in pipe.engine.stream([req]):
+            if isinstance(ev, TextDelta):
+                text += ev.text
+            elif isinstance(ev, ImageStarted):
+                if text:
+                    parts.append(TextPart(text))
+                text, rows, size = "", [], (ev.height, ev.width)
+            elif isinstance(ev, ImageRow):
+                assert ev.index == len(rows)
+                rows.append(ev.codes)
+            elif isinstance(ev, ImageDone):
+                assert np.array_equal(np.stack(rows), ev.codes) and ev.codes.shape == size
+                parts.append(ImagePart(ev.codes))
+            elif isinstance(ev, Finished):
+                final = ev.result
+        if text:
+            parts.append(TextPart(text))
+        assert final is not None
+        assert Document.from_parts(parts, role="assistant") == final.document
+        decoded = pipe.format.decode(req.prompt_ids + final.ids, strict=final.finish_reason == "stop")
+        assert final.document.normalized().turns[0].parts == decoded.normalized().turns[-1].parts
+
+
+def test_turn_end_event_and_stop(pipe):
+    req = GenerationRequest(prompt(pipe), mode="image", image_size=(2, 2), max_new_tokens=20, image=HOT, seed=0)
+    events = list(pipe.engine.stream([req]))
+    assert isinstance(events[-2], TurnEnd) and isinstance(events[-1], Finished)
+    assert events[-1].result.finish_reason == "stop"
+    assert events[-1].result.ids[-1] == pipe.vocab.turn_end
+
+
+def test_per_row_seeds(pipe):
+    base = dict(prompt_ids=prompt(pipe), mode="text", max_new_tokens=10, text=SamplingParams(temperature=1.0))
+    a, b, c = pipe.engine.generate([GenerationRequest(**base, seed=1), GenerationRequest(**base, seed=2),
+                                    GenerationRequest(**base, seed=1)])
+    assert a.ids == c.ids and a.ids != b.ids
+
+
+def test_text_mode_never_draws_and_image_mode_only_draws(pipe):
+    wild = SamplingParams(temperature=3.0)
+    text = pipe.engine.generate([GenerationRequest(prompt(pipe), mode="text", max_new_tokens=40, text=wild,
+                                                   seed=s) for s in range(8)])
+    assert all(not r.document.images for r in text)
+    img = pipe.engine.generate([GenerationRequest(prompt(pipe), mode="image", image_size=(2, 2), max_new_tokens=20,
+                                                  image=wild, seed=s) for s in range(4)])
+    for r in img:
+        assert len(r.document.images) == 1 and r.document.text == ""
+
+
+def test_three_way_guidance_runs_and_differs(pipe):
+    img = pipe.encode_image(pipe.generate_images("x", seed=0)[0])
+    full = pipe.format.encode(Document.chat([("user", [img, "make it blue"])]), generation_role="assistant").ids
+    image_only = pipe.format.encode(Document.chat([("user", [img])]), generation_role="assistant").ids
+    base = dict(prompt_ids=full, mode="image", image_size=(4, 4), max_new_tokens=30, image=GREEDY)
+    plain = pipe.engine.generate([GenerationRequest(**base)])[0]
+    three = pipe.engine.generate([GenerationRequest(**base, guidance_scale=2.0, image_guidance_scale=1.5,
+                                                    image_cond_prompt_ids=image_only,
+                                                    uncond_prompt_ids=pipe.unconditional_prompt())])[0]
+    assert len(three.document.images) == 1 and three.ids != plain.ids
+
+
+def test_bad_input_errors(pipe, tmp_path):
+    eng = pipe.engine
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        eng.generate([GenerationRequest([pipe.vocab.bos] * 5000, max_new_tokens=10)])
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.generate([GenerationRequest([], max_new_tokens=10)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.generate([GenerationRequest([10**6], max_new_tokens=10)])
+    with pytest.raises(ValueError, match="unknown generation mode"):
+        eng.generate([GenerationRequest(prompt(pipe), mode="video", max_new_tokens=10)])
+    with pytest.raises(ValueError, match="multiple"):
+        pipe.generate_images("x", width=36, height=32)
+    with pytest.raises(ValueError):
+        pipe.generate_images("x", width=100000, height=32)
+    with pytest.raises(ValueError, match="needs"):
+        eng.generate([GenerationRequest(prompt(pipe), mode="image", image_size=(4, 4), max_new_tokens=5)])
+    with pytest.raises(FileNotFoundError if False else ValueError, match="missing.png"):
+        pipe.chat("what is this?", images=[tmp_path / "missing.png"])
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt.png"):
+        pipe.caption(bad)
