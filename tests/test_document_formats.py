@@ -102,7 +102,8 @@ def documents(draw, fmt: Format):
     if kind == "roleless":
         doc = Document.from_parts(draw(parts(fmt)))
     elif has_roles:
-        turns = [Turn(draw(st.sampled_from(["system", "user", "assistant"])), draw(parts(fmt, 0))) for _ in range(draw(st.integers(1, 4)))]
+        roles = draw(st.lists(st.sampled_from(["system", "user", "assistant"]), min_size=1, max_size=4))
+        turns = [Turn(role, draw(parts(fmt, 0))) for role in roles]
         if draw(st.booleans()):  # a roleless preamble before the chat
             turns.insert(0, Turn(None, draw(parts(fmt))))
         doc = Document(turns)
@@ -192,7 +193,8 @@ def test_lumina_size_unit(chameleon) -> None:
 def test_flat_layout(native) -> None:
     tok, vocab = native
     fmt = get_format("flat", vocab, tok, grid=(2, 2))
-    assert fmt.image_ids(np.array([[1, 2], [3, 4]])) == [vocab.image_begin, *vocab.codes_to_ids(np.arange(1, 5)).tolist(), vocab.image_end]
+    codes = vocab.codes_to_ids(np.arange(1, 5)).tolist()
+    assert fmt.image_ids(np.array([[1, 2], [3, 4]])) == [vocab.image_begin, *codes, vocab.image_end]
     assert fmt.image_length(2, 2) == 6
     with pytest.raises(ValueError, match="2x2"):
         fmt.encode(Document.from_parts([ImagePart(np.zeros((2, 3), dtype=np.int64))]))
@@ -217,7 +219,13 @@ def test_chat_layout_and_loss_mask(native) -> None:
     fmt = UniRepFormat(vocab, tok)
     img = ImagePart(np.arange(6).reshape(2, 3))
     doc = Document.chat(
-        [("system", "be brief"), ("user", ["draw", img]), ("assistant", ["ok", img]), ("user", "again"), ("assistant", "no")]
+        [
+            ("system", "be brief"),
+            ("user", ["draw", img]),
+            ("assistant", ["ok", img]),
+            ("user", "again"),
+            ("assistant", "no"),
+        ]
     )
     enc = fmt.encode(doc)
     expected: list[tuple[list[int], bool]] = [([vocab.bos], False)]
@@ -280,7 +288,8 @@ def test_chameleon_chat_roles_alternate(formats) -> None:
 
 
 def test_resolution_prompt() -> None:
-    assert resolution_prompt("a cat", 768, 512) == "Generate an image of 768x512 according to the following prompt:\na cat"
+    want = "Generate an image of 768x512 according to the following prompt:\na cat"
+    assert resolution_prompt("a cat", 768, 512) == want
 
 
 # -- tolerant decoding --------------------------------------------------------------------
@@ -430,7 +439,8 @@ def test_random_sequences_only_raise_decode_error(formats) -> None:
         for k in range(12):
             shape = fmt.grid if isinstance(fmt, FlatFormat) else (2 * (k % 3 + 1), 2 * (k % 2 + 1))
             im = ImagePart(np.random.default_rng(k).integers(0, CODEBOOK, shape))
-            real.append(fmt.encode(Document.chat([("user", ["draw <|image_begin|>", im]), ("assistant", [im, "ok"])])).ids)
+            chat = Document.chat([("user", ["draw <|image_begin|>", im]), ("assistant", [im, "ok"])])
+            real.append(fmt.encode(chat).ids)
             real.append(fmt.encode(Document.from_parts(["caption", im, "more", im])).ids)
         specials = list(v.specials.values()) + v.size_token_ids.tolist()
         cases.append((fmt, real, specials))
@@ -444,7 +454,8 @@ def test_random_sequences_only_raise_decode_error(formats) -> None:
             v = fmt.vocab
             style = rng.randrange(4)
             if style == 0:  # random ids, now and then one outside the vocabulary
-                ids = [rng.randrange(-1 if rng.random() < 0.05 else 0, v.size + (rng.random() < 0.05)) for _ in range(rng.randint(0, 40))]
+                lo, hi = -1 if rng.random() < 0.05 else 0, v.size + (rng.random() < 0.05)
+                ids = [rng.randrange(lo, hi) for _ in range(rng.randint(0, 40))]
             elif style == 1:  # specials and codes only
                 pool = specials + v.code_ids[:20].tolist()
                 ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]

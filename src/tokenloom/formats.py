@@ -299,7 +299,8 @@ class Format:
                 rows.append((row, row_start if row else pos))
                 row = []
             elif kind == KIND_SIZE or t == v.end_of_line:
-                report(pos, f"stray {'size token' if kind == KIND_SIZE else 'end_of_line'} id {t} inside an image; skipped")
+                what = "size token" if kind == KIND_SIZE else "end_of_line"
+                report(pos, f"stray {what} id {t} inside an image; skipped")
             else:
                 report(pos, f"image not closed by image_end (found id {t})")
                 return rows, row, row_start, pos, False

@@ -414,7 +414,8 @@ class Vocabulary:
             size_names = [lumina_size_token(n) for n in range(1, max_grid_size + 1)]
             missing = [s for s in size_names if s not in vocab]
             if missing or not size_names:
-                raise VocabularyError(f"tokenizer lacks Lumina-mGPT size tokens {missing[:8] or [lumina_size_token(1)]}")
+                wanted = missing[:8] or [lumina_size_token(1)]
+                raise VocabularyError(f"tokenizer lacks Lumina-mGPT size tokens {wanted}")
             size_ids = [vocab[s] for s in size_names]
         missing = [name for name in names.values() if name not in vocab]
         if missing:

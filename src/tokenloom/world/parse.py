@@ -24,13 +24,22 @@ TRIANGLE_RATIO = 0.6  # triangle when pixels above the midline < 0.6 x pixels be
 SQUARE_FILL = 0.89  # square when area >= 0.89 x bounding-box area
 
 
+# Every palette color is more than 160 from white, so a pixel within 80 of one is more than 80 from
+# white too, and its channels sum to at most 765 - 80: only such pixels need the full comparison.
+_MAX_CHANNEL_SUM = 3 * 255 - MAX_DISTANCE
+
+
 def classify_pixels(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) int8: index of the nearest palette color, or -1 for background."""
-    px = rgb.astype(np.int32)
-    d2 = np.stack([((px - c) ** 2).sum(axis=-1) for c in PALETTE])  # (6, H, W), exact integers
-    nearest = d2.argmin(axis=0).astype(np.int8)
-    nearest[d2.min(axis=0) > MAX_DISTANCE ** 2] = -1
-    return nearest
+    px = rgb.reshape(-1, 3)
+    labels = np.full(len(px), -1, np.int8)
+    candidates = np.flatnonzero(px.sum(axis=1, dtype=np.int32) <= _MAX_CHANNEL_SUM)
+    c = px[candidates].astype(np.int32)
+    d2 = ((c[:, None, :] - PALETTE[None]) ** 2).sum(axis=-1)  # (n, 6), exact integers
+    nearest = d2.argmin(axis=1)
+    near = d2[np.arange(len(c)), nearest] <= MAX_DISTANCE ** 2
+    labels[candidates[near]] = nearest[near]
+    return labels.reshape(rgb.shape[:2])
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,66 @@
+"""Render Documents for people: Markdown and HTML pages with PNG files beside them."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from .document import Document, ImagePart, TextPart
+
+
+def save_document(doc: Document, out_dir: str | Path, title: str = "tokenloom") -> dict[str, Path]:
+    """Write out_dir/index.md, out_dir/index.html and one PNG per image part with pixels."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    body = []
+    n = 0
+    for turn in doc.turns:
+        role = turn.role or "document"
+        md += [f"**{role}**", ""]
+        body.append(f'<div class="turn {html.escape(role)}"><div class="role">{html.escape(role)}</div>')
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                md += [part.text, ""]
+                body.append(f"<p>{html.escape(part.text)}</p>")
+            elif isinstance(part, ImagePart):
+                if part.pixels is None:
+                    md += [f"*[image {part.width}x{part.height} codes, not decoded]*", ""]
+                    body.append(f"<p><em>image {part.width}x{part.height} codes, not decoded</em></p>")
+                    continue
+                name = f"image_{n:03d}.png"
+                n += 1
+                part.pixels.save(out / name)
+                md += [f"![image {n}]({name})", ""]
+                body.append(f'<img src="{name}" alt="image {n}" width="{max(256, part.pixels.width)}">')
+        body.append("</div>")
+    (out / "index.md").write_text("\n".join(md))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:48rem;margin:2rem auto}} .turn{{margin:1rem 0;padding:.5rem 1rem;
+border-left:4px solid #ccc}} .assistant{{border-color:#4a7}} .role{{font-weight:bold;color:#555}}
+img{{image-rendering:pixelated;display:block;margin:.5rem 0}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{chr(10).join(body)}
+</body></html>
+"""
+    (out / "index.html").write_text(page)
+    return {"markdown": out / "index.md", "html": out / "index.html"}
+
+
+def image_grid(images, columns: int = 8, pad: int = 2):
+    """Tile PIL images (same size or not) into one PIL image on white."""
+    from PIL import Image
+
+    images = [im for im in images if im is not None]
+    if not images:
+        raise ValueError("no images to tile")
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    columns = max(1, min(columns, len(images)))
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
