@@ -125,6 +125,46 @@ def cmd_ask(args) -> int:
     return 0
 
 
+DEMO_PROMPTS = ["a large red circle in the center", "a small blue square at the top left and a large yellow "
+                "triangle at the bottom right", "a green triangle on the left, a purple circle in the center and a "
+                "cyan square on the right", "a small cyan circle at the bottom"]
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: draw, describe, answer, tell a story; one HTML page."""
+    import numpy as np
+
+    from .document import Document, TextPart
+    from .report import image_grid, save_document
+
+    pipe = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    turns = []
+    images = pipe.generate_images(DEMO_PROMPTS, seed=args.seed, progress=True)
+    for prompt, image in zip(DEMO_PROMPTS, images):
+        turns.append(("user", [TextPart(prompt)]))
+        turns.append(("assistant", [pipe.encode_image(image)]))
+    image_grid(images, columns=len(images)).save(out / "generated.png")
+    try:
+        from .world import random_scene, render
+
+        scene_image = render(random_scene(np.random.default_rng(args.seed)), 64, 64)
+    except ImportError:  # the world module is optional for the demo
+        scene_image = images[0]
+    for question in ("Describe the image.", "How many shapes are there?"):
+        answer = pipe.ask(scene_image, question, seed=args.seed)
+        turns.append(("user", [pipe.encode_image(scene_image), TextPart(question)]))
+        turns.append(("assistant", [TextPart(answer)]))
+    story = pipe.chat("Tell a story.", seed=args.seed, max_new_tokens=args.max_new_tokens)
+    turns.append(("user", [TextPart("Tell a story.")]))
+    doc = Document.chat(turns)
+    doc.turns.extend(story.document.turns)
+    paths = save_document(doc, out, title="tokenloom demo")
+    print(f"wrote {paths['html']}, {paths['markdown']} and {out / 'generated.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenloom", description="Native multimodal token models: "
                                      "text and images as tokens of one vocabulary.")
@@ -133,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model: config, vocabulary, layout")
     _model_args(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job: draw, caption, answer and tell a story; writes an HTML page")
+    p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    _model_args(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("init-random", help="write a small randomly initialised pipeline (for tests and demos)")
     p.add_argument("out", help="output directory")
