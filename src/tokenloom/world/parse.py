@@ -24,9 +24,10 @@ TRIANGLE_RATIO = 0.6  # triangle when pixels above the midline < 0.6 x pixels be
 SQUARE_FILL = 0.89  # square when area >= 0.89 x bounding-box area
 
 
-# Every palette color is more than 160 from white, so a pixel within 80 of one is more than 80 from
-# white too, and its channels sum to at most 765 - 80: only such pixels need the full comparison.
-_MAX_CHANNEL_SUM = 3 * 255 - MAX_DISTANCE
+# Every palette color is more than 240 from white (yellow, the nearest, is 242), so a pixel within 80
+# of one is more than 160 from white, and its L1 distance to white (765 - sum of its channels) is at
+# least that. Only pixels whose channels sum to at most 765 - 160 need comparing with the palette.
+_MAX_CHANNEL_SUM = 3 * 255 - 160
 
 
 def classify_pixels(rgb: np.ndarray) -> np.ndarray:
@@ -35,7 +36,7 @@ def classify_pixels(rgb: np.ndarray) -> np.ndarray:
     labels = np.full(len(px), -1, np.int8)
     candidates = np.flatnonzero(px.sum(axis=1, dtype=np.int32) <= _MAX_CHANNEL_SUM)
     c = px[candidates].astype(np.int32)
-    d2 = ((c[:, None, :] - PALETTE[None]) ** 2).sum(axis=-1)  # (n, 6), exact integers
+    d2 = sum((c[:, ch, None] - PALETTE[None, :, ch]) ** 2 for ch in range(3))  # (n, 6), exact integers
     nearest = d2.argmin(axis=1)
     near = d2[np.arange(len(c)), nearest] <= MAX_DISTANCE ** 2
     labels[candidates[near]] = nearest[near]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from .parse import ObjQuery, SceneQuery
 from .render import cell_centre, check_canvas, draw
-from .scene import CELLS, COLORS, LOCATIONS, SHAPES, SIZES, Change, Obj, Scene, apply_change, random_change, random_scene
+from .scene import (CELLS, COLORS, LOCATIONS, SHAPES, SIZES, Change, Obj, Scene, apply_change, random_change,
+                    random_scene)
 
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
@@ -88,6 +89,7 @@ def where(cell: str) -> str:
 
 def questions(scene: Scene) -> list[tuple[str, str]]:
     """Every question of the spec that has one answer in this scene, with that answer."""
+    scene.validate()
     qa = [("Describe the image.", caption(scene)), ("How many shapes are there?", NUMBERS[len(scene)])]
     for shape in SHAPES:
         found = [o for o in scene.objects if o.shape == shape]

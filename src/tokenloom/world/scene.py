@@ -122,7 +122,8 @@ def _pick(rng: np.random.Generator, items):
 
 
 def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """A uniform random valid scene with distinct cells and unique (color, shape) pairs."""
+    """A random valid scene: 1 to 3 objects (uniform, unless n_objects is given), distinct cells,
+    unique (color, shape) pairs, every choice uniform."""
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     if not 1 <= n <= MAX_OBJECTS:
         raise ValueError(f"n_objects must be 1 to {MAX_OBJECTS}, got {n}")
