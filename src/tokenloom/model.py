@@ -270,7 +270,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
-                cache_positions: Tensor | None = None) -> Tensor:
+                cache_positions: Tensor | None = None, kv_length: int | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.num_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -281,6 +281,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, cache_positions, k, v)
+            if kv_length is not None:  # slots past kv_length hold nothing yet: skip them
+                k, v = k[:, :, :kv_length], v[:, :, :kv_length]
         if self.num_kv_heads != self.num_heads:
             # q head h reads kv head h // rep (the Llama / Hugging Face grouping).
             rep = self.num_heads // self.num_kv_heads
@@ -318,13 +320,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
-                cache_positions: Tensor | None = None) -> Tensor:
+                cache_positions: Tensor | None = None, kv_length: int | None = None) -> Tensor:
         drop = self.resid_dropout
         if self.swin_norm:
             # Chameleon-30B: normalising the branch output bounds its norm, which stabilised training.
-            h = x + drop(self.attention_norm(self.attention(x, cos, sin, mask, kv_cache, layer_idx, cache_positions)))
+            h = x + drop(self.attention_norm(self.attention(x, cos, sin, mask, kv_cache, layer_idx, cache_positions,
+                                                            kv_length)))
             return h + drop(self.ffn_norm(self.feed_forward(h)))
-        h = x + drop(self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, layer_idx, cache_positions))
+        h = x + drop(self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, layer_idx, cache_positions,
+                                    kv_length))
         return h + drop(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -402,7 +406,7 @@ class Transformer(nn.Module):
 
     def _mask_and_positions(self, input_ids: Tensor, positions: Tensor | None, document_ids: Tensor | None,
                             kv_cache: KVCache | None, cache_positions: Tensor | None,
-                            key_mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
+                            key_mask: Tensor | None, kv_length: int | None = None) -> tuple[Tensor | None, Tensor]:
         """Boolean attention mask [B|1, 1, T, S] (None = plain causal) and RoPE positions [B, T]."""
         B, T = input_ids.shape
         device = input_ids.device
@@ -414,7 +418,7 @@ class Transformer(nn.Module):
                 raise ValueError("document_ids is not supported with kv_cache")
             if cache_positions.shape != (T,):
                 raise ValueError(f"cache_positions must have shape [{T}], got {tuple(cache_positions.shape)}")
-            slots = torch.arange(kv_cache.max_length, device=device)
+            slots = torch.arange(kv_length or kv_cache.max_length, device=device)
             is_self = slots == cache_positions[:, None]  # [T, S]
             mask = (slots <= cache_positions[:, None])[None]  # [1, T, S]
             if positions is None:
@@ -438,6 +442,8 @@ class Transformer(nn.Module):
             S = kv_cache.max_length if kv_cache is not None else T
             if key_mask.shape != (B, S):
                 raise ValueError(f"key_mask must have shape {(B, S)}, got {tuple(key_mask.shape)}")
+            if kv_cache is not None and kv_length is not None:
+                key_mask = key_mask[:, :kv_length]
             base = mask if mask is not None else causal[None]
             # Always keep a query's own slot: a padding query that sees no key would produce NaN
             # (softmax over nothing), and NaN values leak through masked attention in later layers.
@@ -450,7 +456,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, document_ids: Tensor | None = None,
                 kv_cache: KVCache | None = None, cache_positions: Tensor | None = None,
-                key_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+                key_mask: Tensor | None = None, kv_length: int | None = None,
+                return_hidden: bool = False) -> Tensor:
         """Logits [B, T, vocab] (or final normed hidden states [B, T, hidden] with return_hidden).
 
         - plain: causal attention, positions 0..T-1;
@@ -459,15 +466,20 @@ class Transformer(nn.Module):
           slots <= their own that ``key_mask`` [B, S] marks valid; ``positions`` [B, T] defaults to
           cache_positions (pass per-row positions for left-padded batches).
         ``key_mask`` without a cache is [B, T] (padding keys in a plain forward).
+        ``kv_length`` (cached only): attend to the first kv_length slots, which must hold every slot
+        written so far; a decode loop passes the filled length to skip the empty tail of the cache.
         """
+        if kv_length is not None and kv_cache is not None and cache_positions is not None:
+            if not 0 < kv_length <= kv_cache.max_length:
+                raise ValueError(f"kv_length must be in 1..{kv_cache.max_length}, got {kv_length}")
         if cache_positions is not None:
             cache_positions = cache_positions.to(device=input_ids.device, dtype=torch.long)
         mask, positions = self._mask_and_positions(input_ids, positions, document_ids, kv_cache,
-                                                   cache_positions, key_mask)
+                                                   cache_positions, key_mask, kv_length)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, kv_cache, i, cache_positions)
+            h = layer(h, cos, sin, mask, kv_cache, i, cache_positions, kv_length)
         h = self.norm(h)
         if return_hidden:
             return h

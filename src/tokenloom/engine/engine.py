@@ -219,7 +219,8 @@ class Engine:
 
         cache = self.model.allocate_cache(n, total)
         logits = self._forward(ids, positions=positions, kv_cache=cache,
-                               cache_positions=torch.arange(prompt_len, device=dev), key_mask=key_mask)[:, -1]
+                               cache_positions=torch.arange(prompt_len, device=dev), key_mask=key_mask,
+                               kv_length=prompt_len)[:, -1]
 
         grammar = Grammar(self.tables, [r.mode for r in requests], [r.image_size for r in requests],
                           [r.max_new_tokens for r in requests], dev)
@@ -274,7 +275,8 @@ class Engine:
                 key_mask[:, prompt_len:slot] &= ~restart[:, None]
                 next_pos = torch.where(restart, aux_prompt_len, next_pos)
             logits = self._forward(row_tokens[:, None], positions=next_pos[:, None], kv_cache=cache,
-                                   cache_positions=torch.tensor([slot], device=dev), key_mask=key_mask)[:, -1]
+                                   cache_positions=torch.tensor([slot], device=dev), key_mask=key_mask,
+                                   kv_length=slot + 1)[:, -1]
             visible = ~is_aux | flags["in_image"][owner]
             key_mask[:, slot] = visible
             next_pos = next_pos + visible.long()

@@ -63,11 +63,14 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     One sort per step over the vocabulary, no Python loop over rows or tokens.
     """
     vocab = logits.shape[-1]
+    use_p = bool((top_p < 1.0).any())
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
+    # A full sort only when top-p needs the whole order; otherwise the k largest suffice (about 3x faster).
+    k_max = vocab if use_p else int(k.max())
+    sorted_logits = torch.topk(logits, k_max, dim=-1, sorted=True).values
     kth = sorted_logits.gather(-1, (k - 1)[:, None])
     logits = logits.masked_fill(logits < kth, float("-inf"))
-    if bool((top_p < 1.0).any()):
+    if use_p:
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         probs = torch.softmax(sorted_logits.float(), dim=-1)
         # Keep the smallest prefix whose mass reaches p: a token stays if the mass before it is < p.
