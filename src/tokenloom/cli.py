@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_chat)
 
+    for verb, text in DELEGATED_HELP.items():
+        sub.add_parser(verb, help=text, add_help=False)
+
     p = sub.add_parser("caption", help="describe an image")
     p.add_argument("image")
     _sampling_args(p)
@@ -226,7 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _delegated(verb: str):
+    """Verbs whose own module parses their arguments (so `tokenloom VERB --help` shows theirs)."""
+    import importlib
+
+    modules = {"train": "tokenloom.train", "pretokenize": "tokenloom.data.pretokenize"}
+    return importlib.import_module(modules[verb]).main if verb in modules else None
+
+
+DELEGATED_HELP = {"train": "train or fine-tune from a YAML/TOML config (resumes automatically)",
+                  "pretokenize": "raw JSONL -> Parquet token shards (resumable)"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and (run := _delegated(argv[0])) is not None:
+        return run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.simplefilter("default")
