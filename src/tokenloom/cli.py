@@ -233,12 +233,14 @@ def _delegated(verb: str):
     """Verbs whose own module parses their arguments (so `tokenloom VERB --help` shows theirs)."""
     import importlib
 
-    modules = {"train": "tokenloom.train", "pretokenize": "tokenloom.data.pretokenize"}
+    modules = {"train": "tokenloom.train", "pretokenize": "tokenloom.data.pretokenize",
+               "eval": "tokenloom.evaluation"}
     return importlib.import_module(modules[verb]).main if verb in modules else None
 
 
 DELEGATED_HELP = {"train": "train or fine-tune from a YAML/TOML config (resumes automatically)",
-                  "pretokenize": "raw JSONL -> Parquet token shards (resumable)"}
+                  "pretokenize": "raw JSONL -> Parquet token shards (resumable)",
+                  "eval": "score a model on held-out shapes-world samples (exact matches)"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,58 @@
+"""The evaluation's scorers: right answers score 1, wrong ones 0 (so the numbers can be trusted)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenloom.document import Document, ImagePart, TextPart
+from tokenloom.evaluation import evaluate, score_edit, score_story, score_t2i, score_text
+from tokenloom.pipeline import random_pipeline
+from tokenloom.world.tasks import heldout_samples
+
+
+def test_t2i_scorer_accepts_true_renders_and_rejects_wrong_ones():
+    samples = heldout_samples("t2i", 30, seed=3)
+    score, breakdown, records, shown = score_t2i(samples, [s.images[0] for s in samples])
+    assert score == 1.0 and all(v == 1.0 for v in breakdown.values())
+    assert len(shown) == 30 and all(r["right"] for r in records)
+    blank = Image.new("RGB", samples[0].size, "white")
+    assert score_t2i(samples, [blank] * 30)[0] == 0.0
+    # Another sample's image is right only when it happens to fit this caption.
+    shifted = [samples[(i + 1) % 30].images[0] for i in range(30)]
+    assert score_t2i(samples, shifted)[0] < 0.2
+
+
+def test_text_edit_and_story_scorers():
+    qa = heldout_samples("qa", 20, seed=1)
+    assert score_text(qa, [s.info["answer"] + " " for s in qa])[0] == 1.0
+    assert score_text(qa, ["purple"] * 20)[0] < 0.5
+    edits = heldout_samples("edit", 20, seed=1)
+    assert score_edit(edits, [s.images[1] for s in edits])[0] == 1.0
+    assert score_edit(edits, [s.images[0] for s in edits])[0] == 0.0  # the unedited image is wrong
+    assert score_edit(edits, [None] * 20)[0] == 0.0
+    stories = heldout_samples("story", 15, seed=1)
+
+    def doc(s, images):
+        parts = [TextPart(p) if isinstance(p, str) else ImagePart(np.zeros((1, 1), dtype=np.int64), pixels=im)
+                 for p, im in zip(s.answer, _images_in_order(s.answer, images))]
+        return Document.from_parts(parts, role="assistant")
+
+    right = [doc(s, s.images) for s in stories]
+    assert score_story(stories, right)[0] == 1.0
+    wrong = [doc(s, [s.images[0]] * len(s.images)) for s in stories]  # nothing ever changes
+    assert score_story(stories, wrong)[0] < 0.7
+
+
+def _images_in_order(answer, images):
+    it = iter(images)
+    return [None if isinstance(p, str) else next(it) for p in answer]
+
+
+def test_evaluate_writes_report_for_a_random_model(tmp_path):
+    pipe = random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64)
+    report = evaluate(pipe, tmp_path, n=2, tasks=("t2i", "qa"), progress=False)
+    assert set(report["scores"]) == {"t2i", "qa"}
+    assert (tmp_path / "report.json").exists() and (tmp_path / "summary.md").exists()
+    assert (tmp_path / "samples.png").exists()
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(pipe, tmp_path, n=2, tasks=("dance",))
