@@ -1,0 +1,113 @@
+"""Build the embedded default model, shapes-tiny, from nothing but this repository.
+
+    python -m tokenloom.world.recipe [--work runs/shapes-tiny] [--install]
+
+1. writes the shapes-world training and evaluation-loss datasets (raw JSONL + PNGs);
+2. trains a byte-level BPE on their text and builds the native vocabulary;
+3. assembles the base pipeline: that tokenizer, the shapes VQGAN (configs/shapes-tiny-vq.yaml,
+   trained by `python -m tokenloom.vq_training`), and the model shape of configs/shapes-tiny.yaml;
+4. pre-tokenizes both datasets into Parquet shards;
+5. trains with configs/shapes-tiny.yaml (resumes if interrupted);
+6. with --install, copies the trained pipeline into src/tokenloom/assets/shapes-tiny/.
+Every step skips work already done, so rerunning after an interruption continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..data.pretokenize import pretokenize
+from ..image_processing import ImageTokenizer
+from ..model import ModelConfig, Transformer
+from ..pipeline import Pipeline, PipelineConfig
+from ..vocab import build_native
+from .tasks import build_dataset
+
+REPO = Path(__file__).resolve().parents[3]
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
+TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit": 5000}
+EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
+TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
+MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
+
+
+def _texts(jsonl: Path):
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            for msg in json.loads(line)["messages"]:
+                for part in msg["content"]:
+                    if part["type"] == "text":
+                        yield part["text"]
+
+
+def build(work: Path, config_path: Path, vq_dir: Path, install: bool, scale: float = 1.0,
+          max_steps: int | None = None) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    counts = {k: max(1, int(v * scale)) for k, v in TRAIN_COUNTS.items()}
+    if not (data / "train.jsonl").exists():
+        build_dataset(data, counts, seed=0, split="train")
+    if not (data / "eval.jsonl").exists():
+        build_dataset(data, {k: max(1, int(v * scale)) for k, v in EVAL_COUNTS.items()}, seed=1, split="eval")
+
+    base = work / "base"
+    if not (base / "config.json").exists():
+        image_tokenizer = ImageTokenizer.from_pretrained(vq_dir)
+        tokenizer, vocab = build_native(_texts(data / "train.jsonl"), TEXT_VOCAB,
+                                        image_tokenizer.vqgan.config.codebook_size, MAX_GRID)
+        shape = yaml.safe_load(config_path.read_text())["model"]["config"]
+        model = Transformer.random(ModelConfig(vocab_size=vocab.size, **shape), seed=0)
+        # Prompts are the caption alone: the forced size tokens tell the model the resolution.
+        config = PipelineConfig(profile="shapes-tiny", layout="unirep", image_width=64, image_height=64,
+                                max_image_side=512, resolution_prompt=False, guidance_scale=2.0,
+                                max_new_tokens=400, text_sampling={"temperature": 0.0},
+                                image_sampling={"temperature": 0.7, "top_k": 32})
+        Pipeline(model, vocab, tokenizer, image_tokenizer, config).save_pretrained(base)
+    pipe = Pipeline.from_pretrained(base)
+    for split in ("train", "eval"):
+        pretokenize([data / f"{split}.jsonl"], pipe, work / "shards" / split, shard_size=5000)
+
+    from ..train import train
+
+    # The committed config names runs/shapes-tiny/; point it at this work directory instead.
+    run_config = yaml.safe_load(config_path.read_text())
+    run_config["model"]["pipeline"] = str(base.resolve())
+    run_config["data"]["train"] = [str((work / "shards" / "train").resolve())]
+    run_config["data"]["eval"] = [str((work / "shards" / "eval").resolve())]
+    if max_steps is not None:
+        run_config["train"]["max_steps"] = max_steps
+    (work / "train.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    summary = train(work / "train.yaml", out_dir=work / "train")
+    final = work / "train" / "final"
+    if install:
+        if ASSET.exists():
+            for f in ASSET.iterdir():
+                f.unlink()
+        ASSET.mkdir(parents=True, exist_ok=True)
+        for f in final.iterdir():
+            shutil.copy2(f, ASSET / f.name)
+    print(json.dumps(summary, indent=2, default=str))
+    return final
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenloom.world.recipe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(REPO / "runs" / "shapes-tiny"), help="working directory")
+    parser.add_argument("--config", default=str(REPO / "configs" / "shapes-tiny.yaml"))
+    parser.add_argument("--vq", default=str(ASSET), help="directory with the trained shapes VQGAN")
+    parser.add_argument("--install", action="store_true", help="copy the result into the package's assets")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the dataset sizes (smoke runs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps (smoke runs)")
+    args = parser.parse_args(argv)
+    build(Path(args.work), Path(args.config), Path(args.vq), args.install, args.scale, args.max_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
