@@ -37,15 +37,6 @@ from tokenloom.pipeline import random_pipeline
 pretokenize_module = importlib.import_module("tokenloom.data.pretokenize")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine, OpenMP threads spinning against each other make tiny ops ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)

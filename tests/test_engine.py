@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokenloom.document import Document, ImagePart, TextPart
-from tokenloom.engine import (Engine, Finished, GenerationRequest, ImageDone, ImageRow, ImageStarted,
+from tokenloom.engine import (Finished, GenerationRequest, ImageDone, ImageRow, ImageStarted,
                               SamplingParams, TextDelta, TurnEnd)
 from tokenloom.engine.grammar import Grammar
 from tokenloom.pipeline import random_pipeline

@@ -17,15 +17,6 @@ from tokenloom.train.trainer import MetricsLog
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine, OpenMP threads spinning against each other make tiny ops ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A saved tiny random pipeline and train/eval shards of caption -> image documents."""
@@ -154,7 +145,7 @@ def test_resumed_run_repeats_the_uninterrupted_loss_curve(workdir, monkeypatch):
 def test_unknown_key_is_a_config_error_naming_file_line_and_key(workdir, capsys):
     path = workdir / "bad.yaml"
     path.write_text("model:\n  pipeline: pipe\ndata:\n  train: [shards/train]\n  sequence_len: 64\n")
-    with pytest.raises(ConfigError, match=rf"bad\.yaml:5: unknown key 'data\.sequence_len'"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:5: unknown key 'data\.sequence_len'"):
         load_config(path)
     toml = workdir / "bad.toml"
     toml.write_text('[model]\npipeline = "pipe"\n\n[optim]\nlr = 1e-3\nmomentum = 0.9\n')

@@ -233,14 +233,21 @@ def _delegated(verb: str):
     """Verbs whose own module parses their arguments (so `tokenloom VERB --help` shows theirs)."""
     import importlib
 
-    modules = {"train": "tokenloom.train", "pretokenize": "tokenloom.data.pretokenize",
-               "eval": "tokenloom.evaluation"}
-    return importlib.import_module(modules[verb]).main if verb in modules else None
+    targets = {"train": "tokenloom.train:main", "pretokenize": "tokenloom.data.pretokenize:main",
+               "eval": "tokenloom.evaluation:main", "convert": "tokenloom.convert.cli:main_convert",
+               "expand": "tokenloom.convert.cli:main_expand", "export": "tokenloom.convert.cli:main_export"}
+    if verb not in targets:
+        return None
+    module, name = targets[verb].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 DELEGATED_HELP = {"train": "train or fine-tune from a YAML/TOML config (resumes automatically)",
                   "pretokenize": "raw JSONL -> Parquet token shards (resumable)",
-                  "eval": "score a model on held-out shapes-world samples (exact matches)"}
+                  "eval": "score a model on held-out shapes-world samples (exact matches)",
+                  "convert": "convert a Chameleon / Anole / Lumina-mGPT checkpoint (--from KIND SRC DST)",
+                  "expand": "Liquid-style: add image codes to a Hugging Face causal LM",
+                  "export": "export a model to the Hugging Face Chameleon layout"}
 
 
 def main(argv: list[str] | None = None) -> int:

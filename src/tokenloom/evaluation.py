@@ -17,10 +17,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from .document import Document, TextPart
-from .engine import GenerationRequest
 from .report import image_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import TASKS, heldout_samples, query_of

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -23,7 +22,7 @@ from .document import Document, ImagePart, TextPart
 from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams
 from .engine.sampling import default_image_sampling, default_text_sampling
 from .formats import Format, get_format, resolution_prompt
-from .image_processing import ImageTokenizer, check_image_size, load_image, preprocess
+from .image_processing import ImageTokenizer, check_image_size, load_image
 from .model import ModelConfig, Transformer
 from .text_tokenizer import TextTokenizer
 from .vocab import Vocabulary
