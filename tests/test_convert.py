@@ -305,6 +305,8 @@ def test_hf_chameleon_logits_match_transformers(cham, converted, with_image):
 
 
 def test_hf_chameleon_vocabulary_and_profile(cham, converted):
+    # Chameleon's guidance rows start [bos, image_begin] (Meta's inference code)
+    assert converted.unconditional_prompt() == [cham["tok"].token_to_id("<s>")]
     tok, v = cham["tok"], converted.vocab
     assert v.size == cham["rows"]  # padding rows past the tokenizer stay addressable
     assert v.codebook_size == CODES
@@ -357,6 +359,10 @@ def test_hf_without_vqgan_reads_images_but_warns_it_cannot_draw(cham, converted,
     x = sample_ids(cham["tok"], pipe.vocab, True)
     with torch.no_grad():  # bf16 weights: same logits within bf16 precision
         torch.testing.assert_close(pipe.model(x).float(), converted.model(x), rtol=0.05, atol=0.5)
+    # drawing is refused with a fix, not answered with grey squares; a full conversion can draw
+    assert not pipe.image_tokenizer.can_decode and converted.image_tokenizer.can_decode
+    with pytest.raises(ValueError, match="cannot draw.*--vqgan"):
+        pipe.generate_images("a cat")
 
 
 # =========================================================================== Meta layout

@@ -99,6 +99,30 @@ def test_random_weight_fuzz_images_always_well_formed(pipe, flat_pipe, layout):
     assert n_images > 0, "the fuzz should have produced some images"
 
 
+def test_padding_rows_past_the_vocabulary_are_never_sampled(pipe):
+    # Checkpoints often pad the embedding to a multiple of 64/128: those rows have logits but no
+    # meaning. Make them the most likely tokens; the engine must still only emit vocabulary ids.
+    from tokenloom.model import Transformer
+    from tokenloom.pipeline import Pipeline
+
+    cfg = pipe.model.config
+    padded = Transformer.random(type(cfg)(**{**cfg.__dict__, "vocab_size": pipe.vocab.size + 7}), seed=0).eval()
+    req = GenerationRequest(prompt(pipe), mode="any", image_size=(4, 4), max_new_tokens=30, text=HOT, image=HOT,
+                            seed=3)
+    with torch.no_grad():
+        favourite = int(pipe.model(torch.tensor([req.prompt_ids]))[0, -1].argmax())
+    state = dict(pipe.model.state_dict())
+    for k, v in padded.state_dict().items():
+        if v.shape != state[k].shape:  # embedding / head: the real rows, then 10x the favourite's row
+            state[k] = torch.cat([state[k], 10 * state[k][favourite].expand(7, -1)])
+    padded.load_state_dict(state)
+    p = Pipeline(padded, pipe.vocab, pipe.text_tokenizer, pipe.image_tokenizer, pipe.config)
+    ids = p.engine.generate([req])[0].ids
+    assert ids and max(ids) < pipe.vocab.size
+    with torch.no_grad():  # the padding rows do dominate the raw logits
+        assert p.model(torch.tensor([req.prompt_ids]))[0, -1].argmax() >= pipe.vocab.size
+
+
 def test_mixed_batch_rows_equal_solo_runs(pipe):
     common = dict(text=GREEDY, image=GREEDY)
     reqs = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenloom
-from tokenloom.checkpoint import INDEX_NAME, WEIGHTS_NAME
+from tokenloom.checkpoint import INDEX_NAME, WEIGHTS_NAME, iter_weights, save_weights
 from tokenloom.cli import main
 from tokenloom.pipeline import Pipeline, random_pipeline
 
@@ -26,6 +26,15 @@ def test_load_returns_pipeline_mapping_ids_to_logits(pipe, tmp_path):
     assert loaded.vocab == pipe.vocab
     assert loaded.config == pipe.config
     assert loaded.text_tokenizer.encode("a red circle") == pipe.text_tokenizer.encode("a red circle")
+
+
+def test_save_weights_keeps_views_of_one_storage_and_drops_only_aliases(tmp_path):
+    fused = torch.arange(24.0).reshape(6, 4)
+    q, k = fused[:3], fused[3:]  # slices of a fused weight: same storage, different offsets
+    save_weights({"q": q, "k": k, "tied_a": fused, "tied_b": fused}, tmp_path)
+    got = dict(iter_weights(tmp_path))
+    assert set(got) == {"q", "k", "tied_a"}  # tied_b is the same view as tied_a: re-tied on load
+    assert torch.equal(got["q"], q) and torch.equal(got["k"], k) and torch.equal(got["tied_a"], fused)
 
 
 def test_sharded_save_round_trips(pipe, tmp_path):

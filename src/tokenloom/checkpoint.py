@@ -55,15 +55,23 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Tied weights share storage; safetensors refuses aliases, and the model re-ties on load.
-    seen: set[int] = set()
+    # Tied weights are the same view of one storage: keep the first name (the model re-ties on
+    # load). Other views of a storage already written (slices of a fused weight) are copied,
+    # because safetensors refuses tensors that share memory.
+    storages: set[int] = set()
+    views: set[tuple] = set()
     out = {}
     for name, t in state_dict.items():
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen and t.numel() > 0:
+        if t.device.type == "meta" or t.numel() == 0:
+            out[name] = t
             continue
-        seen.add(key)
-        out[name] = t
+        storage = t.untyped_storage().data_ptr()
+        view = (storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            continue
+        out[name] = t.clone() if storage in storages else t
+        storages.add(storage)
+        views.add(view)
     return out
 
 

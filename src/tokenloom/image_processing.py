@@ -127,6 +127,9 @@ class ImageTokenizer:
         self.config = vqgan.config
         self.max_side = max_side
         self.batch_size = batch_size
+        # False for a VQGAN whose decoder was never loaded (HF Chameleon checkpoints drop it):
+        # it reads images, and drawing with it is refused rather than returning grey squares.
+        self.can_decode = True
 
     @property
     def factor(self) -> int:

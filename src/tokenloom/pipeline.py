@@ -45,6 +45,10 @@ class PipelineConfig:
     max_new_tokens: int = 256  # for text answers
     text_sampling: dict = field(default_factory=dict)  # SamplingParams fields
     image_sampling: dict = field(default_factory=dict)
+    # Special tokens (by role) that open a guidance row, before its image_begin and size tokens.
+    # None: bos + uncond where the vocabulary has an uncond token, else nothing (Lumina-mGPT: the
+    # unconditional context is the image's own start). Chameleon / Anole: ["bos"].
+    unconditional_context: list[str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +110,7 @@ class Pipeline:
         image_tokenizer = None
         if (path / "vq_config.json").exists():
             image_tokenizer = ImageTokenizer.from_pretrained(path, device=device)
+            image_tokenizer.can_decode = config.get("conversion", {}).get("vq_decoder", True) is not False
         return cls(model, vocab, text_tokenizer, image_tokenizer, PipelineConfig.from_dict(config["pipeline"]))
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
@@ -177,9 +182,15 @@ class Pipeline:
         return Document.chat([("user", [TextPart(text)])])
 
     def unconditional_prompt(self) -> list[int]:
-        """Context of guidance rows: bos and the unconditional token, or nothing (Lumina-mGPT)."""
-        ids = [self.vocab.bos] if self.vocab.bos is not None else []
-        return ids + [self.vocab.uncond] if self.vocab.uncond is not None else []
+        """Context of guidance rows, before image_begin: see `PipelineConfig.unconditional_context`."""
+        roles = self.config.unconditional_context
+        if roles is None:
+            roles = ["bos", "uncond"] if self.vocab.uncond is not None else []
+        ids = [self.vocab.role_id(r) for r in roles]
+        missing = [r for r, i in zip(roles, ids) if i is None]
+        if missing:
+            raise ValueError(f"unconditional_context names {missing}, which this vocabulary does not have")
+        return ids
 
     def generate_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
                         guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
@@ -190,6 +201,10 @@ class Pipeline:
             prompts = [prompts]
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
+            raise ValueError("this model cannot draw: its VQGAN has no decoder (Hugging Face Chameleon "
+                             "checkpoints drop it); convert again with --vqgan pointing at Meta's "
+                             "vqgan.ckpt + vqgan.yaml")
         h, w = self.grid_size(width, height)
         px_w, px_h = w * self.factor, h * self.factor
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale

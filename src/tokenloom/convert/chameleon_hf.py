@@ -357,6 +357,8 @@ def load_chameleon_hf(src: str | Path, *, vqgan: str | Path | None = None, dtype
         model = assemble_model(config, specs, store, target, ignore=ignore)
     pipe = build_chameleon_pipeline(model, tok, image_tokenizer, profile=profile, where=where, notes=notes,
                                     resolution=resolution, grid=grid, source_name=src.resolve().name)
+    if image_tokenizer is not None:
+        image_tokenizer.can_decode = has_decoder
     record = {"source_kind": "lumina-mgpt" if profile == "lumina-mgpt" else "chameleon-hf", "source": str(src),
               "vqgan": str(vqgan) if vqgan else None, "vq_decoder": has_decoder,
               "dtype": dtype_name(model.tok_embeddings.weight.dtype), "warnings": notes.items}

@@ -35,6 +35,7 @@ def _chameleon_like(profile: str, text_temperature: float, factor: int, grid: in
         max_image_side=size, resolution_prompt=False, guidance_scale=3.0,
         text_sampling={"temperature": text_temperature, "top_k": None, "top_p": 0.9, "repetition_penalty": 1.2},
         image_sampling={"temperature": 0.7, "top_k": None, "top_p": 0.9, "repetition_penalty": 1.0},
+        unconditional_context=["bos"],
     )
 
 
@@ -61,6 +62,7 @@ def lumina_mgpt_profile(resolution: int = 768, factor: int = VQGAN_FACTOR,
         max_image_side=max_image_side or 2 * resolution, resolution_prompt=True, guidance_scale=3.0,
         text_sampling={"temperature": 1.0, "top_k": 10, "top_p": None, "repetition_penalty": 1.0},
         image_sampling={"temperature": 1.0, "top_k": 2000, "top_p": None, "repetition_penalty": 1.0},
+        unconditional_context=[],
     )
 
 

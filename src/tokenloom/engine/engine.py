@@ -137,8 +137,8 @@ class Engine:
         self._forward = torch.compile(model, dynamic=True) if compile else model
 
     def decode_image(self, grid: np.ndarray):
-        if self.image_tokenizer is None:
-            return None
+        if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
+            return None  # the codes are still returned
         return self.image_tokenizer.decode(grid)[0]
 
     # -- public API ---------------------------------------------------------------------------
@@ -218,9 +218,10 @@ class Engine:
         key_mask[:, :prompt_len] = valid
 
         cache = self.model.allocate_cache(n, total)
+        vocab_size = self.vocab.size  # a model may have padding rows past the vocabulary: never sampled
         logits = self._forward(ids, positions=positions, kv_cache=cache,
                                cache_positions=torch.arange(prompt_len, device=dev), key_mask=key_mask,
-                               kv_length=prompt_len)[:, -1]
+                               kv_length=prompt_len)[:, -1, :vocab_size]
 
         grammar = Grammar(self.tables, [r.mode for r in requests], [r.image_size for r in requests],
                           [r.max_new_tokens for r in requests], dev)
@@ -276,7 +277,7 @@ class Engine:
                 next_pos = torch.where(restart, aux_prompt_len, next_pos)
             logits = self._forward(row_tokens[:, None], positions=next_pos[:, None], kv_cache=cache,
                                    cache_positions=torch.tensor([slot], device=dev), key_mask=key_mask,
-                                   kv_length=slot + 1)[:, -1]
+                                   kv_length=slot + 1)[:, -1, :vocab_size]
             visible = ~is_aux | flags["in_image"][owner]
             key_mask[:, slot] = visible
             next_pos = next_pos + visible.long()
