@@ -15,6 +15,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on GPUs)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from .pipeline import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
 
 
 def cmd_info(args) -> int:

@@ -85,6 +85,7 @@ class Pipeline:
         grid = {"grid": self.config.flat_grid} if self.config.layout == "flat" else {}
         self.format: Format = get_format(self.config.layout, vocab, text_tokenizer, **grid)
         self._engine: Engine | None = None
+        self.compile = False  # torch.compile the decode step (pays on GPUs for long generations)
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -134,7 +135,7 @@ class Pipeline:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(self.model, self.vocab, self.text_tokenizer, self.config.layout,
-                                  self.config.flat_grid, self.image_tokenizer)
+                                  self.config.flat_grid, self.image_tokenizer, compile=self.compile)
         return self._engine
 
     @property
@@ -303,13 +304,19 @@ def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 
     return Pipeline(model, vocab, text_tokenizer, image_tokenizer, config)
 
 
-def load(path: str | Path | None = None, device=None, dtype=None) -> Pipeline:
-    """Load a pipeline from a directory, or the embedded default model when no path is given."""
+def load(path: str | Path | None = None, device=None, dtype=None, compile: bool = False) -> Pipeline:
+    """Load a pipeline from a directory, or the embedded default model when no path is given.
+    `compile`: torch.compile the engine's decode step (off by default: on CPU it does not pay)."""
+    pipe = _load_pipeline(path, device, dtype)
+    pipe.compile = compile
+    return pipe
+
+
+def _load_pipeline(path, device, dtype) -> Pipeline:
+    if path is None:
+        path = default_model_path()
     if path is not None:
         return Pipeline.from_pretrained(path, device=device, dtype=dtype)
-    default = default_model_path()
-    if default is not None:
-        return Pipeline.from_pretrained(default, device=device, dtype=dtype)
     warnings.warn("no embedded default model is installed yet: using a small RANDOMLY INITIALISED model; "
                   "its outputs are noise", stacklevel=2)
     pipe = random_pipeline()
