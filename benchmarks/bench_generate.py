@@ -191,8 +191,9 @@ def main(argv=None) -> int:
         return pipe.format.encode(pipe.image_prompt(text, args.grid * pipe.factor, args.grid * pipe.factor),
                                   generation_role="assistant").ids
 
-    # Warm both paths (allocator, kernels, compile) on a small image.
-    run_engine(engine, [prompt_ids(0)] * 2, uncond_ids, 4, args.guidance_scale, args.top_k, args.seed)
+    # Warm both paths (allocator, kernels, compile) on a few tokens.
+    warm = SamplingParams(temperature=1.0, top_k=args.top_k)
+    engine.generate([GenerationRequest(prompt_ids(0), mode="text", max_new_tokens=16, text=warm, seed=0)] * 2)
     run_reference(hf, [prompt_ids(0) + [vocab.image_begin]], uncond_ids + [vocab.image_begin], code_ids, 16,
                   args.guidance_scale, args.top_k, args.seed)
 

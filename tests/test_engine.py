@@ -229,3 +229,28 @@ def test_bad_input_errors(pipe, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(ValueError, match="corrupt.png"):
         pipe.caption(bad)
+
+
+def _naive_filter(row: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """One row, the textbook way: keep the k largest, then the smallest prefix with mass >= p."""
+    out = row.clone()
+    if k > 0:
+        out[row < torch.sort(row, descending=True).values[k - 1]] = float("-inf")
+    if p < 1.0:
+        order = torch.sort(out, descending=True)
+        probs = torch.softmax(order.values, -1)
+        n = int(((probs.cumsum(-1) - probs) < p).sum().clamp(min=1))
+        out[out < order.values[n - 1]] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("ks, ps", [([5, 5, 5], [1.0] * 3), ([3, 0, 9], [1.0] * 3), ([4, 0, 7], [0.5, 0.9, 1.0])],
+                         ids=["same-k", "mixed-k", "top-p"])
+def test_filter_logits_matches_a_per_row_reference(ks, ps):
+    from tokenloom.engine.sampling import filter_logits
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    logits[1, :10] = float("-inf")  # disallowed tokens, as the grammar leaves them
+    got = filter_logits(logits, torch.tensor(ks), torch.tensor(ps))
+    for i, (k, p) in enumerate(zip(ks, ps)):
+        assert torch.equal(got[i], _naive_filter(logits[i], k, p)), i

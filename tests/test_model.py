@@ -427,3 +427,17 @@ def test_document_positions_restart_per_document():
     x = ids(2, 7)
     explicit = model(x, document_ids=doc_ids, positions=document_positions(doc_ids))
     torch.testing.assert_close(model(x, document_ids=doc_ids), explicit, rtol=0, atol=0)
+
+
+def test_decode_attention_equals_sdpa_with_grouped_heads():
+    from tokenloom.model import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, S, D = 3, 8, 2, 11, 16
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, 1, D), (B, KV, S, D), (B, KV, S, D)))
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., 0] = True  # every row sees at least one key
+    rep = H // KV
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)

@@ -283,6 +283,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, cache_positions, k, v)
             if kv_length is not None:  # slots past kv_length hold nothing yet: skip them
                 k, v = k[:, :, :kv_length], v[:, :, :kv_length]
+        if T == 1 and mask is not None and not self.training:
+            y = decode_attention(q, k, v, mask)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if self.num_kv_heads != self.num_heads:
             # q head h reads kv head h // rep (the Llama / Hugging Face grouping).
             rep = self.num_heads // self.num_kv_heads
@@ -292,6 +295,20 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one new query per row over the cache: q [B, H, 1, D], k/v [B, KV, S, D], mask
+    [B|1, 1, 1, S] (True = attend). Two batched matmuls, with the q heads of a kv head stacked as
+    rows, so grouped-query caches are never copied; on CPUs this is several times faster than SDPA's
+    kernels for a single query. Same math as `F.scaled_dot_product_attention`."""
+    B, H, _, D = q.shape
+    kv = k.shape[1]
+    q = q.reshape(B, kv, H // kv, D)  # q head h -> kv head h // rep, as repeat_interleave would
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # [B, KV, rep, S]
+    scores = scores.float().masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
