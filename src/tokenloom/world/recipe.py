@@ -7,7 +7,9 @@
 3. assembles the base pipeline: that tokenizer, the shapes VQGAN (configs/shapes-tiny-vq.yaml,
    trained by `python -m tokenloom.vq_training`), and the model shape of configs/shapes-tiny.yaml;
 4. pre-tokenizes both datasets into Parquet shards;
-5. trains with configs/shapes-tiny.yaml (resumes if interrupted);
+5. trains with configs/shapes-tiny.yaml (stage 1, from random weights), then continues with
+   configs/shapes-tiny-continue.yaml (stage 2: a fresh warmup and cosine from stage 1's weights);
+   each stage resumes if interrupted;
 6. with --install, copies the trained pipeline into src/tokenloom/assets/shapes-tiny/.
 Every step skips work already done, so rerunning after an interruption continues.
 """
@@ -45,8 +47,23 @@ def _texts(jsonl: Path):
                         yield part["text"]
 
 
+def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, max_steps: int | None) -> dict:
+    """Train one stage: the committed config names runs/shapes-tiny/; point it at `work` instead."""
+    from ..train import train
+
+    run_config = yaml.safe_load(config_path.read_text())
+    run_config["model"]["pipeline"] = str(pipeline.resolve())
+    run_config["data"]["train"] = [str((work / "shards" / "train").resolve())]
+    run_config["data"]["eval"] = [str((work / "shards" / "eval").resolve())]
+    if max_steps is not None:
+        run_config["train"]["max_steps"] = max_steps
+    resolved = work / f"{out.name}.yaml"
+    resolved.write_text(yaml.safe_dump(run_config, sort_keys=False))
+    return train(resolved, out_dir=out)
+
+
 def build(work: Path, config_path: Path, vq_dir: Path, install: bool, scale: float = 1.0,
-          max_steps: int | None = None) -> Path:
+          max_steps: int | None = None, continue_path: Path | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     counts = {k: max(1, int(v * scale)) for k, v in TRAIN_COUNTS.items()}
@@ -72,18 +89,11 @@ def build(work: Path, config_path: Path, vq_dir: Path, install: bool, scale: flo
     for split in ("train", "eval"):
         pretokenize([data / f"{split}.jsonl"], pipe, work / "shards" / split, shard_size=5000)
 
-    from ..train import train
-
-    # The committed config names runs/shapes-tiny/; point it at this work directory instead.
-    run_config = yaml.safe_load(config_path.read_text())
-    run_config["model"]["pipeline"] = str(base.resolve())
-    run_config["data"]["train"] = [str((work / "shards" / "train").resolve())]
-    run_config["data"]["eval"] = [str((work / "shards" / "eval").resolve())]
-    if max_steps is not None:
-        run_config["train"]["max_steps"] = max_steps
-    (work / "train.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    summary = train(work / "train.yaml", out_dir=work / "train")
+    summary = _train_stage(config_path, base, work, work / "train", max_steps)
     final = work / "train" / "final"
+    if continue_path is not None:
+        summary = _train_stage(continue_path, final, work, work / "train-2", max_steps)
+        final = work / "train-2" / "final"
     if install:
         if ASSET.exists():
             for f in ASSET.iterdir():
@@ -99,13 +109,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenloom.world.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(REPO / "runs" / "shapes-tiny"), help="working directory")
-    parser.add_argument("--config", default=str(REPO / "configs" / "shapes-tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "shapes-tiny.yaml"), help="stage 1")
+    parser.add_argument("--continue-config", default=str(REPO / "configs" / "shapes-tiny-continue.yaml"),
+                        help="stage 2, from stage 1's weights ('' to stop after stage 1)")
     parser.add_argument("--vq", default=str(ASSET), help="directory with the trained shapes VQGAN")
     parser.add_argument("--install", action="store_true", help="copy the result into the package's assets")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the dataset sizes (smoke runs)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps (smoke runs)")
     args = parser.parse_args(argv)
-    build(Path(args.work), Path(args.config), Path(args.vq), args.install, args.scale, args.max_steps)
+    build(Path(args.work), Path(args.config), Path(args.vq), args.install, args.scale, args.max_steps,
+          Path(args.continue_config) if args.continue_config else None)
     return 0
 
 
