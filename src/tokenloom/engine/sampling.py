@@ -100,12 +100,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     greedy = temperature <= 0
     scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
     scaled = filter_logits(scaled, top_k, top_p)
-    noise = torch.zeros_like(scaled)
+    u = torch.full_like(scaled, 0.5)
     for i, gen in enumerate(generators):
         # A row draws every step, greedy or not, so its stream depends on nothing but itself.
         if gen is not None:
-            u = torch.rand(scaled.shape[-1], generator=gen, device=scaled.device, dtype=torch.float32)
-            noise[i] = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+            torch.rand(scaled.shape[-1], generator=gen, out=u[i])
+    noise = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))  # Gumbel, all rows at once
     no_noise = greedy | torch.tensor([g is None for g in generators], device=scaled.device)
     noise = noise.masked_fill(no_noise[:, None], 0.0)
     return torch.argmax(scaled + noise, dim=-1)
