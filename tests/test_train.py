@@ -170,6 +170,11 @@ def test_toml_config_resolves_paths_against_its_folder(workdir):
     assert config.model.pipeline == str(workdir / "pipe")
     assert config.data.train == [str(workdir / "shards" / "train")]
     assert config.optim.betas == [0.9, 0.99] and config.train.max_steps == 1000
+    # one spelling per directory, so that resuming never sees "another" dataset
+    path.write_text('[model]\npipeline = "x/../pipe"\n[data]\ntrain = ["./shards/../shards/train"]\n')
+    config = load_config(path)
+    assert config.model.pipeline == str(workdir / "pipe")
+    assert config.data.train == [str(workdir / "shards" / "train")]
 
 
 def test_image_head_changes_only_image_code_rows(workdir):

@@ -227,7 +227,9 @@ class _Parser:
 
 def _resolve(path: str, base: Path | None) -> str:
     p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() or base is None else base / p)
+    # normpath: one spelling per directory ("configs/../runs/x" is "runs/x"), or a resumed run
+    # would see its own data under another name and refuse to continue.
+    return os.path.normpath(p if p.is_absolute() or base is None else base / p)
 
 
 def _yaml_lines(text: str) -> dict[str, int]:

@@ -7,9 +7,10 @@
 3. assembles the base pipeline: that tokenizer, the shapes VQGAN (configs/shapes-tiny-vq.yaml,
    trained by `python -m tokenloom.vq_training`), and the model shape of configs/shapes-tiny.yaml;
 4. pre-tokenizes both datasets into Parquet shards;
-5. trains with configs/shapes-tiny.yaml (stage 1, from random weights), then continues with
-   configs/shapes-tiny-continue.yaml (stage 2: a fresh warmup and cosine from stage 1's weights);
-   each stage resumes if interrupted;
+5. trains in the stages of STAGES, each from the previous one's weights with a fresh warmup and
+   cosine: configs/shapes-tiny.yaml (from random weights), configs/shapes-tiny-continue.yaml
+   (the same data again), configs/shapes-tiny-continue-2.yaml (a second dataset drawn with
+   another seed: new samples rather than a fourth pass); each stage resumes if interrupted;
 6. with --install, copies the trained pipeline into src/tokenloom/assets/shapes-tiny/.
 Every step skips work already done, so rerunning after an interruption continues.
 """
@@ -34,6 +35,9 @@ REPO = Path(__file__).resolve().parents[3]
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
 TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit": 5000}
 EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
+# (config, output directory, seed of the training dataset it reads)
+STAGES = (("shapes-tiny.yaml", "train", 0), ("shapes-tiny-continue.yaml", "train-2", 0),
+          ("shapes-tiny-continue-2.yaml", "train-3", 2))
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 
@@ -47,13 +51,18 @@ def _texts(jsonl: Path):
                         yield part["text"]
 
 
-def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, max_steps: int | None) -> dict:
+def _train_shards(work: Path, seed: int) -> Path:
+    return work / "shards" / ("train" if seed == 0 else f"train-seed{seed}")
+
+
+def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, seed: int,
+                 max_steps: int | None) -> dict:
     """Train one stage: the committed config names runs/shapes-tiny/; point it at `work` instead."""
     from ..train import train
 
     run_config = yaml.safe_load(config_path.read_text())
     run_config["model"]["pipeline"] = str(pipeline.resolve())
-    run_config["data"]["train"] = [str((work / "shards" / "train").resolve())]
+    run_config["data"]["train"] = [str(_train_shards(work, seed).resolve())]
     run_config["data"]["eval"] = [str((work / "shards" / "eval").resolve())]
     if max_steps is not None:
         run_config["train"]["max_steps"] = max_steps
@@ -62,8 +71,9 @@ def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, max_s
     return train(resolved, out_dir=out)
 
 
-def build(work: Path, config_path: Path, vq_dir: Path, install: bool, scale: float = 1.0,
-          max_steps: int | None = None, continue_path: Path | None = None) -> Path:
+def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float = 1.0,
+          max_steps: int | None = None, stages: int = len(STAGES)) -> Path:
+    config_path = configs / STAGES[0][0]
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     counts = {k: max(1, int(v * scale)) for k, v in TRAIN_COUNTS.items()}
@@ -88,12 +98,16 @@ def build(work: Path, config_path: Path, vq_dir: Path, install: bool, scale: flo
     pipe = Pipeline.from_pretrained(base)
     for split in ("train", "eval"):
         pretokenize([data / f"{split}.jsonl"], pipe, work / "shards" / split, shard_size=5000)
+    for seed in sorted({s for _, _, s in STAGES[:stages]} - {0}):
+        extra = work / f"data-seed{seed}"
+        if not (extra / "train.jsonl").exists():
+            build_dataset(extra, counts, seed=seed, split="train")
+        pretokenize([extra / "train.jsonl"], pipe, _train_shards(work, seed), shard_size=5000)
 
-    summary = _train_stage(config_path, base, work, work / "train", max_steps)
-    final = work / "train" / "final"
-    if continue_path is not None:
-        summary = _train_stage(continue_path, final, work, work / "train-2", max_steps)
-        final = work / "train-2" / "final"
+    final = base
+    for name, out, seed in STAGES[:stages]:
+        summary = _train_stage(configs / name, final, work, work / out, seed, max_steps)
+        final = work / out / "final"
     if install:
         if ASSET.exists():
             for f in ASSET.iterdir():
@@ -109,16 +123,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenloom.world.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(REPO / "runs" / "shapes-tiny"), help="working directory")
-    parser.add_argument("--config", default=str(REPO / "configs" / "shapes-tiny.yaml"), help="stage 1")
-    parser.add_argument("--continue-config", default=str(REPO / "configs" / "shapes-tiny-continue.yaml"),
-                        help="stage 2, from stage 1's weights ('' to stop after stage 1)")
+    parser.add_argument("--configs", default=str(REPO / "configs"), help="directory with the stage configs")
+    parser.add_argument("--stages", type=int, default=len(STAGES), help=f"run the first N of {len(STAGES)} stages")
     parser.add_argument("--vq", default=str(ASSET), help="directory with the trained shapes VQGAN")
     parser.add_argument("--install", action="store_true", help="copy the result into the package's assets")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the dataset sizes (smoke runs)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps (smoke runs)")
     args = parser.parse_args(argv)
-    build(Path(args.work), Path(args.config), Path(args.vq), args.install, args.scale, args.max_steps,
-          Path(args.continue_config) if args.continue_config else None)
+    build(Path(args.work), Path(args.configs), Path(args.vq), args.install, args.scale, args.max_steps,
+          args.stages)
     return 0
 
 
