@@ -185,8 +185,9 @@ class Pipeline:
     def unconditional_prompt(self) -> list[int]:
         """Context of guidance rows, before image_begin: see `PipelineConfig.unconditional_context`."""
         roles = self.config.unconditional_context
-        if roles is None:
-            roles = ["bos", "uncond"] if self.vocab.uncond is not None else []
+        if roles is None:  # bos (where the vocabulary has one) and uncond; Lumina-style without uncond
+            roles = [r for r in ("bos", "uncond") if self.vocab.role_id(r) is not None]
+            roles = roles if "uncond" in roles else []
         ids = [self.vocab.role_id(r) for r in roles]
         missing = [r for r, i in zip(roles, ids) if i is None]
         if missing:
