@@ -21,7 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PRELUDE = "import resource, sys, torch; sys.path.insert(0, %r)\n" % str(ROOT / "src")
+# Loaded weights may stay memory-mapped and only become resident when read: TOUCH reads every one,
+# as a forward pass would, so the peak counts them.
+PRELUDE = ("import resource, sys, torch; sys.path.insert(0, %r)\n" % str(ROOT / "src")
+           + "def TOUCH(m):\n    [float(p.sum()) for p in m.parameters()]\n")
 REPORT = "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
 
 BUILD = PRELUDE + """
@@ -54,6 +57,7 @@ BASELINE = PRELUDE + "import transformers, tokenloom, tokenloom.convert, tokenlo
 REFERENCE = PRELUDE + """
 from transformers import ChameleonForConditionalGeneration
 m = ChameleonForConditionalGeneration.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+TOUCH(m)
 """ + REPORT
 CONVERT = PRELUDE + """
 import warnings
@@ -64,6 +68,7 @@ convert("chameleon-hf", sys.argv[1], sys.argv[3], dtype=sys.argv[2])
 LOAD = PRELUDE + """
 import tokenloom
 pipe = tokenloom.load(sys.argv[3])
+TOUCH(pipe.model)
 """ + REPORT
 
 
