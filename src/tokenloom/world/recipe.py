@@ -9,8 +9,8 @@
 4. pre-tokenizes both datasets into Parquet shards;
 5. trains in the stages of STAGES, each from the previous one's weights with a fresh warmup and
    cosine: configs/shapes-tiny.yaml (from random weights), configs/shapes-tiny-continue.yaml
-   (the same data again), configs/shapes-tiny-continue-2.yaml (a second dataset drawn with
-   another seed: new samples rather than a fourth pass); each stage resumes if interrupted;
+   (the same data again), then configs/shapes-tiny-continue-N.yaml, each on a new dataset drawn
+   with another seed (fresh samples rather than more passes); each stage resumes if interrupted;
 6. with --install, copies the trained pipeline into src/tokenloom/assets/shapes-tiny/.
 Every step skips work already done, so rerunning after an interruption continues.
 """
@@ -37,7 +37,7 @@ TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit"
 EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
 # (config, output directory, seed of the training dataset it reads)
 STAGES = (("shapes-tiny.yaml", "train", 0), ("shapes-tiny-continue.yaml", "train-2", 0),
-          ("shapes-tiny-continue-2.yaml", "train-3", 2))
+          ("shapes-tiny-continue-2.yaml", "train-3", 2), ("shapes-tiny-continue-3.yaml", "train-4", 3))
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 
