@@ -13,11 +13,12 @@ keep tokenloom near 1x. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,10 +102,7 @@ def main(argv=None) -> int:
         print(f"  {r['step']:45s} {r['peak_above_baseline_bytes'] / 2**20:8.0f} MiB  {r['multiple_of_weights']:5.2f}x")
     result = {"benchmark": "peak host memory of conversion and loading", "hidden": a.hidden, "layers": a.layers,
               "vocab": a.vocab, "dtype": a.dtype, "weights_bytes": weights, "baseline_bytes": base, "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, a.out)
     return 0
 
 

@@ -22,7 +22,6 @@ per row-token plus attention over the filled cache). Prints a table and writes J
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from tokenloom.convert import load_chameleon_hf  # noqa: E402
 from tokenloom.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
 from tokenloom.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenloom.vocab import chameleon_image_token  # noqa: E402
+
+from _results import write_result  # noqa: E402
 
 CORPUS = ["a red square on a blue field", "two cats and a dog", "draw a small green circle",
           "a large yellow triangle in the top left corner"] * 8
@@ -136,10 +137,10 @@ def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def model_flops(cfg, rows: int, prompt_len: int, n_new: int) -> float:
+def model_flops(model, rows: int, prompt_len: int, n_new: int) -> float:
     """Forward FLOPs of generating n_new tokens on `rows` rows: 2 x weights + attention per token."""
-    params = sum(p.numel() for p in cfg.parameters() if p.dim() == 2) - cfg.tok_embeddings.weight.numel()
-    c = cfg.config
+    params = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.tok_embeddings.weight.numel()
+    c = model.config
     attn = sum(4 * c.num_layers * c.hidden_size * (prompt_len + t) for t in range(n_new))
     return rows * (2 * params * n_new + attn)
 
@@ -229,10 +230,7 @@ def main(argv=None) -> int:
     }
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; engine at batch {largest['batch']}: "
           f"{largest['engine_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * result['engine_fraction_of_peak_at_largest_batch']:.1f}% of peak")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

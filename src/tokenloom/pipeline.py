@@ -186,8 +186,8 @@ class Pipeline:
         """Context of guidance rows, before image_begin: see `PipelineConfig.unconditional_context`."""
         roles = self.config.unconditional_context
         if roles is None:  # bos (where the vocabulary has one) and uncond; Lumina-style without uncond
-            roles = [r for r in ("bos", "uncond") if self.vocab.role_id(r) is not None]
-            roles = roles if "uncond" in roles else []
+            roles = [] if self.vocab.uncond is None else [r for r in ("bos", "uncond")
+                                                         if self.vocab.role_id(r) is not None]
         ids = [self.vocab.role_id(r) for r in roles]
         missing = [r for r, i in zip(roles, ids) if i is None]
         if missing:
