@@ -1,5 +1,6 @@
 """Training from a config file: loss goes down, exact resume, config errors, image-head fine-tuning."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -12,7 +13,8 @@ from tokenloom.checkpoint import load_weights
 from tokenloom.data import pretokenize
 from tokenloom.pipeline import random_pipeline
 from tokenloom.train import ConfigError, TrainError, load_config, lr_at, main, train
-from tokenloom.train.trainer import MetricsLog
+from tokenloom.train import trainer as trainer_module
+from tokenloom.train.trainer import MetricsLog, native_bf16, resolve_precision
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
 
@@ -198,11 +200,25 @@ def test_bf16_training_of_a_fresh_model(workdir):
                                           "config": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
                                                      "num_kv_heads": 1}},
                           train={"max_steps": 3, "precision": "bf16", "eval_every": 0, "save_every": 0})
-    summary = train(config, out_dir=workdir / "out" / "bf16")
+    # Where bf16 is emulated (AVX2-only CPUs) an explicit bf16 still trains, with a warning.
+    emulated = not native_bf16(torch.device("cpu"))
+    with pytest.warns(UserWarning, match="no native bf16") if emulated else contextlib.nullcontext():
+        summary = train(config, out_dir=workdir / "out" / "bf16")
+    assert summary["precision"] == "bf16"
     assert all(np.isfinite(loss) for _, loss in losses(workdir / "out" / "bf16"))
     loaded = tokenloom.load(summary["final_dir"])
     assert loaded.model.config.hidden_size == 32 and loaded.model.config.num_layers == 1
     assert next(loaded.model.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch, native):
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.warns(UserWarning, match="no native bf16") if not native else contextlib.nullcontext():
+        assert resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_learning_rate_schedule():

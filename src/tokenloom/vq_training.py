@@ -80,7 +80,7 @@ class VQTrainConfig:
     codebook_ema: float | None = 0.95
     restart_every: int = 25  # steps per usage window; 0 disables restarts
     restart_until: float = 0.85  # fraction of steps after which codes stop being restarted
-    bf16: bool = False  # CPU autocast; about 1.4x faster on CPUs with bf16 units
+    bf16: bool = False  # CPU autocast; about 1.4x faster on CPUs with bf16 units, far slower (emulated) without
     log_every: int = 10
     eval_every: int = 250
     eval_images: int = 100  # per eval size

@@ -20,7 +20,7 @@ Example (YAML)::
     train:
       max_steps: 10000
       grad_accum: 4
-      precision: bf16
+      precision: auto               # bf16 where it is native (GPU, AVX512-BF16/AMX CPU), else fp32
       z_loss: 1.0e-5
       save_every: 500
 """
@@ -77,7 +77,8 @@ class OptimSection:
 class TrainSection:
     max_steps: int = 1000  # optimizer steps; the schedule spans them
     grad_accum: int = 1  # micro-batches per step
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer stay float32)
+    precision: str = "auto"  # "fp32", "bf16" (autocast; weights and optimizer stay float32) or "auto":
+    # bf16 where the device has native bf16 matmuls, else fp32
     trainable: str = "all"  # "all" or "image_head" (only the output rows of image codes)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); Lumina-mGPT uses 1e-5
     seed: int = 0
@@ -113,7 +114,7 @@ class TrainConfig:
 
 CHOICES = {
     "model.weights": ("pretrained", "random"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),
     "train.trainable": ("all", "image_head"),
 }
 
