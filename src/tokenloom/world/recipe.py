@@ -9,8 +9,8 @@
 4. pre-tokenizes both datasets into Parquet shards;
 5. trains in the stages of STAGES, each from the previous one's weights with a fresh warmup and
    cosine: configs/shapes-tiny.yaml (from random weights), configs/shapes-tiny-continue.yaml
-   (the same data again), then configs/shapes-tiny-continue-N.yaml, each on a new dataset drawn
-   with another seed (fresh samples rather than more passes); each stage resumes if interrupted;
+   (the same data again), then configs/shapes-tiny-continue-N.yaml, each on new datasets drawn
+   with other seeds (fresh samples rather than more passes); each stage resumes if interrupted;
 6. with --install, copies the trained pipeline into src/tokenloom/assets/shapes-tiny/.
 Every step skips work already done, so rerunning after an interruption continues.
 """
@@ -35,9 +35,10 @@ REPO = Path(__file__).resolve().parents[3]
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
 TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit": 5000}
 EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
-# (config, output directory, seed of the training dataset it reads)
-STAGES = (("shapes-tiny.yaml", "train", 0), ("shapes-tiny-continue.yaml", "train-2", 0),
-          ("shapes-tiny-continue-2.yaml", "train-3", 2), ("shapes-tiny-continue-3.yaml", "train-4", 3))
+# (config, output directory, seeds of the training datasets it reads)
+STAGES = (("shapes-tiny.yaml", "train", (0,)), ("shapes-tiny-continue.yaml", "train-2", (0,)),
+          ("shapes-tiny-continue-2.yaml", "train-3", (2,)), ("shapes-tiny-continue-3.yaml", "train-4", (3,)),
+          ("shapes-tiny-continue-4.yaml", "train-5", (4, 5)))
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 
@@ -55,14 +56,14 @@ def _train_shards(work: Path, seed: int) -> Path:
     return work / "shards" / ("train" if seed == 0 else f"train-seed{seed}")
 
 
-def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, seed: int,
+def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, seeds: tuple[int, ...],
                  max_steps: int | None) -> dict:
     """Train one stage: the committed config names runs/shapes-tiny/; point it at `work` instead."""
     from ..train import train
 
     run_config = yaml.safe_load(config_path.read_text())
     run_config["model"]["pipeline"] = str(pipeline.resolve())
-    run_config["data"]["train"] = [str(_train_shards(work, seed).resolve())]
+    run_config["data"]["train"] = [str(_train_shards(work, seed).resolve()) for seed in seeds]
     run_config["data"]["eval"] = [str((work / "shards" / "eval").resolve())]
     if max_steps is not None:
         run_config["train"]["max_steps"] = max_steps
@@ -98,15 +99,15 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
     pipe = Pipeline.from_pretrained(base)
     for split in ("train", "eval"):
         pretokenize([data / f"{split}.jsonl"], pipe, work / "shards" / split, shard_size=5000)
-    for seed in sorted({s for _, _, s in STAGES[:stages]} - {0}):
+    for seed in sorted({s for _, _, seeds in STAGES[:stages] for s in seeds} - {0}):
         extra = work / f"data-seed{seed}"
         if not (extra / "train.jsonl").exists():
             build_dataset(extra, counts, seed=seed, split="train")
         pretokenize([extra / "train.jsonl"], pipe, _train_shards(work, seed), shard_size=5000)
 
     final = base
-    for name, out, seed in STAGES[:stages]:
-        summary = _train_stage(configs / name, final, work, work / out, seed, max_steps)
+    for name, out, seeds in STAGES[:stages]:
+        summary = _train_stage(configs / name, final, work, work / out, seeds, max_steps)
         final = work / out / "final"
     if install:
         if ASSET.exists():
