@@ -52,6 +52,14 @@ def _texts(jsonl: Path):
                         yield part["text"]
 
 
+def _train_data(work: Path, seed: int, counts: dict[str, int]) -> Path:
+    """The raw training set drawn with `seed` (written if missing); seed 0's is also the BPE's text."""
+    data = work / ("data" if seed == 0 else f"data-seed{seed}")
+    if not (data / "train.jsonl").exists():
+        build_dataset(data, counts, seed=seed, split="train")
+    return data / "train.jsonl"
+
+
 def _train_shards(work: Path, seed: int) -> Path:
     return work / "shards" / ("train" if seed == 0 else f"train-seed{seed}")
 
@@ -78,15 +86,14 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     counts = {k: max(1, int(v * scale)) for k, v in TRAIN_COUNTS.items()}
-    if not (data / "train.jsonl").exists():
-        build_dataset(data, counts, seed=0, split="train")
+    bpe_text = _train_data(work, 0, counts)
     if not (data / "eval.jsonl").exists():
         build_dataset(data, {k: max(1, int(v * scale)) for k, v in EVAL_COUNTS.items()}, seed=1, split="eval")
 
     base = work / "base"
     if not (base / "config.json").exists():
         image_tokenizer = ImageTokenizer.from_pretrained(vq_dir)
-        tokenizer, vocab = build_native(_texts(data / "train.jsonl"), TEXT_VOCAB,
+        tokenizer, vocab = build_native(_texts(bpe_text), TEXT_VOCAB,
                                         image_tokenizer.vqgan.config.codebook_size, MAX_GRID)
         shape = yaml.safe_load(config_path.read_text())["model"]["config"]
         model = Transformer.random(ModelConfig(vocab_size=vocab.size, **shape), seed=0)
@@ -97,13 +104,9 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
                                 image_sampling={"temperature": 0.7, "top_k": 32})
         Pipeline(model, vocab, tokenizer, image_tokenizer, config).save_pretrained(base)
     pipe = Pipeline.from_pretrained(base)
-    for split in ("train", "eval"):
-        pretokenize([data / f"{split}.jsonl"], pipe, work / "shards" / split, shard_size=5000)
-    for seed in sorted({s for _, _, seeds in STAGES[:stages] for s in seeds} - {0}):
-        extra = work / f"data-seed{seed}"
-        if not (extra / "train.jsonl").exists():
-            build_dataset(extra, counts, seed=seed, split="train")
-        pretokenize([extra / "train.jsonl"], pipe, _train_shards(work, seed), shard_size=5000)
+    pretokenize([data / "eval.jsonl"], pipe, work / "shards" / "eval", shard_size=5000)
+    for seed in sorted({0} | {s for _, _, seeds in STAGES[:stages] for s in seeds}):
+        pretokenize([_train_data(work, seed, counts)], pipe, _train_shards(work, seed), shard_size=5000)
 
     final = base
     for name, out, seeds in STAGES[:stages]:
