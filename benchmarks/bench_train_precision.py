@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tokenloom.model import ModelConfig, Transformer  # noqa: E402
-from tokenloom.train.trainer import native_bf16, resolve_precision, token_losses  # noqa: E402
+from tokenloom.precision import native_bf16, resolve_precision  # noqa: E402
+from tokenloom.train.trainer import token_losses  # noqa: E402
 
 ASSET_CONFIG = ROOT / "src" / "tokenloom" / "assets" / "shapes-tiny" / "config.json"
 

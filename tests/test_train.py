@@ -13,8 +13,9 @@ from tokenloom.checkpoint import load_weights
 from tokenloom.data import pretokenize
 from tokenloom.pipeline import random_pipeline
 from tokenloom.train import ConfigError, TrainError, load_config, lr_at, main, train
-from tokenloom.train import trainer as trainer_module
-from tokenloom.train.trainer import MetricsLog, native_bf16, resolve_precision
+from tokenloom import precision as precision_module
+from tokenloom.precision import native_bf16, resolve_precision
+from tokenloom.train.trainer import MetricsLog
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
 
@@ -213,7 +214,7 @@ def test_bf16_training_of_a_fresh_model(workdir):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch, native):
-    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32"

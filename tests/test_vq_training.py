@@ -189,3 +189,18 @@ def test_shipped_shapes_vq_reconstructs_parseable_images():
     assert tok.factor == 8
     result = evaluate_vq(tok, n=40, seed=99, sizes=((64, 64),))
     assert result["parse_exact"] >= 0.95, result
+
+
+def test_precision_setting_is_checked_and_resolved(tmp_path, monkeypatch):
+    from tokenloom import precision as precision_module
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        VQTrainConfig(precision="fp16")
+    old = tmp_path / "old.yaml"
+    old.write_text("model: {}\ntraining: {bf16: true}\n")
+    with pytest.raises(ValueError, match="now precision: bf16"):
+        load_config(old)
+    for native in (True, False):  # auto: bf16 autocast only where the CPU has bf16 units
+        monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
+        assert VQTrainer(TINY, VQTrainConfig(precision="auto")).bf16 is native
+    assert VQTrainer(TINY, VQTrainConfig()).bf16 is False

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_bytes
 from .image_processing import ImageTokenizer
+from .precision import PRECISIONS, resolve_precision
 from .vqgan import VQGAN, VQGANConfig
 from .world import COLORS, parse, random_scene, render
 
@@ -80,7 +81,9 @@ class VQTrainConfig:
     codebook_ema: float | None = 0.95
     restart_every: int = 25  # steps per usage window; 0 disables restarts
     restart_until: float = 0.85  # fraction of steps after which codes stop being restarted
-    bf16: bool = False  # CPU autocast; about 1.4x faster on CPUs with bf16 units, far slower (emulated) without
+    # "fp32", "bf16" (CPU autocast: about 1.4x faster with bf16 units, far slower where emulated) or
+    # "auto" (bf16 only where native); see tokenloom.precision
+    precision: str = "fp32"
     log_every: int = 10
     eval_every: int = 250
     eval_images: int = 100  # per eval size
@@ -97,6 +100,8 @@ class VQTrainConfig:
             raise ValueError("steps must be >= 0, batch_size and lr positive")
         if not self.sizes:
             raise ValueError("sizes must name at least one (width, height)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -119,7 +124,8 @@ def load_config(path: str | Path) -> tuple[VQGANConfig, VQTrainConfig]:
     known = {f.name for f in dataclasses.fields(VQTrainConfig)}
     extra = sorted(set(raw.get("training") or {}) - known)
     if extra:
-        raise ValueError(f"{path}: unknown training keys {extra}")
+        hint = " (bf16: true is now precision: bf16, or auto)" if "bf16" in extra else ""
+        raise ValueError(f"{path}: unknown training keys {extra}{hint}")
     return VQGANConfig.from_dict(raw["model"]), VQTrainConfig(**(raw.get("training") or {}))
 
 
@@ -257,6 +263,7 @@ class VQTrainer:
     def __init__(self, config: VQGANConfig, train: VQTrainConfig, out_dir: str | Path | None = None):
         self.config, self.train = config, train
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.bf16 = resolve_precision(train.precision, torch.device("cpu")) == "bf16"  # trains on the CPU
         with torch.random.fork_rng(devices=[]):  # init from the run's seed, not the global RNG
             torch.manual_seed(train.seed)
             self.model = VQGAN(config)
@@ -293,7 +300,7 @@ class VQTrainer:
     def losses(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Forward pass -> (named losses incl. "loss", latents before quantization, codes)."""
         t, m = self.train, self.model
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             z = m.quant_conv(m.encoder(pixels))
             # the quantizer's distances and losses in float32: bf16 near-ties would flip codes
             z_q, codes, codebook_loss, commitment_loss = m.quantize(z.float(), m.config.commitment_beta)
@@ -459,7 +466,7 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, steps: int, batch_size
     """Train a VQGAN on shapes-world renders; returns the tokenizer with the best evaluated weights.
 
     `options` are the other `VQTrainConfig` fields (sizes, loss weights, restarts, eval and checkpoint
-    cadence, bf16, max_minutes, progress). Writes to `out_dir`: metrics.jsonl (one record per logged
+    cadence, precision, max_minutes, progress). Writes to `out_dir`: metrics.jsonl (one record per logged
     step and per evaluation), checkpoint.pt (atomic; a later call with resume=True continues from it)
     and best/ (ImageTokenizer.save_pretrained of the best weights)."""
     train = VQTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, **options)

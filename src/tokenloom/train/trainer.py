@@ -54,6 +54,7 @@ from ..data.pretokenize import vocab_fingerprint
 from ..data.raw import DataError
 from ..model import ModelConfig, Transformer
 from ..pipeline import Pipeline, _torch_dtype
+from ..precision import resolve_precision
 from .config import ConfigError, TrainConfig, load_config
 from .plot import plot_losses
 
@@ -167,27 +168,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- trainer
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware on `device` (on other CPUs they are emulated, many times slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where it is native on `device`, else "fp32"; warns on an explicit, emulated bf16."""
-    native = native_bf16(device)
-    if precision == "auto":
-        return "bf16" if native else "fp32"
-    if precision == "bf16" and not native:
-        warnings.warn(f"precision bf16: {device.type} has no native bf16 matmuls here, so autocast emulates them "
-                      "and trains many times slower than fp32; use precision: auto or fp32", stacklevel=3)
-    return precision
 
 
 class Trainer:

@@ -34,11 +34,13 @@ from .tasks import build_dataset
 REPO = Path(__file__).resolve().parents[3]
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
 TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit": 5000}
+# Stage 6 on: stories and edits lagged furthest behind their bars, so later sets hold more of them.
+LATE_TRAIN_COUNTS = {"t2i": 14000, "caption": 4000, "qa": 5000, "story": 7000, "edit": 10000}
 EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
 # (config, output directory, seeds of the training datasets it reads)
 STAGES = (("shapes-tiny.yaml", "train", (0,)), ("shapes-tiny-continue.yaml", "train-2", (0,)),
           ("shapes-tiny-continue-2.yaml", "train-3", (2,)), ("shapes-tiny-continue-3.yaml", "train-4", (3,)),
-          ("shapes-tiny-continue-4.yaml", "train-5", (4, 5)))
+          ("shapes-tiny-continue-4.yaml", "train-5", (4, 5)), ("shapes-tiny-continue-5.yaml", "train-6", (6, 7)))
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 
@@ -52,11 +54,17 @@ def _texts(jsonl: Path):
                         yield part["text"]
 
 
-def _train_data(work: Path, seed: int, counts: dict[str, int]) -> Path:
+def train_counts(seed: int, scale: float = 1.0) -> dict[str, int]:
+    """Documents per task in the training set drawn with `seed`."""
+    counts = TRAIN_COUNTS if seed < 6 else LATE_TRAIN_COUNTS
+    return {k: max(1, int(v * scale)) for k, v in counts.items()}
+
+
+def _train_data(work: Path, seed: int, scale: float = 1.0) -> Path:
     """The raw training set drawn with `seed` (written if missing); seed 0's is also the BPE's text."""
     data = work / ("data" if seed == 0 else f"data-seed{seed}")
     if not (data / "train.jsonl").exists():
-        build_dataset(data, counts, seed=seed, split="train")
+        build_dataset(data, train_counts(seed, scale), seed=seed, split="train")
     return data / "train.jsonl"
 
 
@@ -85,8 +93,7 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
     config_path = configs / STAGES[0][0]
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
-    counts = {k: max(1, int(v * scale)) for k, v in TRAIN_COUNTS.items()}
-    bpe_text = _train_data(work, 0, counts)
+    bpe_text = _train_data(work, 0, scale)
     if not (data / "eval.jsonl").exists():
         build_dataset(data, {k: max(1, int(v * scale)) for k, v in EVAL_COUNTS.items()}, seed=1, split="eval")
 
@@ -106,7 +113,7 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
     pipe = Pipeline.from_pretrained(base)
     pretokenize([data / "eval.jsonl"], pipe, work / "shards" / "eval", shard_size=5000)
     for seed in sorted({0} | {s for _, _, seeds in STAGES[:stages] for s in seeds}):
-        pretokenize([_train_data(work, seed, counts)], pipe, _train_shards(work, seed), shard_size=5000)
+        pretokenize([_train_data(work, seed, scale)], pipe, _train_shards(work, seed), shard_size=5000)
 
     final = base
     for name, out, seeds in STAGES[:stages]:
