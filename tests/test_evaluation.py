@@ -1,5 +1,7 @@
 """The evaluation's scorers: right answers score 1, wrong ones 0 (so the numbers can be trusted)."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,3 +58,20 @@ def test_evaluate_writes_report_for_a_random_model(tmp_path):
     assert (tmp_path / "samples.png").exists()
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(pipe, tmp_path, n=2, tasks=("dance",))
+
+
+def test_eval_cli_overrides_sampling_and_records_it(tmp_path, capsys):
+    from tokenloom.evaluation import main
+
+    model = tmp_path / "model"
+    random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64).save_pretrained(model)
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--out", str(out), "--n", "2", "--tasks", "t2i",
+                 "--guidance-scale", "1.5", "--image-temperature", "0", "--image-top-k", "4"]) == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["guidance_scale"] == 1.5
+    assert settings["image_sampling"]["temperature"] == 0 and settings["image_sampling"]["top_k"] == 4
+    assert "guidance 1.5, image temperature 0.0, top-k 4" in (out / "summary.md").read_text()
+    assert main(["--model", str(model), "--out", str(out), "--guidance-scale", "500"]) == 2
+    assert main(["--model", str(model), "--out", str(out), "--image-temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err

@@ -190,7 +190,9 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         raise ValueError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"n": n, "seed": seed, "scores": {}, "details": {}, "seconds": {}}
+    report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
+                                                  "image_sampling": pipe.sampling("image").to_dict()},
+              "scores": {}, "details": {}, "seconds": {}}
     shown = []
     for task in tasks:
         t0 = time.time()
@@ -208,7 +210,9 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         report["details"][task] = records
         report["seconds"][task] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}.", "",
+    image = report["settings"]["image_sampling"]
+    lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}; guidance "
+             f"{pipe.config.guidance_scale}, image temperature {image['temperature']}, top-k {image['top_k']}.", "",
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
     if "t2i_breakdown" in report:
@@ -232,9 +236,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance for text-to-image (default: the model's)")
+    parser.add_argument("--image-temperature", type=float, default=None, help="(default: the model's)")
+    parser.add_argument("--image-top-k", type=int, default=None, help="(default: the model's)")
     args = parser.parse_args(argv)
     try:
         pipe = load(args.model, device=args.device)
+        if args.guidance_scale is not None:
+            if not 1.0 <= args.guidance_scale <= 20.0:
+                raise ValueError(f"--guidance-scale must be in [1, 20], got {args.guidance_scale}")
+            pipe.config.guidance_scale = args.guidance_scale
+        overrides = {"temperature": args.image_temperature, "top_k": args.image_top_k}
+        pipe.config.image_sampling = pipe.sampling("image", **overrides).to_dict()  # checks the values
         report = evaluate(pipe, args.out, n=args.n, tasks=[t for t in args.tasks.split(",") if t], seed=args.seed,
                           batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as e:

@@ -105,10 +105,12 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
         shape = yaml.safe_load(config_path.read_text())["model"]["config"]
         model = Transformer.random(ModelConfig(vocab_size=vocab.size, **shape), seed=0)
         # Prompts are the caption alone: the forced size tokens tell the model the resolution.
+        # Images sample near-greedily: scenes are scored exactly, and on stage 5 temperature 0.1 drew
+        # 47.5% exact scenes against 40% at 0.7 (guidance 2 beat 1.5, 2.5 and 3 at either).
         config = PipelineConfig(profile="shapes-tiny", layout="unirep", image_width=64, image_height=64,
                                 max_image_side=512, resolution_prompt=False, guidance_scale=2.0,
                                 max_new_tokens=400, text_sampling={"temperature": 0.0},
-                                image_sampling={"temperature": 0.7, "top_k": 32})
+                                image_sampling={"temperature": 0.1, "top_k": 32})
         Pipeline(model, vocab, tokenizer, image_tokenizer, config).save_pretrained(base)
     pipe = Pipeline.from_pretrained(base)
     pretokenize([data / "eval.jsonl"], pipe, work / "shards" / "eval", shard_size=5000)
