@@ -23,8 +23,8 @@ def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
         assert max(m.get("step", 0) for m in metrics) == 2
     # Each seed's set holds that seed's task mix (later sets weight stories and edits more).
     for seed in {s for _, _, seeds in recipe.STAGES for s in seeds}:
-        data = work / ("data" if seed == 0 else f"data-seed{seed}")
-        tasks = [json.loads(line)["task"] for line in (data / "train.meta.jsonl").read_text().splitlines()]
+        meta = recipe._train_dir(work, seed) / "train.meta.jsonl"
+        tasks = [json.loads(line)["task"] for line in meta.read_text().splitlines()]
         assert {t: tasks.count(t) for t in set(tasks)} == recipe.train_counts(seed, 0.002)
     assert recipe.train_counts(7)["edit"] > recipe.train_counts(0)["edit"]
     pipe = Pipeline.from_pretrained(final)

@@ -210,9 +210,10 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         report["details"][task] = records
         report["seconds"][task] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    image = report["settings"]["image_sampling"]
+    settings = report["settings"]
+    image = settings["image_sampling"]
     lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}; guidance "
-             f"{pipe.config.guidance_scale}, image temperature {image['temperature']}, top-k {image['top_k']}.", "",
+             f"{settings['guidance_scale']}, image temperature {image['temperature']}, top-k {image['top_k']}.", "",
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
     if "t2i_breakdown" in report:

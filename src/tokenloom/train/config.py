@@ -39,6 +39,8 @@ from typing import Any
 
 import yaml
 
+from ..precision import PRECISIONS
+
 
 class ConfigError(ValueError):
     pass
@@ -114,7 +116,7 @@ class TrainConfig:
 
 CHOICES = {
     "model.weights": ("pretrained", "random"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
     "train.trainable": ("all", "image_head"),
 }
 

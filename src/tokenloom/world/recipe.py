@@ -34,7 +34,9 @@ from .tasks import build_dataset
 REPO = Path(__file__).resolve().parents[3]
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
 TRAIN_COUNTS = {"t2i": 16000, "caption": 5000, "qa": 6000, "story": 4000, "edit": 5000}
-# Stage 6 on: stories and edits lagged furthest behind their bars, so later sets hold more of them.
+# Seeds from LATE_SEEDS on (stage 6's and later): stories and edits lagged furthest behind their bars,
+# so those sets hold more of them.
+LATE_SEEDS = 6
 LATE_TRAIN_COUNTS = {"t2i": 14000, "caption": 4000, "qa": 5000, "story": 7000, "edit": 10000}
 EVAL_COUNTS = {"t2i": 200, "caption": 100, "qa": 100, "story": 100, "edit": 100}
 # (config, output directory, seeds of the training datasets it reads)
@@ -54,15 +56,22 @@ def _texts(jsonl: Path):
                         yield part["text"]
 
 
+def _scaled(counts: dict[str, int], scale: float) -> dict[str, int]:
+    return {k: max(1, int(v * scale)) for k, v in counts.items()}
+
+
 def train_counts(seed: int, scale: float = 1.0) -> dict[str, int]:
     """Documents per task in the training set drawn with `seed`."""
-    counts = TRAIN_COUNTS if seed < 6 else LATE_TRAIN_COUNTS
-    return {k: max(1, int(v * scale)) for k, v in counts.items()}
+    return _scaled(TRAIN_COUNTS if seed < LATE_SEEDS else LATE_TRAIN_COUNTS, scale)
+
+
+def _train_dir(work: Path, seed: int) -> Path:
+    return work / ("data" if seed == 0 else f"data-seed{seed}")
 
 
 def _train_data(work: Path, seed: int, scale: float = 1.0) -> Path:
     """The raw training set drawn with `seed` (written if missing); seed 0's is also the BPE's text."""
-    data = work / ("data" if seed == 0 else f"data-seed{seed}")
+    data = _train_dir(work, seed)
     if not (data / "train.jsonl").exists():
         build_dataset(data, train_counts(seed, scale), seed=seed, split="train")
     return data / "train.jsonl"
@@ -95,7 +104,7 @@ def build(work: Path, configs: Path, vq_dir: Path, install: bool, scale: float =
     data = work / "data"
     bpe_text = _train_data(work, 0, scale)
     if not (data / "eval.jsonl").exists():
-        build_dataset(data, {k: max(1, int(v * scale)) for k, v in EVAL_COUNTS.items()}, seed=1, split="eval")
+        build_dataset(data, _scaled(EVAL_COUNTS, scale), seed=1, split="eval")
 
     base = work / "base"
     if not (base / "config.json").exists():
