@@ -223,7 +223,13 @@ def test_bad_input_errors(pipe, tmp_path):
         pipe.generate_images("x", width=100000, height=32)
     with pytest.raises(ValueError, match="needs"):
         eng.generate([GenerationRequest(prompt(pipe), mode="image", image_size=(4, 4), max_new_tokens=5)])
-    with pytest.raises(FileNotFoundError if False else ValueError, match="missing.png"):
+    for scale in (0.5, 21.0, float("nan")):
+        with pytest.raises(ValueError, match="guidance_scale must be in"):
+            eng.generate([GenerationRequest(prompt(pipe), mode="image", image_size=(2, 2), max_new_tokens=20,
+                                            guidance_scale=scale, uncond_prompt_ids=pipe.unconditional_prompt())])
+    with pytest.raises(ValueError, match="guidance_scale must be in"):
+        pipe.generate_images("x", width=32, height=32, guidance_scale=1000.0)
+    with pytest.raises(ValueError, match="missing.png"):
         pipe.chat("what is this?", images=[tmp_path / "missing.png"])
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)

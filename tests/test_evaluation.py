@@ -9,7 +9,7 @@ from PIL import Image
 from tokenloom.document import Document, ImagePart, TextPart
 from tokenloom.evaluation import evaluate, score_edit, score_story, score_t2i, score_text
 from tokenloom.pipeline import random_pipeline
-from tokenloom.world.tasks import heldout_samples
+from tokenloom.world.tasks import TELL_A_STORY, heldout_samples
 
 
 def test_t2i_scorer_accepts_true_renders_and_rejects_wrong_ones():
@@ -75,3 +75,13 @@ def test_eval_cli_overrides_sampling_and_records_it(tmp_path, capsys):
     assert main(["--model", str(model), "--out", str(out), "--guidance-scale", "500"]) == 2
     assert main(["--model", str(model), "--out", str(out), "--image-temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_story_eval_samples_each_story_with_its_own_seed(tmp_path):
+    """Greedy text would open every "Tell a story." alike and score one story n times over."""
+    pipe = random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64)
+    report = evaluate(pipe, tmp_path, n=8, tasks=("story",), progress=False)
+    told = [r["text"] for r in report["details"]["story"] if r["prompt"] == TELL_A_STORY]
+    assert len(told) >= 2 and len(set(told)) == len(told)
+    again = evaluate(pipe, tmp_path / "again", n=8, tasks=("story",), progress=False)
+    assert again["details"]["story"] == report["details"]["story"]  # still reproducible

@@ -25,6 +25,7 @@ from tokenloom.world.tasks import (
     DEFAULT_SIZES,
     DESCRIBE,
     QUESTION_KINDS,
+    STORY_FROM,
     TASKS,
     TELL_A_STORY,
     _draw_offsets,
@@ -103,7 +104,8 @@ def test_story_sentences_follow_the_scene_sequence():
             assert parts[0] == caption(scenes[0])
             parts = parts[1:]
         else:
-            assert user == caption(scenes[0])
+            # never a bare caption: that is a t2i prompt, whose answer is a single image
+            assert user == STORY_FROM + caption(scenes[0])
         prompts.add(user == TELL_A_STORY)
         # image, then (sentence, image) per change: text and images alternate
         assert isinstance(parts[0], Image.Image)

@@ -20,11 +20,13 @@ from pathlib import Path
 from PIL import ImageOps
 
 from .document import Document, TextPart
+from .engine import check_guidance_scale
 from .report import image_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
-from .world.tasks import TASKS, heldout_samples, query_of
+from .world.tasks import TASKS, TELL_A_STORY, heldout_samples, query_of
 
 MAX_SAMPLES = 5000
+STORY_TEXT_SAMPLING = {"temperature": 1.0}
 
 
 def _batches(items, size):
@@ -131,13 +133,16 @@ def score_edit(samples, images):
     return sum(right) / len(right), records
 
 
-def eval_story(pipe, samples, batch_size, progress):
+def eval_story(pipe, samples, batch_size, progress, seed):
     """An image is right when it shows what the story's text says: the first the caption, each later one
-    the previous (expected) scene after the sentence before it, as the model wrote the sentence."""
+    the previous (expected) scene after the sentence before it, as the model wrote the sentence.
+
+    A story's text is sampled from the model's own distribution (temperature 1, a seed per sample):
+    greedy text would open every "Tell a story." with the same caption, scoring one story n times."""
     requests = []
-    for s in samples:
-        req = pipe.chat_request(_user_doc(pipe, s), mode="any", seed=0, image_size=_grid_size(pipe, s),
-                                text_sampling={"temperature": 0.0})
+    for i, s in enumerate(samples):
+        req = pipe.chat_request(_user_doc(pipe, s), mode="any", seed=seed * MAX_SAMPLES + i,
+                                image_size=_grid_size(pipe, s), text_sampling=STORY_TEXT_SAMPLING)
         req.max_new_tokens = 4 * pipe.format.image_length(*req.image_size) + 120
         requests.append(req)
     results = _run(pipe, requests, batch_size, progress, "story")
@@ -149,7 +154,7 @@ def score_story(samples, documents):
     records = []
     for s, doc in zip(samples, documents):
         parts = doc.parts
-        text_before = s.info["caption"] if s.info["prompt"] != "Tell a story." else None
+        text_before = s.info["caption"] if s.info["prompt"] != TELL_A_STORY else None
         expected = None
         sample_right = []
         for p in parts:
@@ -191,7 +196,8 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
-                                                  "image_sampling": pipe.sampling("image").to_dict()},
+                                                  "image_sampling": pipe.sampling("image").to_dict(),
+                                                  "story_text_sampling": STORY_TEXT_SAMPLING},
               "scores": {}, "details": {}, "seconds": {}}
     shown = []
     for task in tasks:
@@ -205,7 +211,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         elif task == "edit":
             score, records = eval_edit(pipe, samples, batch_size, progress)
         else:
-            score, records = eval_story(pipe, samples, batch_size, progress)
+            score, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score
         report["details"][task] = records
         report["seconds"][task] = round(time.time() - t0, 1)
@@ -213,7 +219,8 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     settings = report["settings"]
     image = settings["image_sampling"]
     lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}; guidance "
-             f"{settings['guidance_scale']}, image temperature {image['temperature']}, top-k {image['top_k']}.", "",
+             f"{settings['guidance_scale']}, image temperature {image['temperature']}, top-k {image['top_k']}; "
+             f"story text temperature {STORY_TEXT_SAMPLING['temperature']}; other text greedy.", "",
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
     if "t2i_breakdown" in report:
@@ -245,8 +252,7 @@ def main(argv=None) -> int:
     try:
         pipe = load(args.model, device=args.device)
         if args.guidance_scale is not None:
-            if not 1.0 <= args.guidance_scale <= 20.0:
-                raise ValueError(f"--guidance-scale must be in [1, 20], got {args.guidance_scale}")
+            check_guidance_scale(args.guidance_scale, "--guidance-scale")
             pipe.config.guidance_scale = args.guidance_scale
         overrides = {"temperature": args.image_temperature, "top_k": args.image_top_k}
         pipe.config.image_sampling = pipe.sampling("image", **overrides).to_dict()  # checks the values

@@ -11,6 +11,7 @@ again when an image starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,14 @@ from ..document import Document, ImagePart, TextPart
 from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
 from .grammar import CODES, END, HEIGHT, WIDTH, Grammar, GrammarTables
 from .sampling import SamplingParams, apply_repetition_penalty, sample
+
+MAX_GUIDANCE_SCALE = 20.0  # far past any useful scale; larger ones only amplify noise into garbage
+
+
+def check_guidance_scale(value: float, what: str = "guidance_scale") -> None:
+    """Guidance scales are finite and in [1, MAX_GUIDANCE_SCALE] (1 = unguided)."""
+    if not (math.isfinite(value) and 1.0 <= value <= MAX_GUIDANCE_SCALE):
+        raise ValueError(f"{what} must be in [1, {MAX_GUIDANCE_SCALE:g}], got {value}")
 
 COND, UNCOND, IMAGE_ONLY = 0, 1, 2
 
@@ -178,6 +187,9 @@ class Engine:
                 if r.mode == "image" and self.tables.image_length(h, w) > r.max_new_tokens:
                     raise ValueError(f"request {i}: a {h}x{w} image needs {self.tables.image_length(h, w)} tokens, "
                                      f"more than max_new_tokens={r.max_new_tokens}")
+            check_guidance_scale(r.guidance_scale, f"request {i}: guidance_scale")
+            if r.image_guidance_scale is not None:
+                check_guidance_scale(r.image_guidance_scale, f"request {i}: image_guidance_scale")
             if r.image_guidance_scale is not None and r.image_cond_prompt_ids is None:
                 raise ValueError(f"request {i}: image_guidance_scale needs image_cond_prompt_ids")
 

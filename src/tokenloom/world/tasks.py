@@ -50,6 +50,9 @@ DESCRIBE = "Describe the image."
 # the spec's questions by kind (its first words); "Describe the image." belongs to the caption task
 QUESTION_KINDS = {"count": "How many", "color": "What color", "shape": "What shape", "where": "Where is"}
 TELL_A_STORY = "Tell a story."
+# A story that opens from a given caption says so: a bare caption is a t2i prompt, whose answer ends
+# after one image, and t2i documents outnumber stories, so a bare caption taught stories to stop early.
+STORY_FROM = "Tell a story that starts with: "
 STORY_CHANGES = (1, 2)  # changes per story
 
 
@@ -200,7 +203,7 @@ def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -
 
 
 def story_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
-    """user: "Tell a story." or the first caption -> assistant: [first caption,] image, then per
+    """user: "Tell a story." or STORY_FROM + the first caption -> assistant: [first caption,] image, then per
     change (1 or 2) its sentence and the image after it. Unchanged objects keep their positions."""
     scene = random_scene(rng)
     size = _pick_size(rng, sizes)
@@ -217,7 +220,7 @@ def story_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES
         changes.append(change_to_json(change))
     first = caption(scenes[0])
     told = bool(rng.integers(2))  # True: the user only asks, and the answer opens with the caption
-    user = [_text(TELL_A_STORY if told else first)]
+    user = [_text(TELL_A_STORY if told else STORY_FROM + first)]
     answer = ([_text(first)] if told else []) + [_image(0, size)]
     for k, sentence in enumerate(sentences, start=1):
         answer += [_text(sentence), _image(k, size)]
