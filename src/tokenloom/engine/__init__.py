@@ -5,6 +5,6 @@ from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelt
 from .grammar import Grammar, GrammarTables
 from .sampling import SamplingParams, default_image_sampling, default_text_sampling
 
-__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "Engine", "GenerationRequest", "GenerationResult", "Event", "Finished", "ImageDone", "ImageRow",
-           "ImageStarted", "TextDelta", "TurnEnd", "Grammar", "GrammarTables", "SamplingParams",
-           "default_image_sampling", "default_text_sampling"]
+__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "Engine", "GenerationRequest", "GenerationResult",
+           "Event", "Finished", "ImageDone", "ImageRow", "ImageStarted", "TextDelta", "TurnEnd", "Grammar",
+           "GrammarTables", "SamplingParams", "default_image_sampling", "default_text_sampling"]
