@@ -69,12 +69,26 @@ def test_eval_cli_overrides_sampling_and_records_it(tmp_path, capsys):
     assert main(["--model", str(model), "--out", str(out), "--n", "2", "--tasks", "t2i",
                  "--guidance-scale", "1.5", "--image-temperature", "0", "--image-top-k", "4"]) == 0
     settings = json.loads((out / "report.json").read_text())["settings"]
-    assert settings["guidance_scale"] == 1.5
+    assert settings["guidance_scale"] == 1.5 and settings["edit_guidance_scale"] == 1.0
     assert settings["image_sampling"]["temperature"] == 0 and settings["image_sampling"]["top_k"] == 4
-    assert "guidance 1.5, image temperature 0.0, top-k 4" in (out / "summary.md").read_text()
+    assert "guidance 1.5 (edits 1.0), image temperature 0.0, top-k 4" in (out / "summary.md").read_text()
     assert main(["--model", str(model), "--out", str(out), "--guidance-scale", "500"]) == 2
     assert main(["--model", str(model), "--out", str(out), "--image-temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):
+    from tokenloom import evaluation
+    from tokenloom.world.tasks import heldout_samples
+
+    pipe = random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64)
+    pipe.config.guidance_scale = 3.0
+    seen = []
+    monkeypatch.setattr(evaluation, "_run", lambda pipe, requests, *a: seen.extend(requests) or [
+        type("R", (), {"images": []})() for _ in requests])
+    score, records = evaluation.eval_edit(pipe, heldout_samples("edit", 2, 0), 2, False)
+    assert [r.guidance_scale for r in seen] == [evaluation.EDIT_GUIDANCE_SCALE] * 2 == [1.0, 1.0]
+    assert score == 0 and not any(r["right"] for r in records)  # no image drawn counts as wrong
 
 
 def test_story_eval_samples_each_story_with_its_own_seed(tmp_path):
