@@ -119,9 +119,9 @@ def score_text(samples, texts):
 def eval_edit(pipe, samples, batch_size, progress):
     requests = []
     for s in samples:
-        req = pipe.chat_request(_user_doc(pipe, s), mode="image", seed=0, image_size=_grid_size(pipe, s))
+        req = pipe.chat_request(_user_doc(pipe, s), mode="image", seed=0, image_size=_grid_size(pipe, s),
+                                guidance_scale=EDIT_GUIDANCE_SCALE)
         req.max_new_tokens = pipe.format.image_length(*req.image_size) + 1
-        req.guidance_scale = EDIT_GUIDANCE_SCALE
         requests.append(req)
     results = _run(pipe, requests, batch_size, progress, "edit")
     return score_edit(samples, [r.images[0] if r.images else None for r in results])
@@ -223,7 +223,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     settings = report["settings"]
     image = settings["image_sampling"]
     lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}; guidance "
-             f"{settings['guidance_scale']} (edits {EDIT_GUIDANCE_SCALE}), image temperature {image['temperature']}, "
+             f"{settings['guidance_scale']} (edits {settings['edit_guidance_scale']}), image temperature {image['temperature']}, "
              f"top-k {image['top_k']}; "
              f"story text temperature {STORY_TEXT_SAMPLING['temperature']}; other text greedy.", "",
              "| task | score |", "| --- | --- |"]
