@@ -29,9 +29,18 @@ def test_text_edit_and_story_scorers():
     assert score_text(qa, [s.info["answer"] + " " for s in qa])[0] == 1.0
     assert score_text(qa, ["purple"] * 20)[0] < 0.5
     edits = heldout_samples("edit", 20, seed=1)
-    assert score_edit(edits, [s.images[1] for s in edits])[0] == 1.0
-    assert score_edit(edits, [s.images[0] for s in edits])[0] == 0.0  # the unedited image is wrong
-    assert score_edit(edits, [None] * 20)[0] == 0.0
+    score, breakdown, records = score_edit(edits, [s.images[1] for s in edits])
+    assert score == 1.0 and breakdown["kept_rest"] == 1.0 and breakdown["unchanged"] == 0.0
+    assert {k for k in breakdown if k.startswith("kind_")} == {f"kind_{r['kind']}" for r in records}
+    assert all(v == 1.0 for k, v in breakdown.items() if k.startswith("kind_"))
+    # The unedited image is wrong, but it keeps everything the change leaves alone.
+    score, breakdown, _ = score_edit(edits, [s.images[0] for s in edits])
+    assert score == 0.0 and breakdown["unchanged"] == 1.0 and breakdown["kept_rest"] == 1.0
+    # Another sample's edited image keeps the wrong rest (an empty rest is kept by any image).
+    score, breakdown, _ = score_edit(edits, [edits[(i + 1) % 20].images[1] for i in range(20)])
+    assert score < 0.2 and breakdown["kept_rest"] < 0.5
+    score, breakdown, _ = score_edit(edits, [None] * 20)
+    assert score == 0.0 and breakdown["kept_rest"] == 0.0 and breakdown["unchanged"] == 0.0
     stories = heldout_samples("story", 15, seed=1)
 
     def doc(s, images):
@@ -52,9 +61,11 @@ def _images_in_order(answer, images):
 
 def test_evaluate_writes_report_for_a_random_model(tmp_path):
     pipe = random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64)
-    report = evaluate(pipe, tmp_path, n=2, tasks=("t2i", "qa"), progress=False)
-    assert set(report["scores"]) == {"t2i", "qa"}
-    assert (tmp_path / "report.json").exists() and (tmp_path / "summary.md").exists()
+    report = evaluate(pipe, tmp_path, n=2, tasks=("t2i", "qa", "edit"), progress=False)
+    assert set(report["scores"]) == {"t2i", "qa", "edit"}
+    assert {"kept_rest", "unchanged"} <= set(report["edit_breakdown"])
+    assert json.loads((tmp_path / "report.json").read_text())["edit_breakdown"] == report["edit_breakdown"]
+    assert "| kept_rest |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "samples.png").exists()
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(pipe, tmp_path, n=2, tasks=("dance",))
@@ -86,7 +97,7 @@ def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):
     seen = []
     monkeypatch.setattr(evaluation, "_run", lambda pipe, requests, *a: seen.extend(requests) or [
         type("R", (), {"images": []})() for _ in requests])
-    score, records = evaluation.eval_edit(pipe, heldout_samples("edit", 2, 0), 2, False)
+    score, _, records = evaluation.eval_edit(pipe, heldout_samples("edit", 2, 0), 2, False)
     assert [r.guidance_scale for r in seen] == [evaluation.EDIT_GUIDANCE_SCALE] * 2 == [1.0, 1.0]
     assert score == 0 and not any(r["right"] for r in records)  # no image drawn counts as wrong
 

@@ -128,12 +128,27 @@ def eval_edit(pipe, samples, batch_size, progress):
 
 
 def score_edit(samples, images):
+    """Edits right, with a breakdown by kind of change and two diagnostics of the failures: `kept_rest`
+    (every object the change leaves alone is drawn unchanged) and `unchanged` (the source redrawn as it was)."""
     records, right = [], []
+    stats = defaultdict(lambda: [0, 0])
     for s, image in zip(samples, images):
-        ok = image is not None and matches(parse(image), s.scenes[1])
+        before, after = s.scenes
+        change = s.info["change"]
+        scene = parse(image) if image is not None else None
+        ok = scene is not None and matches(scene, after)
+        edited = (change.get("new_color", change["color"]), change["shape"])
+        rest = [o for o in after.objects if (o.color, o.shape) != edited]
+        kept_rest = scene is not None and all(o in scene.objects for o in rest)
+        unchanged = scene is not None and matches(scene, before)
         right.append(ok)
-        records.append({"instruction": s.info["instruction"], "right": ok})
-    return sum(right) / len(right), records
+        for key, value in ((f"kind_{change['kind']}", ok), ("kept_rest", kept_rest), ("unchanged", unchanged)):
+            stats[key][0] += value
+            stats[key][1] += 1
+        records.append({"instruction": s.info["instruction"], "kind": change["kind"], "right": ok,
+                        "kept_rest": kept_rest, "unchanged": unchanged})
+    breakdown = {k: v[0] / v[1] for k, v in sorted(stats.items())}
+    return sum(right) / len(right), breakdown, records
 
 
 def eval_story(pipe, samples, batch_size, progress, seed):
@@ -213,7 +228,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         elif task in ("caption", "qa"):
             score, records = eval_text(pipe, samples, batch_size, progress, task)
         elif task == "edit":
-            score, records = eval_edit(pipe, samples, batch_size, progress)
+            score, report["edit_breakdown"], records = eval_edit(pipe, samples, batch_size, progress)
         else:
             score, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score
@@ -231,6 +246,10 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     if "t2i_breakdown" in report:
         lines += ["", "Text-to-image breakdown:", "", "| slice | exact |", "| --- | --- |"]
         lines += [f"| {k} | {100 * v:.1f}% |" for k, v in report["t2i_breakdown"].items()]
+    if "edit_breakdown" in report:
+        lines += ["", "Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone drawn as they "
+                  "were; unchanged: the source redrawn as it was):", "", "| slice | share |", "| --- | --- |"]
+        lines += [f"| {k} | {100 * v:.1f}% |" for k, v in report["edit_breakdown"].items()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if shown:
         image_grid(shown[:64], columns=8).save(out / "samples.png")
@@ -266,6 +285,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"scores": report["scores"], "t2i_breakdown": report.get("t2i_breakdown")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("scores", "t2i_breakdown", "edit_breakdown") if k in report}, indent=2))
     print(f"wrote {Path(args.out) / 'report.json'}, summary.md and samples.png", file=sys.stderr)
     return 0
