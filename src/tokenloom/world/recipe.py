@@ -44,7 +44,8 @@ STAGES = (("shapes-tiny.yaml", "train", (0,)), ("shapes-tiny-continue.yaml", "tr
           ("shapes-tiny-continue-2.yaml", "train-3", (2,)), ("shapes-tiny-continue-3.yaml", "train-4", (3,)),
           ("shapes-tiny-continue-4.yaml", "train-5", (4, 5)), ("shapes-tiny-continue-5.yaml", "train-6", (6, 7)),
           ("shapes-tiny-continue-6.yaml", "train-7", (8, 9)),
-          ("shapes-tiny-continue-7.yaml", "train-8", (10, 11)))
+          ("shapes-tiny-continue-7.yaml", "train-8", (10, 11)),
+          ("shapes-tiny-continue-8.yaml", "train-9", (12, 13)))
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 
