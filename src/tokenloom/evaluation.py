@@ -129,7 +129,8 @@ def eval_edit(pipe, samples, batch_size, progress):
 
 def score_edit(samples, images):
     """Edits right, with a breakdown by kind of change and two diagnostics of the failures: `kept_rest`
-    (every object the change leaves alone is drawn unchanged) and `unchanged` (the source redrawn as it was)."""
+    (every object the change leaves alone is drawn unchanged; true of any drawn image when the change
+    leaves nothing alone) and `unchanged` (the source redrawn as it was)."""
     records, right = [], []
     stats = defaultdict(lambda: [0, 0])
     for s, image in zip(samples, images):
