@@ -71,6 +71,16 @@ def eval_t2i(pipe, samples, batch_size, progress, seed):
     return score_t2i(samples, images)
 
 
+def _shares(stats) -> dict[str, float]:
+    """{slice: [hits, total]} -> {slice: hits / total}, slices sorted."""
+    return {k: hits / total for k, (hits, total) in sorted(stats.items())}
+
+
+def _breakdown_table(title: str, column: str, breakdown: dict[str, float]) -> list[str]:
+    return ["", title, "", f"| slice | {column} |", "| --- | --- |",
+            *(f"| {k} | {100 * v:.1f}% |" for k, v in breakdown.items())]
+
+
 def score_t2i(samples, images):
     """Exact-scene accuracy of images for t2i samples, with breakdowns, records and bordered thumbnails."""
     right, records, shown = [], [], []
@@ -96,7 +106,7 @@ def score_t2i(samples, images):
         records.append({"prompt": s.info["caption"], "size": list(s.size), "right": ok,
                         "parsed": [vars(o) for o in scene.objects]})
         shown.append(ImageOps.expand(im, border=2, fill=(40, 170, 60) if ok else (220, 40, 40)))
-    breakdown = {k: v[0] / v[1] for k, v in sorted(stats.items())}
+    breakdown = _shares(stats)
     return sum(right) / len(right), breakdown, records, shown
 
 
@@ -148,7 +158,7 @@ def score_edit(samples, images):
             stats[key][1] += 1
         records.append({"instruction": s.info["instruction"], "kind": change["kind"], "right": ok,
                         "kept_rest": kept_rest, "unchanged": unchanged})
-    breakdown = {k: v[0] / v[1] for k, v in sorted(stats.items())}
+    breakdown = _shares(stats)
     return sum(right) / len(right), breakdown, records
 
 
@@ -239,18 +249,17 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     settings = report["settings"]
     image = settings["image_sampling"]
     lines = ["# tokenloom eval", "", f"{n} held-out samples per task, seed {seed}; guidance "
-             f"{settings['guidance_scale']} (edits {settings['edit_guidance_scale']}), image temperature {image['temperature']}, "
-             f"top-k {image['top_k']}; "
+             f"{settings['guidance_scale']} (edits {settings['edit_guidance_scale']}), "
+             f"image temperature {image['temperature']}, top-k {image['top_k']}; "
              f"story text temperature {STORY_TEXT_SAMPLING['temperature']}; other text greedy.", "",
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
     if "t2i_breakdown" in report:
-        lines += ["", "Text-to-image breakdown:", "", "| slice | exact |", "| --- | --- |"]
-        lines += [f"| {k} | {100 * v:.1f}% |" for k, v in report["t2i_breakdown"].items()]
+        lines += _breakdown_table("Text-to-image breakdown:", "exact", report["t2i_breakdown"])
     if "edit_breakdown" in report:
-        lines += ["", "Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone drawn as they "
-                  "were; unchanged: the source redrawn as it was):", "", "| slice | share |", "| --- | --- |"]
-        lines += [f"| {k} | {100 * v:.1f}% |" for k, v in report["edit_breakdown"].items()]
+        lines += _breakdown_table("Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone "
+                                  "drawn as they were; unchanged: the source redrawn as it was):", "share",
+                                  report["edit_breakdown"])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if shown:
         image_grid(shown[:64], columns=8).save(out / "samples.png")
