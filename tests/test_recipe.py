@@ -12,7 +12,8 @@ from tokenloom.world import recipe
 @pytest.mark.slow
 def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
     work = tmp_path / "work"
-    final = recipe.build(work, recipe.REPO / "configs", recipe.ASSET, install=False, scale=0.002, max_steps=2)
+    final = recipe.build(work, recipe.REPO / "configs", recipe.ASSET, install=False, scale=0.002, max_steps=2,
+                         jobs=2, train_device="cpu", batch_size=8)
     assert final == work / recipe.STAGES[-1][1] / "final"
     # Each stage trained on the shards of exactly the seeds STAGES gives it.
     for name, out, seeds in recipe.STAGES:
