@@ -30,3 +30,18 @@ def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
     assert recipe.train_counts(7)["edit"] > recipe.train_counts(0)["edit"]
     pipe = Pipeline.from_pretrained(final)
     assert pipe.vocab.codebook_size == 1024
+
+
+def test_parallel_preparation_gives_the_sequential_shards(tmp_path):
+    seeds = [3, 7]
+    sequential = recipe.prepare_train_shards(tmp_path / "one", seeds, recipe.ASSET, scale=0.0005)
+    parallel = recipe.prepare_train_shards(tmp_path / "two", seeds, recipe.ASSET, scale=0.0005, jobs=2)
+    assert [s["tokens"] for s in parallel] == [s["tokens"] for s in sequential]
+    assert all(s["complete"] and s["documents"] > 0 for s in parallel)
+    for seed in seeds:
+        one = sorted(recipe._train_shards(tmp_path / "one", seed).glob("*.parquet"))
+        two = sorted(recipe._train_shards(tmp_path / "two", seed).glob("*.parquet"))
+        assert one and [p.name for p in one] == [p.name for p in two]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+    # The two seeds' sets differ: each worker drew its own seed.
+    assert sequential[0]["tokens"] != sequential[1]["tokens"]
