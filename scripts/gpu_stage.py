@@ -3,7 +3,7 @@
     python scripts/gpu_stage.py --stage 11 --deadline 540 --export OUT
 
 Needs only the previous stage's pipeline (runs/shapes-tiny/train-N/final) and the evaluation
-shards (runs/shapes-tiny/shards/eval). In one process it:
+shards (runs/shapes-tiny/shards/eval). In one run it:
 
 1. checks that the VQ encoder gives the CPU's codes on the GPU (float32, TF32 off);
 2. draws and pre-tokenizes the stage's training sets, one process per set (`--jobs`), the VQ
