@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenloom.checkpoint import save_weights
+from tokenloom.checkpoint import load_weights, save_weights
 from tokenloom.image_processing import ImageTokenizer
-from tokenloom.pipeline import Pipeline
 from tokenloom.train.config import TrainConfig, load_config
 from tokenloom.train.trainer import Trainer
 from tokenloom.world import random_scene, recipe, render
@@ -58,14 +57,13 @@ def vq_agreement(pipeline_dir: Path, device: str, n: int = 256) -> dict:
     rng = np.random.default_rng(1234)
     sizes = [(64, 64), (96, 64), (64, 96), (128, 128)]
     images = [render(random_scene(rng), *sizes[i % len(sizes)]) for i in range(n)]
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    recipe.full_float32(device)
+    cpu = ImageTokenizer.from_pretrained(pipeline_dir)
+    gpu = ImageTokenizer.from_pretrained(pipeline_dir, device=device)
     same = total = images_same = 0
     for w, h in sizes:
         group = [im for im in images if im.size == (w, h)]
-        cpu = ImageTokenizer.from_pretrained(pipeline_dir).encode(group, w, h)
-        gpu = ImageTokenizer.from_pretrained(pipeline_dir, device=device).encode(group, w, h)
-        for a, b in zip(cpu, gpu):
+        for a, b in zip(cpu.encode(group, w, h), gpu.encode(group, w, h)):
             same += int((a == b).sum())
             total += a.size
             images_same += int((a == b).all())
@@ -196,8 +194,7 @@ def run(args, summary: dict, work: Path, previous: Path, eval_shards: Path, expo
             summary["gpu_eval"] = {"error": f"{type(e).__name__}: {e}", "seconds": now() - t}
         log(f"GPU eval: {summary['gpu_eval']}")
 
-    pipe = Pipeline.from_pretrained(final)
-    save_weights(pipe.model.state_dict(), export / "model", max_shard_bytes=12 * 2**20)
+    save_weights(load_weights(final), export / "model", max_shard_bytes=12 * 2**20)
     for name in ("metrics.jsonl", "loss.png", f"../{out_name}.yaml"):
         src = work / out_name / name
         if src.exists():

@@ -89,11 +89,16 @@ def _train_shards(work: Path, seed: int) -> Path:
     return work / "shards" / ("train" if seed == 0 else f"train-seed{seed}")
 
 
-def _prepare_one(work: Path, seed: int, pipeline: Path, scale: float, device: str | None, progress: bool) -> dict:
+def full_float32(device: str | None) -> None:
+    """On a CUDA device, turn TF32 off: the VQ encoder's codes must be the CPU's, and TF32
+    convolutions would move some at quantization boundaries."""
     if device is not None and torch.device(device).type == "cuda":
-        # Full float32 convolutions, as on the CPU: TF32 would move codes at quantization boundaries.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _prepare_one(work: Path, seed: int, pipeline: Path, scale: float, device: str | None, progress: bool) -> dict:
+    full_float32(device)
     pipe = Pipeline.from_pretrained(pipeline, device=device)
     return pretokenize([_train_data(work, seed, scale)], pipe, _train_shards(work, seed), shard_size=5000,
                        progress=progress)
@@ -140,7 +145,7 @@ def _train_stage(config_path: Path, pipeline: Path, work: Path, out: Path, seeds
     if wanted is not None and torch.device(wanted).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{config_path} trains on a CUDA GPU (train.device: {wanted}) and this machine has none; "
                          f"pass --train-device cpu to run it on the CPU (days at full scale), or --stages "
-                         f"{STAGES.index(next(st for st in STAGES if st[0] == config_path.name))} to stop before it")
+                         f"{[name for name, _, _ in STAGES].index(config_path.name)} to stop before it")
     resolved = work / f"{out.name}.yaml"
     resolved.write_text(yaml.safe_dump(run_config, sort_keys=False))
     return train(resolved, out_dir=out)
