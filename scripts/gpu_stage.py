@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="fix max_steps instead of timing")
     parser.add_argument("--max-passes", type=float, default=5.0, help="most passes over the training sets")
     args = parser.parse_args(argv)
+    if not 2 <= args.stage <= len(recipe.STAGES):  # stage 1 starts from random weights, not a previous stage
+        parser.error(f"--stage must be 2 to {len(recipe.STAGES)} (the previous stage's final/ is its start)")
 
     config_name, out_name, seeds = recipe.STAGES[args.stage - 1]
     work = Path(args.work)
