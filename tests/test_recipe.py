@@ -30,7 +30,7 @@ def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
         assert {t: tasks.count(t) for t in set(tasks)} == recipe.train_counts(seed, 0.002)
     assert recipe.train_counts(7)["edit"] > recipe.train_counts(0)["edit"]
     assert recipe.train_counts(recipe.PERCEPTION_SEEDS[0])["qa"] > recipe.train_counts(7)["qa"]
-    rebalanced, perception = recipe.train_counts(recipe.REBALANCE_SEEDS[0]), recipe.train_counts(31)
+    rebalanced, perception = recipe.train_counts(recipe.REBALANCE_SEEDS[0]), recipe.train_counts(recipe.PERCEPTION_SEEDS[0])
     assert rebalanced["edit"] > perception["edit"] and rebalanced["story"] > perception["story"]
     pipe = Pipeline.from_pretrained(final)
     assert pipe.vocab.codebook_size == 1024
