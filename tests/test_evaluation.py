@@ -26,8 +26,14 @@ def test_t2i_scorer_accepts_true_renders_and_rejects_wrong_ones():
 
 def test_text_edit_and_story_scorers():
     qa = heldout_samples("qa", 20, seed=1)
-    assert score_text(qa, [s.info["answer"] + " " for s in qa])[0] == 1.0
-    assert score_text(qa, ["purple"] * 20)[0] < 0.5
+    score, breakdown, _ = score_text(qa, [s.info["answer"] + " " for s in qa])
+    assert score == 1.0 and set(breakdown) == {"kind_count", "kind_color", "kind_shape", "kind_where"}
+    # Right only on color questions whose answer is purple: the breakdown puts every miss elsewhere.
+    score, breakdown, _ = score_text(qa, ["purple"] * 20)
+    assert score < 0.5 and breakdown["kind_count"] == breakdown["kind_where"] == 0.0
+    captions = heldout_samples("caption", 20, seed=1)
+    score, breakdown, _ = score_text(captions, [s.info["answer"] if len(s.scenes[0]) == 1 else "" for s in captions])
+    assert breakdown["objects_1"] == 1.0 and all(v == 0.0 for k, v in breakdown.items() if k != "objects_1")
     edits = heldout_samples("edit", 20, seed=1)
     score, breakdown, records = score_edit(edits, [s.images[1] for s in edits])
     assert score == 1.0 and breakdown["kept_rest"] == 1.0 and breakdown["unchanged"] == 0.0
@@ -49,9 +55,20 @@ def test_text_edit_and_story_scorers():
         return Document.from_parts(parts, role="assistant")
 
     right = [doc(s, s.images) for s in stories]
-    assert score_story(stories, right)[0] == 1.0
+    score, breakdown, _ = score_story(stories, right)
+    assert score == 1.0 and set(breakdown) == {"image_1", "image_2", "image_3"}
     wrong = [doc(s, [s.images[0]] * len(s.images)) for s in stories]  # nothing ever changes
-    assert score_story(stories, wrong)[0] < 0.7
+    score, breakdown, _ = score_story(stories, wrong)
+    assert score < 0.7 and breakdown["image_1"] == 1.0 and breakdown["image_2"] == 0.0
+    # A story that stops after its first image counts the images it did not draw as wrong.
+    first_only = [Document.from_parts(d.parts[:_first_image(d.parts) + 1], role="assistant") for d in right]
+    score, breakdown, _ = score_story(stories, first_only)
+    assert breakdown["image_1"] == 1.0 and breakdown["image_2"] == breakdown["image_3"] == 0.0
+    assert score == sum(1 for _ in stories) / sum(len(s.scenes) for s in stories)
+
+
+def _first_image(parts):
+    return next(i for i, p in enumerate(parts) if not isinstance(p, TextPart))
 
 
 def _images_in_order(answer, images):
@@ -66,6 +83,7 @@ def test_evaluate_writes_report_for_a_random_model(tmp_path):
     assert {"kept_rest", "unchanged"} <= set(report["edit_breakdown"])
     assert json.loads((tmp_path / "report.json").read_text())["edit_breakdown"] == report["edit_breakdown"]
     assert "| kept_rest |" in (tmp_path / "summary.md").read_text()
+    assert set(report["qa_breakdown"]) <= {"kind_count", "kind_color", "kind_shape", "kind_where"}
     assert (tmp_path / "samples.png").exists()
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(pipe, tmp_path, n=2, tasks=("dance",))

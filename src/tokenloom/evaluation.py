@@ -23,13 +23,21 @@ from .document import Document, TextPart
 from .engine import check_guidance_scale
 from .report import image_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
-from .world.tasks import TASKS, TELL_A_STORY, heldout_samples, query_of
+from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
 MAX_SAMPLES = 5000
 STORY_TEXT_SAMPLING = {"temperature": 1.0}
 # Edits draw unguided whatever --guidance-scale says: the source image is their context, and neither
 # two-way nor three-way (image-only) guidance drew more right edits from shapes-tiny (stage 8).
 EDIT_GUIDANCE_SCALE = 1.0
+BREAKDOWN_TITLES = {
+    "t2i": ("Text-to-image breakdown:", "exact"),
+    "caption": ("Captions by number of objects:", "exact"),
+    "qa": ("Questions by kind:", "right"),
+    "story": ("Story images by place in the story (a story that drew too few counts the rest wrong):", "right"),
+    "edit": ("Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone drawn as they were; "
+             "unchanged: the source redrawn as it was):", "share"),
+}
 
 
 def _batches(items, size):
@@ -117,13 +125,22 @@ def eval_text(pipe, samples, batch_size, progress, task):
     return score_text(samples, [r.text for r in results])
 
 
+def _question_kind(question: str) -> str:
+    return next((kind for kind, opening in QUESTION_KINDS.items() if question.startswith(opening)), "other")
+
+
 def score_text(samples, texts):
+    """Exact answers, with a breakdown: questions by kind, captions by number of objects."""
     records, right = [], []
+    stats = defaultdict(lambda: [0, 0])
     for s, text in zip(samples, texts):
         ok = text.strip() == s.info["answer"]
         right.append(ok)
+        key = f"objects_{len(s.scenes[0])}" if s.task == "caption" else f"kind_{_question_kind(s.info['question'])}"
+        stats[key][0] += ok
+        stats[key][1] += 1
         records.append({"question": s.info["question"], "expected": s.info["answer"], "got": text, "right": ok})
-    return sum(right) / len(right), records
+    return sum(right) / len(right), _shares(stats), records
 
 
 def eval_edit(pipe, samples, batch_size, progress):
@@ -179,8 +196,10 @@ def eval_story(pipe, samples, batch_size, progress, seed):
 
 
 def score_story(samples, documents):
+    """Story images right, with a breakdown by the image's place in the story (image_N)."""
     n_right = n_images = 0
     records = []
+    stats = defaultdict(lambda: [0, 0])
     for s, doc in zip(samples, documents):
         parts = doc.parts
         text_before = s.info["caption"] if s.info["prompt"] != TELL_A_STORY else None
@@ -207,12 +226,18 @@ def score_story(samples, documents):
                 ok = False
             sample_right.append(ok)
             n_right += ok
+            stats[f"image_{len(sample_right)}"][0] += ok
+            stats[f"image_{len(sample_right)}"][1] += 1
             text_before = None
         records.append({"prompt": s.info["prompt"], "text": doc.text, "images": len(sample_right),
                         "right": sample_right})
-    # Stories that drew no image count as wrong, once per expected image.
-    missing = sum(max(0, len(s.scenes) - len(rec["right"])) for s, rec in zip(samples, records))
-    return n_right / max(1, n_images + missing), records
+    # Stories that drew too few images count as wrong, once per expected image not drawn.
+    missing = 0
+    for s, rec in zip(samples, records):
+        for k in range(len(rec["right"]), len(s.scenes)):
+            stats[f"image_{k + 1}"][1] += 1
+            missing += 1
+    return n_right / max(1, n_images + missing), _shares(stats), records
 
 
 def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, batch_size: int = 32,
@@ -235,14 +260,14 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         samples = heldout_samples(task, n, seed)
         if task == "t2i":
             score, breakdown, records, shown = eval_t2i(pipe, samples, batch_size, progress, seed)
-            report["t2i_breakdown"] = breakdown
         elif task in ("caption", "qa"):
-            score, records = eval_text(pipe, samples, batch_size, progress, task)
+            score, breakdown, records = eval_text(pipe, samples, batch_size, progress, task)
         elif task == "edit":
-            score, report["edit_breakdown"], records = eval_edit(pipe, samples, batch_size, progress)
+            score, breakdown, records = eval_edit(pipe, samples, batch_size, progress)
         else:
-            score, records = eval_story(pipe, samples, batch_size, progress, seed)
+            score, breakdown, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score
+        report[f"{task}_breakdown"] = breakdown
         report["details"][task] = records
         report["seconds"][task] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -254,12 +279,9 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
              f"story text temperature {STORY_TEXT_SAMPLING['temperature']}; other text greedy.", "",
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
-    if "t2i_breakdown" in report:
-        lines += _breakdown_table("Text-to-image breakdown:", "exact", report["t2i_breakdown"])
-    if "edit_breakdown" in report:
-        lines += _breakdown_table("Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone "
-                                  "drawn as they were; unchanged: the source redrawn as it was):", "share",
-                                  report["edit_breakdown"])
+    for task in tasks:
+        title, column = BREAKDOWN_TITLES[task]
+        lines += _breakdown_table(title, column, report[f"{task}_breakdown"])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if shown:
         image_grid(shown[:64], columns=8).save(out / "samples.png")
@@ -295,6 +317,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("scores", "t2i_breakdown", "edit_breakdown") if k in report}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k == "scores" or k.endswith("_breakdown")}, indent=2))
     print(f"wrote {Path(args.out) / 'report.json'}, summary.md and samples.png", file=sys.stderr)
     return 0
