@@ -85,6 +85,8 @@ def test_evaluate_writes_report_for_a_random_model(tmp_path):
     assert "| kept_rest |" in (tmp_path / "summary.md").read_text()
     assert set(report["qa_breakdown"]) <= {"kind_count", "kind_color", "kind_shape", "kind_where"}
     assert (tmp_path / "samples.png").exists()
+    with Image.open(tmp_path / "edits.png") as grid:  # two edits of (source, drawn, target) in one row
+        assert grid.width > 6 * 64 and grid.height < 2 * 64
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(pipe, tmp_path, n=2, tasks=("dance",))
 
@@ -115,9 +117,13 @@ def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):
     seen = []
     monkeypatch.setattr(evaluation, "_run", lambda pipe, requests, *a: seen.extend(requests) or [
         type("R", (), {"images": []})() for _ in requests])
-    score, _, records = evaluation.eval_edit(pipe, heldout_samples("edit", 2, 0), 2, False)
+    samples = heldout_samples("edit", 2, 0)
+    score, _, records, shown = evaluation.eval_edit(pipe, samples, 2, False)
     assert [r.guidance_scale for r in seen] == [evaluation.EDIT_GUIDANCE_SCALE] * 2 == [1.0, 1.0]
     assert score == 0 and not any(r["right"] for r in records)  # no image drawn counts as wrong
+    # edits.png still shows each source and target, with a blank, red-bordered image between them.
+    assert len(shown) == 6 and shown[0] is samples[0].images[0] and shown[2] is samples[0].images[1]
+    assert shown[1].getpixel((0, 0)) == (220, 40, 40) and shown[1].getpixel((10, 10)) == (255, 255, 255)
 
 
 def test_story_eval_samples_each_story_with_its_own_seed(tmp_path):

@@ -5,7 +5,8 @@ is parsed back into a scene (the spec's parse), so scores are exact matches, not
 
     tokenloom eval [--model DIR] --out DIR [--n 200] [--tasks t2i,caption,qa,story,edit]
 
-writes report.json, summary.md and samples.png (t2i prompts' images, green border = right).
+writes report.json, summary.md, samples.png (t2i prompts' images, green border = right) and edits.png
+(per edit: source, drawn, target).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from .document import Document, TextPart
 from .engine import check_guidance_scale
@@ -30,6 +31,7 @@ STORY_TEXT_SAMPLING = {"temperature": 1.0}
 # Edits draw unguided whatever --guidance-scale says: the source image is their context, and neither
 # two-way nor three-way (image-only) guidance drew more right edits from shapes-tiny (stage 8).
 EDIT_GUIDANCE_SCALE = 1.0
+EDITS_SHOWN = 16  # edits drawn in edits.png
 BREAKDOWN_TITLES = {
     "t2i": ("Text-to-image breakdown:", "exact"),
     "caption": ("Captions by number of objects:", "exact"),
@@ -89,6 +91,10 @@ def _breakdown_table(title: str, column: str, breakdown: dict[str, float]) -> li
             *(f"| {k} | {100 * v:.1f}% |" for k, v in breakdown.items())]
 
 
+def _border(right: bool) -> tuple[int, int, int]:
+    return (40, 170, 60) if right else (220, 40, 40)
+
+
 def score_t2i(samples, images):
     """Exact-scene accuracy of images for t2i samples, with breakdowns, records and bordered thumbnails."""
     right, records, shown = [], [], []
@@ -113,7 +119,7 @@ def score_t2i(samples, images):
             stats[f"attribute_{attr}"][1] += 1
         records.append({"prompt": s.info["caption"], "size": list(s.size), "right": ok,
                         "parsed": [vars(o) for o in scene.objects]})
-        shown.append(ImageOps.expand(im, border=2, fill=(40, 170, 60) if ok else (220, 40, 40)))
+        shown.append(ImageOps.expand(im, border=2, fill=_border(ok)))
     breakdown = _shares(stats)
     return sum(right) / len(right), breakdown, records, shown
 
@@ -151,7 +157,14 @@ def eval_edit(pipe, samples, batch_size, progress):
         req.max_new_tokens = pipe.format.image_length(*req.image_size) + 1
         requests.append(req)
     results = _run(pipe, requests, batch_size, progress, "edit")
-    return score_edit(samples, [r.images[0] if r.images else None for r in results])
+    drawn = [r.images[0] if r.images else None for r in results]
+    score, breakdown, records = score_edit(samples, drawn)
+    # Per edit: source, drawn (green border = right; blank = no image drawn), target.
+    shown = []
+    for s, im, rec in zip(samples[:EDITS_SHOWN], drawn, records):
+        im = im if im is not None else Image.new("RGB", s.images[1].size, "white")
+        shown += [s.images[0], ImageOps.expand(im, border=2, fill=_border(rec["right"])), s.images[1]]
+    return score, breakdown, records, shown
 
 
 def score_edit(samples, images):
@@ -254,7 +267,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
                                                   "story_text_sampling": STORY_TEXT_SAMPLING,
                                                   "edit_guidance_scale": EDIT_GUIDANCE_SCALE},
               "scores": {}, "details": {}, "seconds": {}}
-    shown = []
+    shown, edits_shown = [], []
     for task in tasks:
         t0 = time.time()
         samples = heldout_samples(task, n, seed)
@@ -263,7 +276,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         elif task in ("caption", "qa"):
             score, breakdown, records = eval_text(pipe, samples, batch_size, progress, task)
         elif task == "edit":
-            score, breakdown, records = eval_edit(pipe, samples, batch_size, progress)
+            score, breakdown, records, edits_shown = eval_edit(pipe, samples, batch_size, progress)
         else:
             score, breakdown, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score
@@ -285,6 +298,8 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if shown:
         image_grid(shown[:64], columns=8).save(out / "samples.png")
+    if edits_shown:
+        image_grid(edits_shown, columns=6).save(out / "edits.png")
     return report
 
 
@@ -318,5 +333,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in report.items() if k == "scores" or k.endswith("_breakdown")}, indent=2))
-    print(f"wrote {Path(args.out) / 'report.json'}, summary.md and samples.png", file=sys.stderr)
+    print(f"wrote {Path(args.out) / 'report.json'}, summary.md and the image grids", file=sys.stderr)
     return 0
