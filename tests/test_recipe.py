@@ -23,7 +23,7 @@ def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
         metrics = [json.loads(line) for line in (work / out / "metrics.jsonl").read_text().splitlines()]
         assert max(m.get("step", 0) for m in metrics) == 2
     # Each seed's set holds that seed's task mix (later sets weight stories and edits more, stage 12's
-    # questions, stage 13's stories and edits again, stage 14's edits further).
+    # questions, stage 13's stories and edits again).
     for seed in {s for _, _, seeds in recipe.STAGES for s in seeds}:
         meta = recipe._train_dir(work, seed) / "train.meta.jsonl"
         tasks = [json.loads(line)["task"] for line in meta.read_text().splitlines()]
@@ -32,7 +32,6 @@ def test_recipe_runs_every_stage_at_toy_scale(tmp_path):
     assert recipe.train_counts(recipe.PERCEPTION_SEEDS[0])["qa"] > recipe.train_counts(7)["qa"]
     rebalanced, perception = recipe.train_counts(recipe.REBALANCE_SEEDS[0]), recipe.train_counts(recipe.PERCEPTION_SEEDS[0])
     assert rebalanced["edit"] > perception["edit"] and rebalanced["story"] > perception["story"]
-    assert recipe.train_counts(recipe.EDIT_SEEDS[0])["edit"] > rebalanced["edit"]
     pipe = Pipeline.from_pretrained(final)
     assert pipe.vocab.codebook_size == 1024
 
