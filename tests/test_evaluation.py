@@ -122,7 +122,8 @@ def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):
     assert [r.guidance_scale for r in seen] == [evaluation.EDIT_GUIDANCE_SCALE] * 2 == [1.0, 1.0]
     assert score == 0 and not any(r["right"] for r in records)  # no image drawn counts as wrong
     # edits.png still shows each source and target, with a blank, red-bordered image between them.
-    assert len(shown) == 6 and shown[0] is samples[0].images[0] and shown[2] is samples[0].images[1]
+    assert len(shown) == 6 and shown[0].getpixel((0, 0)) == shown[2].getpixel((0, 0)) == evaluation.FRAME
+    assert shown[0].crop((2, 2, shown[0].width - 2, shown[0].height - 2)).tobytes() == samples[0].images[0].tobytes()
     assert shown[1].getpixel((0, 0)) == (220, 40, 40) and shown[1].getpixel((10, 10)) == (255, 255, 255)
 
 

@@ -32,6 +32,7 @@ STORY_TEXT_SAMPLING = {"temperature": 1.0}
 # two-way nor three-way (image-only) guidance drew more right edits from shapes-tiny (stage 8).
 EDIT_GUIDANCE_SCALE = 1.0
 EDITS_SHOWN = 16  # edits drawn in edits.png
+FRAME = (190, 190, 190)  # border of the source and target images there
 BREAKDOWN_TITLES = {
     "t2i": ("Text-to-image breakdown:", "exact"),
     "caption": ("Captions by number of objects:", "exact"),
@@ -159,11 +160,13 @@ def eval_edit(pipe, samples, batch_size, progress):
     results = _run(pipe, requests, batch_size, progress, "edit")
     drawn = [r.images[0] if r.images else None for r in results]
     score, breakdown, records = score_edit(samples, drawn)
-    # Per edit: source, drawn (green border = right; blank = no image drawn), target.
+    # Per edit: source, drawn (green border = right; blank = no image drawn), target (grey borders).
     shown = []
     for s, im, rec in zip(samples[:EDITS_SHOWN], drawn, records):
         im = im if im is not None else Image.new("RGB", s.images[1].size, "white")
-        shown += [s.images[0], ImageOps.expand(im, border=2, fill=_border(rec["right"])), s.images[1]]
+        shown += [ImageOps.expand(s.images[0], border=2, fill=FRAME),
+                  ImageOps.expand(im, border=2, fill=_border(rec["right"])),
+                  ImageOps.expand(s.images[1], border=2, fill=FRAME)]
     return score, breakdown, records, shown
 
 
