@@ -64,7 +64,7 @@ def test_text_edit_and_story_scorers():
     first_only = [Document.from_parts(d.parts[:_first_image(d.parts) + 1], role="assistant") for d in right]
     score, breakdown, _ = score_story(stories, first_only)
     assert breakdown["image_1"] == 1.0 and breakdown["image_2"] == breakdown["image_3"] == 0.0
-    assert score == sum(1 for _ in stories) / sum(len(s.scenes) for s in stories)
+    assert score == len(stories) / sum(len(s.scenes) for s in stories)
 
 
 def _first_image(parts):

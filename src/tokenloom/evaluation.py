@@ -82,6 +82,12 @@ def eval_t2i(pipe, samples, batch_size, progress, seed):
     return score_t2i(samples, images)
 
 
+def _tally(stats, key: str, hit: bool) -> None:
+    """Count one case of slice `key` in {slice: [hits, total]}."""
+    stats[key][0] += hit
+    stats[key][1] += 1
+
+
 def _shares(stats) -> dict[str, float]:
     """{slice: [hits, total]} -> {slice: hits / total}, slices sorted."""
     return {k: hits / total for k, (hits, total) in sorted(stats.items())}
@@ -106,8 +112,7 @@ def score_t2i(samples, images):
         ok = matches(scene, query)
         right.append(ok)
         n = len(query.objects)
-        stats[f"objects_{n}"][0] += ok
-        stats[f"objects_{n}"][1] += 1
+        _tally(stats, f"objects_{n}", ok)
         # Attribute breakdown: does the parsed scene have the asked multiset of each attribute?
         for attr in ("color", "shape", "size", "cell"):
             asked = sorted(getattr(q, attr) for q in query.objects if getattr(q, attr) is not None)
@@ -116,8 +121,7 @@ def score_t2i(samples, images):
             got = sorted(getattr(o, attr) for o in scene.objects)
             if attr in ("size", "cell") and len(asked) < n:
                 continue  # only some objects named it: no clean multiset comparison
-            stats[f"attribute_{attr}"][0] += asked == got
-            stats[f"attribute_{attr}"][1] += 1
+            _tally(stats, f"attribute_{attr}", asked == got)
         records.append({"prompt": s.info["caption"], "size": list(s.size), "right": ok,
                         "parsed": [vars(o) for o in scene.objects]})
         shown.append(ImageOps.expand(im, border=2, fill=_border(ok)))
@@ -144,8 +148,7 @@ def score_text(samples, texts):
         ok = text.strip() == s.info["answer"]
         right.append(ok)
         key = f"objects_{len(s.scenes[0])}" if s.task == "caption" else f"kind_{_question_kind(s.info['question'])}"
-        stats[key][0] += ok
-        stats[key][1] += 1
+        _tally(stats, key, ok)
         records.append({"question": s.info["question"], "expected": s.info["answer"], "got": text, "right": ok})
     return sum(right) / len(right), _shares(stats), records
 
@@ -187,8 +190,7 @@ def score_edit(samples, images):
         unchanged = scene is not None and matches(scene, before)
         right.append(ok)
         for key, value in ((f"kind_{change['kind']}", ok), ("kept_rest", kept_rest), ("unchanged", unchanged)):
-            stats[key][0] += value
-            stats[key][1] += 1
+            _tally(stats, key, value)
         records.append({"instruction": s.info["instruction"], "kind": change["kind"], "right": ok,
                         "kept_rest": kept_rest, "unchanged": unchanged})
     breakdown = _shares(stats)
@@ -213,7 +215,6 @@ def eval_story(pipe, samples, batch_size, progress, seed):
 
 def score_story(samples, documents):
     """Story images right, with a breakdown by the image's place in the story (image_N)."""
-    n_right = n_images = 0
     records = []
     stats = defaultdict(lambda: [0, 0])
     for s, doc in zip(samples, documents):
@@ -225,7 +226,6 @@ def score_story(samples, documents):
             if isinstance(p, TextPart):
                 text_before = p.text.strip()
                 continue
-            n_images += 1
             ok = False
             try:
                 if expected is None:
@@ -241,19 +241,16 @@ def score_story(samples, documents):
             except ValueError:
                 ok = False
             sample_right.append(ok)
-            n_right += ok
-            stats[f"image_{len(sample_right)}"][0] += ok
-            stats[f"image_{len(sample_right)}"][1] += 1
+            _tally(stats, f"image_{len(sample_right)}", ok)
             text_before = None
+        # A story that drew too few images counts each expected image it did not draw as wrong.
+        for k in range(len(sample_right), len(s.scenes)):
+            _tally(stats, f"image_{k + 1}", False)
         records.append({"prompt": s.info["prompt"], "text": doc.text, "images": len(sample_right),
                         "right": sample_right})
-    # Stories that drew too few images count as wrong, once per expected image not drawn.
-    missing = 0
-    for s, rec in zip(samples, records):
-        for k in range(len(rec["right"]), len(s.scenes)):
-            stats[f"image_{k + 1}"][1] += 1
-            missing += 1
-    return n_right / max(1, n_images + missing), _shares(stats), records
+    hits = sum(h for h, _ in stats.values())
+    total = sum(t for _, t in stats.values())
+    return hits / max(1, total), _shares(stats), records
 
 
 def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, batch_size: int = 32,
