@@ -102,6 +102,11 @@ def _border(right: bool) -> tuple[int, int, int]:
     return (40, 170, 60) if right else (220, 40, 40)
 
 
+def _framed(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image inside a 2-pixel border of `fill`, as the grids show it."""
+    return ImageOps.expand(image, border=2, fill=fill)
+
+
 def score_t2i(samples, images):
     """Exact-scene accuracy of images for t2i samples, with breakdowns, records and bordered thumbnails."""
     right, records, shown = [], [], []
@@ -124,7 +129,7 @@ def score_t2i(samples, images):
             _tally(stats, f"attribute_{attr}", asked == got)
         records.append({"prompt": s.info["caption"], "size": list(s.size), "right": ok,
                         "parsed": [vars(o) for o in scene.objects]})
-        shown.append(ImageOps.expand(im, border=2, fill=_border(ok)))
+        shown.append(_framed(im, _border(ok)))
     breakdown = _shares(stats)
     return sum(right) / len(right), breakdown, records, shown
 
@@ -167,9 +172,7 @@ def eval_edit(pipe, samples, batch_size, progress):
     shown = []
     for s, im, rec in zip(samples[:EDITS_SHOWN], drawn, records):
         im = im if im is not None else Image.new("RGB", s.images[1].size, "white")
-        shown += [ImageOps.expand(s.images[0], border=2, fill=FRAME),
-                  ImageOps.expand(im, border=2, fill=_border(rec["right"])),
-                  ImageOps.expand(s.images[1], border=2, fill=FRAME)]
+        shown += [_framed(s.images[0], FRAME), _framed(im, _border(rec["right"])), _framed(s.images[1], FRAME)]
     return score, breakdown, records, shown
 
 
