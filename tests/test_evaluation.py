@@ -103,9 +103,15 @@ def test_eval_cli_overrides_sampling_and_records_it(tmp_path, capsys):
     assert settings["guidance_scale"] == 1.5 and settings["edit_guidance_scale"] == 1.0
     assert settings["image_sampling"]["temperature"] == 0 and settings["image_sampling"]["top_k"] == 4
     assert "guidance 1.5 (edits 1.0), image temperature 0.0, top-k 4" in (out / "summary.md").read_text()
+    assert settings["image_candidates"] == 1 and "candidates" not in (out / "summary.md").read_text()
+    assert main(["--model", str(model), "--out", str(out), "--n", "2", "--tasks", "t2i", "--candidates", "3"]) == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["image_candidates"] == 3 and "best of 3 candidates" in (out / "summary.md").read_text()
     assert main(["--model", str(model), "--out", str(out), "--guidance-scale", "500"]) == 2
     assert main(["--model", str(model), "--out", str(out), "--image-temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+    assert main(["--model", str(model), "--out", str(out), "--candidates", "0"]) == 2
+    assert "--candidates must be an integer from 1 to 64" in capsys.readouterr().err
 
 
 def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):

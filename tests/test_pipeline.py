@@ -105,6 +105,11 @@ def test_cli_generate_chat_caption(tmp_path, capsys):
     assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "many"),
                  "--model", str(model), "--seed", "1", "--width", "32", "--height", "32"]) == 0
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert main(["generate", "a red circle", "--out", str(tmp_path / "best.png"), "--model", str(model),
+                 "--seed", "0", "--candidates", "3"]) == 0
+    assert (tmp_path / "best.png").exists()
+    assert main(["generate", "x", "--out", str(tmp_path / "c.png"), "--model", str(model), "--candidates", "65"]) == 2
+    assert "candidates must be an integer from 1 to 64" in capsys.readouterr().err
     assert main(["chat", "hello", "--out", str(tmp_path / "chat"), "--model", str(model), "--max-new-tokens", "20",
                  "--seed", "0"]) == 0
     assert (tmp_path / "chat" / "index.html").exists() and (tmp_path / "chat" / "index.md").exists()

@@ -19,7 +19,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None, help="random seed (per image: seed + index)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (per draw: seed + index)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -76,7 +76,8 @@ def cmd_generate(args) -> int:
     pipe = _load(args)
     images = pipe.generate_images(prompts, width=args.width, height=args.height, guidance_scale=args.guidance_scale,
                                   seed=args.seed, num_images=args.num_images, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, progress=True)
+                                  top_k=args.top_k, top_p=args.top_p, candidates=args.candidates,
+                                  batch_size=args.batch_size, progress=True)
     if args.prompt is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (1 = off)")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--candidates", type=int, default=None,
+                   help="draw this many per image and keep the one the model itself rates best for the prompt "
+                        "(default: the model's image_candidates; 1 = no reranking)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated in one batch")
     _sampling_args(p)
     _model_args(p)

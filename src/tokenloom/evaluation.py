@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from .document import Document, TextPart
 from .engine import check_guidance_scale
+from .pipeline import check_candidates
 from .report import image_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
@@ -267,6 +268,9 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     out.mkdir(parents=True, exist_ok=True)
     report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
                                                   "image_sampling": pipe.sampling("image").to_dict(),
+                                                  "image_candidates": pipe.config.image_candidates,
+                                                  "candidate_sampling": pipe.sampling(
+                                                      "image", **pipe.config.candidate_sampling).to_dict(),
                                                   "story_text_sampling": STORY_TEXT_SAMPLING,
                                                   "edit_guidance_scale": EDIT_GUIDANCE_SCALE},
               "scores": {}, "details": {}, "seconds": {}}
@@ -293,6 +297,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
              f"{settings['guidance_scale']} (edits {settings['edit_guidance_scale']}), "
              f"image temperature {image['temperature']}, top-k {image['top_k']}; "
              f"story text temperature {STORY_TEXT_SAMPLING['temperature']}; other text greedy.", "",
+             *_candidates_line(settings),
              "| task | score |", "| --- | --- |"]
     lines += [f"| {t} | {100 * s:.1f}% |" for t, s in report["scores"].items()]
     for task in tasks:
@@ -304,6 +309,15 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     if edits_shown:
         image_grid(edits_shown, columns=6).save(out / "edits.png")
     return report
+
+
+def _candidates_line(settings) -> list[str]:
+    if settings["image_candidates"] == 1:
+        return []
+    drawn = settings["candidate_sampling"]
+    return [f"Text-to-image keeps the best of {settings['image_candidates']} candidates (drawn at temperature "
+            f"{drawn['temperature']}, top-k {drawn['top_k']}) by the model's own two-way likelihood "
+            "(tokenloom.scoring).", ""]
 
 
 def main(argv=None) -> int:
@@ -322,12 +336,16 @@ def main(argv=None) -> int:
                         help="classifier-free guidance for text-to-image (default: the model's)")
     parser.add_argument("--image-temperature", type=float, default=None, help="(default: the model's)")
     parser.add_argument("--image-top-k", type=int, default=None, help="(default: the model's)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="text-to-image candidates per prompt, best kept (default: the model's; 1: no reranking)")
     args = parser.parse_args(argv)
     try:
         pipe = load(args.model, device=args.device)
         if args.guidance_scale is not None:
             check_guidance_scale(args.guidance_scale, "--guidance-scale")
             pipe.config.guidance_scale = args.guidance_scale
+        if args.candidates is not None:
+            pipe.config.image_candidates = check_candidates(args.candidates, "--candidates")
         overrides = {"temperature": args.image_temperature, "top_k": args.image_top_k}
         pipe.config.image_sampling = pipe.sampling("image", **overrides).to_dict()  # checks the values
         report = evaluate(pipe, args.out, n=args.n, tasks=[t for t in args.tasks.split(",") if t], seed=args.seed,

@@ -49,6 +49,11 @@ class PipelineConfig:
     # None: bos + uncond where the vocabulary has an uncond token, else nothing (Lumina-mGPT: the
     # unconditional context is the image's own start). Chameleon / Anole: ["bos"].
     unconditional_context: list[str] | None = None
+    caption_prompt: str = "Describe the image."  # the question `caption` asks; reranking scores replies to it
+    # Text-to-image draws this many candidates per image asked for and keeps the one the model itself
+    # rates best for the prompt, both ways (tokenloom.scoring); 1 draws one image and scores nothing.
+    image_candidates: int = 1
+    candidate_sampling: dict = field(default_factory=dict)  # image_sampling overrides for candidates
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +66,18 @@ class PipelineConfig:
         d = dict(d)
         if d.get("flat_grid") is not None:
             d["flat_grid"] = tuple(d["flat_grid"])
-        return cls(**d)
+        config = cls(**d)
+        check_candidates(config.image_candidates, "image_candidates")
+        return config
+
+
+MAX_CANDIDATES = 64
+
+
+def check_candidates(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CANDIDATES:
+        raise ValueError(f"{name} must be an integer from 1 to {MAX_CANDIDATES}, got {value!r}")
+    return value
 
 
 def _torch_dtype(dtype) -> torch.dtype | None:
@@ -197,12 +213,22 @@ class Pipeline:
     def generate_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
                         guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        batch_size: int = 16, progress: bool = False) -> list:
-        """Text to image. Returns PIL images: num_images per prompt, in prompt order."""
+                        candidates: int | None = None, batch_size: int = 16, progress: bool = False) -> list:
+        """Text to image. Returns PIL images: num_images per prompt, in prompt order.
+
+        With candidates > 1 (default: the config's image_candidates) each image is the best of that many
+        draws, sampled with the config's candidate_sampling, by `tokenloom.scoring.rerank_scores`.
+        """
+        from tqdm.auto import tqdm
+
+        from .scoring import best_candidate
+
         if isinstance(prompts, str):
             prompts = [prompts]
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        n_candidates = check_candidates(self.config.image_candidates if candidates is None else candidates,
+                                        "candidates")
         if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
             raise ValueError("this model cannot draw: its VQGAN has no decoder (Hugging Face Chameleon "
                              "checkpoints drop it); convert again with --vqgan pointing at Meta's "
@@ -210,19 +236,34 @@ class Pipeline:
         h, w = self.grid_size(width, height)
         px_w, px_h = w * self.factor, h * self.factor
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        image_params = self.sampling("image", temperature=temperature, top_k=top_k, top_p=top_p)
-        requests = []
+        overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        if n_candidates > 1:
+            overrides = {**self.config.candidate_sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        image_params = self.sampling("image", **overrides)
+        per_prompt = num_images * n_candidates
+        requests, prompt_texts = [], []
         for i, prompt in enumerate(prompts):
-            ids = self.format.encode(self.image_prompt(prompt, px_w, px_h), generation_role="assistant").ids
-            for k in range(num_images):
+            prompt_doc = self.image_prompt(prompt, px_w, px_h)
+            prompt_texts.append(prompt_doc.text)
+            ids = self.format.encode(prompt_doc, generation_role="assistant").ids
+            for k in range(per_prompt):
                 requests.append(GenerationRequest(
                     ids, mode="image", image_size=(h, w), max_new_tokens=self.format.image_length(h, w) + 1,
                     image=image_params, guidance_scale=scale, uncond_prompt_ids=self.unconditional_prompt(),
-                    seed=None if seed is None else seed + i * num_images + k))
+                    seed=None if seed is None else seed + i * per_prompt + k))
+        drawn: list[ImagePart | None] = []
+        with tqdm(total=len(requests), desc="drawing", unit="image", disable=not progress) as bar:
+            for start in range(0, len(requests), batch_size):
+                for result in self.engine.generate(requests[start:start + batch_size]):
+                    parts = [p for p in result.document.parts if isinstance(p, ImagePart)]
+                    drawn.append(parts[0] if parts else None)
+                bar.update(len(requests[start:start + batch_size]))
         images = []
-        for start in range(0, len(requests), batch_size):
-            for result in self.engine.generate(requests[start:start + batch_size], progress=progress):
-                images.extend(result.images[:1] or [None])
+        for j in range(0, len(drawn), n_candidates):
+            group = drawn[j:j + n_candidates]
+            i = j // per_prompt
+            best = group[0] if n_candidates == 1 else group[best_candidate(self, prompts[i], prompt_texts[i], group)]
+            images.append(None if best is None else best.pixels)
         return images
 
     def chat_request(self, document: Document, *, mode: str = "any", max_new_tokens: int | None = None,
@@ -259,7 +300,7 @@ class Pipeline:
         return self.chat(question, images=[image], **kwargs).text.strip()
 
     def caption(self, image, **kwargs) -> str:
-        return self.ask(image, "Describe the image.", **kwargs)
+        return self.ask(image, self.config.caption_prompt, **kwargs)
 
 
 def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> Transformer:
