@@ -9,10 +9,12 @@ the way DALL-E reranked with CLIP, with no second model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .document import Document, ImagePart, TextPart
 
-MAX_SCORED_ROWS = 64  # rows per forward pass
+MAX_SCORED_ROWS = 16  # rows per forward pass
+MAX_LOGITS = 1 << 26  # float32 logits computed at once (256 MiB): scored positions x vocabulary
 
 
 @torch.inference_mode()
@@ -27,7 +29,9 @@ def reply_log_likelihoods(pipe, documents: list[Document]) -> list[float]:
         if not any(turn.role == "assistant" for turn in doc.turns):
             raise ValueError(f"document {i} has no assistant reply to score")
     encoded = [pipe.format.encode(doc, add_eos=False) for doc in documents]
-    totals = []
+    model = pipe.model
+    per_slice = max(1, MAX_LOGITS // model.config.vocab_size)
+    means = []
     for start in range(0, len(encoded), MAX_SCORED_ROWS):
         chunk = encoded[start:start + MAX_SCORED_ROWS]
         length = max(len(e) for e in chunk)
@@ -38,10 +42,15 @@ def reply_log_likelihoods(pipe, documents: list[Document]) -> list[float]:
             scored[row, :len(e)] = torch.tensor(e.loss_mask)
             scored[row, max(j for j, m in enumerate(e.loss_mask) if m)] = False  # the closing turn token
         ids, scored = ids.to(pipe.device), scored[:, 1:].to(pipe.device)
-        log_probs = pipe.model(ids[:, :-1]).float().log_softmax(-1)
-        token_lp = log_probs.gather(-1, ids[:, 1:, None])[..., 0] * scored
-        totals += (token_lp.sum(1) / scored.sum(1).clamp(min=1)).tolist()
-    return totals
+        hidden = model(ids[:, :-1], return_hidden=True)[scored]  # only positions that predict a scored token
+        targets = ids[:, 1:][scored]
+        token_lp = torch.cat([
+            F.linear(hidden[i:i + per_slice], model.output_weight).float().log_softmax(-1)
+            .gather(-1, targets[i:i + per_slice, None])[:, 0] for i in range(0, len(targets), per_slice)])
+        rows = torch.arange(len(chunk), device=scored.device)[:, None].expand_as(scored)[scored]
+        totals = torch.zeros(len(chunk), device=scored.device).index_add_(0, rows, token_lp)
+        means += (totals / scored.sum(1).clamp(min=1)).tolist()  # an empty reply scores 0
+    return means
 
 
 def rerank_scores(pipe, prompt: str, prompt_text: str, candidates: list[ImagePart]) -> list[float]:
