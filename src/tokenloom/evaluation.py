@@ -269,8 +269,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
     report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
                                                   "image_sampling": pipe.sampling("image").to_dict(),
                                                   "image_candidates": pipe.config.image_candidates,
-                                                  "candidate_sampling": pipe.sampling(
-                                                      "image", **pipe.config.candidate_sampling).to_dict(),
+                                                  "candidate_sampling": pipe.sampling("candidate").to_dict(),
                                                   "story_text_sampling": STORY_TEXT_SAMPLING,
                                                   "edit_guidance_scale": EDIT_GUIDANCE_SCALE},
               "scores": {}, "details": {}, "seconds": {}}

@@ -161,10 +161,14 @@ class Pipeline:
         return self.image_tokenizer.factor
 
     def sampling(self, modality: str, **overrides) -> SamplingParams:
+        """Sampling for "text", "image", or "candidate" (reranked text-to-image draws: the image
+        settings updated by candidate_sampling); overrides that are not None win."""
         if modality == "text":
             base = {**default_text_sampling().to_dict(), **self.config.text_sampling}
         else:
             base = {**default_image_sampling(self.vocab.codebook_size).to_dict(), **self.config.image_sampling}
+            if modality == "candidate":
+                base.update(self.config.candidate_sampling)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams.from_dict(base)
 
@@ -236,11 +240,10 @@ class Pipeline:
         h, w = self.grid_size(width, height)
         px_w, px_h = w * self.factor, h * self.factor
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-        if n_candidates > 1:
-            overrides = {**self.config.candidate_sampling, **{k: v for k, v in overrides.items() if v is not None}}
-        image_params = self.sampling("image", **overrides)
+        image_params = self.sampling("candidate" if n_candidates > 1 else "image",
+                                     temperature=temperature, top_k=top_k, top_p=top_p)
         per_prompt = num_images * n_candidates
+        max_new_tokens, uncond_ids = self.format.image_length(h, w) + 1, self.unconditional_prompt()
         requests, prompt_texts = [], []
         for i, prompt in enumerate(prompts):
             prompt_doc = self.image_prompt(prompt, px_w, px_h)
@@ -248,16 +251,15 @@ class Pipeline:
             ids = self.format.encode(prompt_doc, generation_role="assistant").ids
             for k in range(per_prompt):
                 requests.append(GenerationRequest(
-                    ids, mode="image", image_size=(h, w), max_new_tokens=self.format.image_length(h, w) + 1,
-                    image=image_params, guidance_scale=scale, uncond_prompt_ids=self.unconditional_prompt(),
+                    ids, mode="image", image_size=(h, w), max_new_tokens=max_new_tokens, image=image_params,
+                    guidance_scale=scale, uncond_prompt_ids=uncond_ids,
                     seed=None if seed is None else seed + i * per_prompt + k))
         drawn: list[ImagePart | None] = []
         with tqdm(total=len(requests), desc="drawing", unit="image", disable=not progress) as bar:
             for start in range(0, len(requests), batch_size):
-                for result in self.engine.generate(requests[start:start + batch_size]):
-                    parts = [p for p in result.document.parts if isinstance(p, ImagePart)]
-                    drawn.append(parts[0] if parts else None)
-                bar.update(len(requests[start:start + batch_size]))
+                batch = requests[start:start + batch_size]
+                drawn += [(result.image_parts or [None])[0] for result in self.engine.generate(batch)]
+                bar.update(len(batch))
         images = []
         for j in range(0, len(drawn), n_candidates):
             group = drawn[j:j + n_candidates]

@@ -59,8 +59,12 @@ class GenerationResult:
     finish_reason: str  # "stop" or "length"
 
     @property
+    def image_parts(self) -> list[ImagePart]:
+        return [p for p in self.document.parts if isinstance(p, ImagePart)]
+
+    @property
     def images(self):
-        return [p.pixels for p in self.document.parts if isinstance(p, ImagePart)]
+        return [p.pixels for p in self.image_parts]
 
     @property
     def text(self) -> str:
