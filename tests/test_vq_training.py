@@ -1,5 +1,6 @@
 """VQGAN training on shapes-world renders: losses, dead-code restarts, exact resume, evaluation."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tokenloom.image_processing import ImageTokenizer
 from tokenloom.vq_training import (
     VQTrainConfig,
     VQTrainer,
+    code_stability,
     evaluate_vq,
     load_config,
     parse_labels,
@@ -181,6 +183,10 @@ def test_committed_config_builds_a_small_factor_8_model():
     assert (64, 64) in train_cfg.sizes and train_cfg.steps > 0
     trainer = VQTrainer(model_cfg, train_cfg)
     assert sum(p.numel() for p in trainer.model.parameters()) < 5_000_000
+    # the local-encoder experiment differs in that flag alone
+    local_cfg, local_train = load_config(ROOT / "configs" / "shapes-tiny-vq-local.yaml")
+    assert local_cfg.local_encoder and not model_cfg.local_encoder
+    assert dataclasses.replace(local_cfg, local_encoder=False) == model_cfg and local_train == train_cfg
 
 
 @pytest.mark.skipif(not (ASSET / "vq.safetensors").exists(), reason="shapes-tiny VQGAN not trained yet")
@@ -204,3 +210,12 @@ def test_precision_setting_is_checked_and_resolved(tmp_path, monkeypatch):
         monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
         assert VQTrainer(TINY, VQTrainConfig(precision="auto")).bf16 is native
     assert VQTrainer(TINY, VQTrainConfig()).bf16 is False
+
+
+def test_code_stability_is_one_for_local_codes_and_lower_for_image_wide_ones():
+    # pixels as codes: an untouched cell keeps its code by construction
+    assert code_stability(_Identity(), n=6, seed=0, sizes=SIZES) == 1.0
+    # GroupNorm over the whole image makes far cells' codes follow an edit
+    image_wide = ImageTokenizer.random(TINY)
+    assert code_stability(image_wide, n=6, seed=0, sizes=SIZES) < 0.9
+

@@ -378,3 +378,20 @@ def test_load_vqgan_checkpoint_errors(tmp_path):
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"wrong\.pt.*quantize\.embedding\.weight"):
         load_vqgan_checkpoint(tmp_path / "wrong.pt", cfg)
+
+
+def test_local_encoder_leaves_far_latents_alone_with_the_same_weights():
+    plain = make(**TINY_F4)
+    local = make(**TINY_F4, local_encoder=True)
+    assert set(local.state_dict()) == set(plain.state_dict())  # taming's keys: weights move across
+    local.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    y = x.clone()
+    y[..., :8, :8] = 1.0  # repaint the top-left corner
+    for model, far_moves in ((plain, True), (local, False)):
+        moved = (model._latents(y) - model._latents(x)).abs().amax(1)[0] > 0
+        assert bool(moved[0, 0])
+        assert bool(moved[-8:, -8:].any()) is far_moves  # GroupNorm and attention reach every cell
+    with pytest.raises(ValueError, match="local_encoder has no attention"):
+        VQGANConfig(**{**TINY, "local_encoder": True})

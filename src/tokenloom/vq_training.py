@@ -14,7 +14,8 @@ Codes that no latent picked during a window of steps are re-initialised to rando
 generator seeded by (seed, step), so a resumed run repeats an uninterrupted one exactly.
 
 The score that matters is `parse_exact`: the fraction of held-out renders whose reconstruction
-(encode -> decode -> uint8) parses back to exactly the rendered scene.
+(encode -> decode -> uint8) parses back to exactly the rendered scene. For a model that edits,
+`code_stability` matters too: how many codes of untouched cells an edit leaves as they were.
 
     python -m tokenloom.vq_training configs/shapes-tiny-vq.yaml --out /tmp/vq-run \
         --export src/tokenloom/assets/shapes-tiny
@@ -42,11 +43,13 @@ from .image_processing import ImageTokenizer
 from .precision import PRECISIONS, resolve_precision
 from .vqgan import VQGAN, VQGANConfig
 from .world import COLORS, parse, random_scene, render
+from .world.tasks import edit_sample
 
 # Seed-stream tags: training batches, restarts and evaluation draw from different SeedSequence
 # entropy lists, so no evaluation render comes from the training stream (equal scenes can still
 # recur: the scene space is finite).
 TRAIN_STREAM, RESTART_STREAM, EVAL_STREAM = 0x7A11, 0x7A12, 0x7A13
+STABILITY_TAG = 0x57AB  # with EVAL_STREAM: the edit pairs of code_stability
 
 PARSE_THRESHOLD = 80.0  # the parser's color distance (shapes-world.md), on the 0-255 scale
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3), 0-255
@@ -216,6 +219,7 @@ def evaluate_vq(image_tokenizer, n: int = 200, seed: int = 0,
     psnr          mean per-image PSNR (dB) of the uint8 reconstruction
     parse_exact   fraction of reconstructions whose parse equals the rendered scene
     codebook_usage  fraction of the codebook used by the images' codes
+    code_stability  see `code_stability` (n edit pairs)
 
     Overall numbers average over all images; `sizes` holds the same per "WxH"."""
     per_size: dict[str, dict[str, float]] = {}
@@ -241,8 +245,31 @@ def evaluate_vq(image_tokenizer, n: int = 200, seed: int = 0,
     return {
         "psnr": float(np.mean(all_psnr)), "parse_exact": float(np.mean(all_exact)),
         "codebook_usage": len(used) / image_tokenizer.config.codebook_size, "n": len(all_exact),
-        "sizes": per_size,
+        "code_stability": code_stability(image_tokenizer, n, seed, sizes), "sizes": per_size,
     }
+
+
+def code_stability(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence[Size] = ((64, 64),)) -> float:
+    """Of the code cells whose pixels an edit leaves exactly as they were, the fraction whose code
+    stays the same too, over n held-out shapes-world edits (one object added, removed, moved or
+    recolored; the others keep their exact pixels).
+
+    At 1.0 a model that edits can copy untouched regions token for token. Codes that depend on the
+    whole image (image-wide GroupNorm, attention, a receptive field wider than the image) score far
+    lower, and the model must learn to redraw what did not change with other codes."""
+    rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
+    same = cells = 0
+    for _ in range(n):
+        before, after = edit_sample(rng, sizes).images
+        width, height = before.size
+        codes = [np.asarray(c) for c in image_tokenizer.encode([before, after], width=width, height=height)]
+        h, w = codes[0].shape[:2]
+        changed = (np.asarray(before.convert("RGB")) != np.asarray(after.convert("RGB"))).any(-1)
+        untouched = ~changed.reshape(h, height // h, w, width // w).any(axis=(1, 3))
+        equal = (codes[0] == codes[1]).reshape(h, w, -1).all(-1)
+        same += int((equal & untouched).sum())
+        cells += int(untouched.sum())
+    return same / max(cells, 1)
 
 
 def _to_image(arr: np.ndarray):

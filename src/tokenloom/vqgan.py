@@ -36,6 +36,10 @@ class VQGANConfig:
     codebook_size: int = 8192
     dropout: float = 0.0
     commitment_beta: float = 0.25
+    # Not in taming: an encoder with no image-wide operation (per-position channel norms instead of
+    # GroupNorm, no mid attention), so a code depends on nearby pixels only and an edit leaves the
+    # codes of far cells as they were. Same state-dict keys; the attention weights go unused.
+    local_encoder: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -49,6 +53,8 @@ class VQGANConfig:
                     f"base_channels * channel_mult must be a positive multiple of 32 "
                     f"(GroupNorm(32)); got base_channels={self.base_channels}, mult={m}"
                 )
+        if self.local_encoder and self.attn_resolutions:
+            raise ValueError("local_encoder has no attention: attn_resolutions must be empty")
         for name in ("in_channels", "out_channels", "num_res_blocks", "resolution",
                      "z_channels", "embed_dim", "codebook_size"):
             if getattr(self, name) <= 0:
@@ -118,6 +124,20 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position, with GroupNorm's parameter names and shapes."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 class ResnetBlock(nn.Module):
@@ -195,9 +215,11 @@ class _Mid(nn.Module):
         self.block_1 = ResnetBlock(channels, channels, dropout)
         self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.attend = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        h = self.block_1(x)
+        return self.block_2(self.attn_1(h) if self.attend else h)
 
 
 def _run_level(level: _Level, h: torch.Tensor) -> torch.Tensor:
@@ -230,6 +252,12 @@ class Encoder(nn.Module):
         self.mid = _Mid(block_in, cfg.dropout)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+        if cfg.local_encoder:
+            self.mid.attend = False
+            for module in list(self.modules()):
+                for name, child in module.named_children():
+                    if isinstance(child, nn.GroupNorm):
+                        setattr(module, name, ChannelNorm(child.num_channels, child.eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
