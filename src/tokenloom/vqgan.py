@@ -37,8 +37,9 @@ class VQGANConfig:
     dropout: float = 0.0
     commitment_beta: float = 0.25
     # Not in taming: an encoder with no image-wide operation (per-position channel norms instead of
-    # GroupNorm, no mid attention), so a code depends on nearby pixels only and an edit leaves the
-    # codes of far cells as they were. Same state-dict keys; the attention weights go unused.
+    # GroupNorm, no mid attention), so a code depends only on the pixels its convolutions reach and
+    # an edit leaves far cells' codes as they were. Same state-dict keys; the attention weights go
+    # unused.
     local_encoder: bool = False
 
     def __post_init__(self):
