@@ -24,6 +24,7 @@ from tokenloom.document import Document, TextPart
 from tokenloom.evaluation import eval_edit
 from tokenloom.pipeline import Pipeline, default_model_path
 from tokenloom.train import train
+from tokenloom.vq_training import changed_cells
 from tokenloom.world.tasks import build_dataset, heldout_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,7 @@ def copy_accuracy(pipe, samples) -> dict[str, float]:
         scored = torch.tensor(encoded.loss_mask, dtype=torch.bool, device=pipe.device)[1:]
         scored &= torch.isin(ids[1:], code_ids)  # the target's codes, row by row
         right = (pipe.model(ids[None, :-1])[0].argmax(-1) == ids[1:])[scored].reshape(target.codes.shape).cpu()
-        h, w = target.codes.shape
-        a, b = np.asarray(before.convert("RGB")), np.asarray(after.convert("RGB"))
-        changed = (a != b).any(-1).reshape(h, a.shape[0] // h, w, a.shape[1] // w).any(axis=(1, 3))
+        changed = changed_cells(before, after, target.codes.shape)
         for key, cells in (("untouched", ~changed), ("changed", changed)):
             hits[key][0] += int(right.numpy()[cells].sum())
             hits[key][1] += int(cells.sum())

@@ -261,15 +261,20 @@ def code_stability(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence
     same = cells = 0
     for _ in range(n):
         before, after = edit_sample(rng, sizes).images
-        width, height = before.size
-        codes = [np.asarray(c) for c in image_tokenizer.encode([before, after], width=width, height=height)]
+        codes = [np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size)]
         h, w = codes[0].shape[:2]
-        changed = (np.asarray(before.convert("RGB")) != np.asarray(after.convert("RGB"))).any(-1)
-        untouched = ~changed.reshape(h, height // h, w, width // w).any(axis=(1, 3))
+        untouched = ~changed_cells(before, after, (h, w))
         equal = (codes[0] == codes[1]).reshape(h, w, -1).all(-1)
         same += int((equal & untouched).sum())
         cells += int(untouched.sum())
     return same / max(cells, 1)
+
+
+def changed_cells(before, after, grid: tuple[int, int]) -> np.ndarray:
+    """[h, w] bool: the code cells of a grid over two same-size images where any pixel differs."""
+    h, w = grid
+    changed = (np.asarray(before.convert("RGB")) != np.asarray(after.convert("RGB"))).any(-1)
+    return changed.reshape(h, changed.shape[0] // h, w, changed.shape[1] // w).any(axis=(1, 3))
 
 
 def _to_image(arr: np.ndarray):
