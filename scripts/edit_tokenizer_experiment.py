@@ -15,40 +15,15 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 from tokenloom.data.pretokenize import pretokenize
-from tokenloom.document import Document, TextPart
-from tokenloom.evaluation import eval_edit
+from tokenloom.evaluation import edit_copy_accuracy, eval_edit
 from tokenloom.pipeline import Pipeline, default_model_path
 from tokenloom.train import train
-from tokenloom.vq_training import changed_cells
 from tokenloom.world.tasks import build_dataset, heldout_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.inference_mode()
-def copy_accuracy(pipe, samples) -> dict[str, float]:
-    """Teacher-forced top-1 accuracy of the target image's codes, by whether the cell's pixels changed."""
-    code_ids = torch.as_tensor(np.asarray(pipe.vocab.code_ids), device=pipe.device)
-    hits = {"untouched": [0, 0], "changed": [0, 0]}
-    for s in samples:
-        before, after = s.images
-        source, target = (pipe.encode_image(im, *im.size) for im in (before, after))
-        doc = Document.chat([("user", [source, TextPart(s.prompt[1])]), ("assistant", [target])])
-        encoded = pipe.format.encode(doc, add_eos=False)
-        ids = torch.tensor(encoded.ids, device=pipe.device)
-        scored = torch.tensor(encoded.loss_mask, dtype=torch.bool, device=pipe.device)[1:]
-        scored &= torch.isin(ids[1:], code_ids)  # the target's codes, row by row
-        right = (pipe.model(ids[None, :-1])[0].argmax(-1) == ids[1:])[scored].reshape(target.codes.shape).cpu()
-        changed = changed_cells(before, after, target.codes.shape)
-        for key, cells in (("untouched", ~changed), ("changed", changed)):
-            hits[key][0] += int(right.numpy()[cells].sum())
-            hits[key][1] += int(cells.sum())
-    return {key: right / max(total, 1) for key, (right, total) in hits.items()}
 
 
 def main() -> None:
@@ -93,7 +68,7 @@ def main() -> None:
     samples = heldout_samples("edit", args.eval_n, 0)
     score, breakdown, _, _ = eval_edit(trained, samples, 32, True)
     result = {"name": args.name, "vq": args.vq or "shipped", "steps": args.steps, "edits_right": score,
-              "kept_rest": breakdown.get("kept_rest"), "copy_accuracy": copy_accuracy(trained, samples),
+              "kept_rest": breakdown.get("kept_rest"), "copy_accuracy": edit_copy_accuracy(trained, samples),
               "eval_loss": summary.get("eval_loss")}
     (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -14,6 +14,9 @@ from tokenloom.vq_training import (
     VQTrainConfig,
     VQTrainer,
     code_stability,
+    copied_target,
+    copy_ceiling,
+    grow_cells,
     evaluate_vq,
     load_config,
     parse_labels,
@@ -219,3 +222,22 @@ def test_code_stability_is_one_for_local_codes_and_lower_for_image_wide_ones():
     image_wide = ImageTokenizer.random(TINY)
     assert code_stability(image_wide, n=6, seed=0, sizes=SIZES) < 0.9
 
+
+
+def test_grow_cells_and_copied_target():
+    changed = np.zeros((4, 5), dtype=bool)
+    changed[0, 0] = True
+    assert grow_cells(changed, 0).sum() == 1
+    assert grow_cells(changed, 1).sum() == 4 and grow_cells(changed, 1)[1, 1]  # diagonals count
+    assert grow_cells(changed, 2)[:3, :3].all() and grow_cells(changed, 2).sum() == 9
+    source, target = np.zeros((4, 5), int), np.ones((4, 5), int)
+    drawn = copied_target(source, target, changed, 1)
+    assert drawn.sum() == 4 and drawn[1, 1] == 1 and drawn[3, 4] == 0
+    pixels = copied_target(np.zeros((4, 5, 3)), np.ones((4, 5, 3)), changed, 0)  # trailing code dims
+    assert pixels[0, 0].tolist() == [1, 1, 1] and pixels.sum() == 3
+
+
+def test_copy_ceiling_is_one_for_a_perfect_round_trip_and_zero_for_garbage():
+    # pixels as codes: copying every pixel the edit left alone redraws the edit exactly
+    assert copy_ceiling(_Identity(), n=5, seed=0, sizes=SIZES, margins=(0, 2)) == {0: 1.0, 2: 1.0}
+    assert copy_ceiling(_Blank(), n=5, seed=0, sizes=SIZES, margins=(1,)) == {1: 0.0}

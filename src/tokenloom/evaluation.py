@@ -18,12 +18,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from .document import Document, TextPart
 from .engine import check_guidance_scale
 from .pipeline import check_candidates
 from .report import image_grid
+from .vq_training import changed_cells
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
@@ -199,6 +202,28 @@ def score_edit(samples, images):
                         "kept_rest": kept_rest, "unchanged": unchanged})
     breakdown = _shares(stats)
     return sum(right) / len(right), breakdown, records
+
+
+@torch.inference_mode()
+def edit_copy_accuracy(pipe, samples) -> dict[str, float]:
+    """Teacher-forced top-1 accuracy of each edit's target codes, in the cells whose pixels the edit
+    leaves untouched and in those it changes: how well the model copies, apart from how it edits."""
+    code_ids = torch.as_tensor(np.asarray(pipe.vocab.code_ids), device=pipe.device)
+    hits = {"untouched": [0, 0], "changed": [0, 0]}
+    for s in samples:
+        before, after = s.images
+        source, target = (pipe.encode_image(im, *im.size) for im in (before, after))
+        doc = Document.chat([("user", [source, TextPart(s.prompt[1])]), ("assistant", [target])])
+        encoded = pipe.format.encode(doc, add_eos=False)
+        ids = torch.tensor(encoded.ids, device=pipe.device)
+        scored = torch.tensor(encoded.loss_mask, dtype=torch.bool, device=pipe.device)[1:]
+        scored &= torch.isin(ids[1:], code_ids)  # the target's codes, row by row
+        right = (pipe.model(ids[None, :-1])[0].argmax(-1) == ids[1:])[scored].reshape(target.codes.shape).cpu()
+        changed = changed_cells(before, after, target.codes.shape)
+        for key, cells in (("untouched", ~changed), ("changed", changed)):
+            hits[key][0] += int(right.numpy()[cells].sum())
+            hits[key][1] += int(cells.sum())
+    return {key: right / max(total, 1) for key, (right, total) in hits.items()}
 
 
 def eval_story(pipe, samples, batch_size, progress, seed):

@@ -42,7 +42,7 @@ from .checkpoint import atomic_write_bytes
 from .image_processing import ImageTokenizer
 from .precision import PRECISIONS, resolve_precision
 from .vqgan import VQGAN, VQGANConfig
-from .world import COLORS, parse, random_scene, render
+from .world import COLORS, matches, parse, random_scene, render
 from .world.tasks import edit_sample
 
 # Seed-stream tags: training batches, restarts and evaluation draw from different SeedSequence
@@ -275,6 +275,43 @@ def changed_cells(before, after, grid: tuple[int, int]) -> np.ndarray:
     h, w = grid
     changed = (np.asarray(before.convert("RGB")) != np.asarray(after.convert("RGB"))).any(-1)
     return changed.reshape(h, changed.shape[0] // h, w, changed.shape[1] // w).any(axis=(1, 3))
+
+
+def grow_cells(cells: np.ndarray, margin: int) -> np.ndarray:
+    """[h, w] bool: the cells within `margin` steps (8-neighbourhood) of a True cell."""
+    grown = np.asarray(cells, dtype=bool)
+    for _ in range(margin):
+        p = np.pad(grown, 1)
+        grown = np.logical_or.reduce([p[1 + dy:p.shape[0] - 1 + dy, 1 + dx:p.shape[1] - 1 + dx]
+                                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return grown
+
+
+def copied_target(source_codes, target_codes, changed: np.ndarray, margin: int) -> np.ndarray:
+    """What a model that copies draws: the target's codes within `margin` cells of a changed cell,
+    the source's everywhere else. Codes are [h, w] or [h, w, ...]; changed is [h, w]."""
+    near = grow_cells(changed, margin)
+    near = near.reshape(near.shape + (1,) * (np.ndim(target_codes) - 2))
+    return np.where(near, target_codes, source_codes)
+
+
+def copy_ceiling(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence[Size] = ((64, 64),),
+                 margins: Sequence[int] = (0, 1, 2)) -> dict[int, float]:
+    """Per margin: of code_stability's n held-out edits, the fraction that still parse back to the
+    edited scene when every cell farther than `margin` cells from the change keeps the source's code
+    (copied_target). How far a model that copies untouched codes can get, whatever the encoder does
+    to them: the decoder's reach decides it."""
+    rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
+    right = dict.fromkeys(margins, 0)
+    for _ in range(n):
+        sample = edit_sample(rng, sizes)
+        before, after = sample.images
+        source, target = (np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size))
+        changed = changed_cells(before, after, target.shape[:2])
+        drawn = image_tokenizer.decode([copied_target(source, target, changed, m) for m in margins])
+        for m, image in zip(margins, drawn):
+            right[m] += matches(parse(image), sample.scenes[1])
+    return {m: hits / max(n, 1) for m, hits in right.items()}
 
 
 def _to_image(arr: np.ndarray):
