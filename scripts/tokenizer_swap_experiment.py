@@ -122,5 +122,6 @@ def main() -> None:
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -257,17 +257,22 @@ def code_stability(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence
     At 1.0 a model that edits can copy untouched regions token for token. Codes that depend on the
     whole image (image-wide GroupNorm, attention, a receptive field wider than the image) score far
     lower, and the model must learn to redraw what did not change with other codes."""
-    rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
     same = cells = 0
-    for _ in range(n):
-        before, after = edit_sample(rng, sizes).images
-        codes = [np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size)]
-        h, w = codes[0].shape[:2]
-        untouched = ~changed_cells(before, after, (h, w))
-        equal = (codes[0] == codes[1]).reshape(h, w, -1).all(-1)
-        same += int((equal & untouched).sum())
-        cells += int(untouched.sum())
+    for _, source, target, changed in _heldout_edit_codes(image_tokenizer, n, seed, sizes):
+        equal = (source == target).reshape(*changed.shape, -1).all(-1)
+        same += int((equal & ~changed).sum())
+        cells += int((~changed).sum())
     return same / max(cells, 1)
+
+
+def _heldout_edit_codes(image_tokenizer, n: int, seed: int, sizes: Sequence[Size]):
+    """code_stability's n held-out edits, each as (sample, source codes, target codes, changed cells)."""
+    rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
+    for _ in range(n):
+        sample = edit_sample(rng, sizes)
+        before, after = sample.images
+        source, target = (np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size))
+        yield sample, source, target, changed_cells(before, after, target.shape[:2])
 
 
 def changed_cells(before, after, grid: tuple[int, int]) -> np.ndarray:
@@ -301,13 +306,8 @@ def copy_ceiling(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence[S
     edited scene when every cell farther than `margin` cells from the change keeps the source's code
     (copied_target). How far a model that copies untouched codes can get, whatever the encoder does
     to them: the decoder's reach decides it."""
-    rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
     right = dict.fromkeys(margins, 0)
-    for _ in range(n):
-        sample = edit_sample(rng, sizes)
-        before, after = sample.images
-        source, target = (np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size))
-        changed = changed_cells(before, after, target.shape[:2])
+    for sample, source, target, changed in _heldout_edit_codes(image_tokenizer, n, seed, sizes):
         drawn = image_tokenizer.decode([copied_target(source, target, changed, m) for m in margins])
         for m, image in zip(margins, drawn):
             right[m] += matches(parse(image), sample.scenes[1])
