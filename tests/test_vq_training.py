@@ -173,8 +173,10 @@ def test_evaluate_vq_scores_perfect_and_garbage_round_trips():
     assert perfect["parse_exact"] == 1.0 and perfect["psnr"] == 100.0
     assert set(perfect["sizes"]) == {"64x64", "96x64"} and perfect["n"] == 20
     assert 0 < perfect["codebook_usage"] <= 1
+    assert perfect["code_stability"] == 1.0 and perfect["copy_ceiling"] == {"0": 1.0, "1": 1.0, "2": 1.0}
     blank = evaluate_vq(_Blank(), n=10, seed=0, sizes=sizes)
     assert blank["parse_exact"] == 0.0 and blank["psnr"] < 25
+    assert blank["copy_ceiling"] == {"0": 0.0, "1": 0.0, "2": 0.0}
     untrained = evaluate_vq(ImageTokenizer.random(TINY), n=5, seed=0, sizes=((48, 48),))
     assert untrained["parse_exact"] == 0.0 and untrained["psnr"] < 15
     assert 0 < untrained["codebook_usage"] <= 1

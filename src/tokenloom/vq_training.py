@@ -15,7 +15,8 @@ generator seeded by (seed, step), so a resumed run repeats an uninterrupted one 
 
 The score that matters is `parse_exact`: the fraction of held-out renders whose reconstruction
 (encode -> decode -> uint8) parses back to exactly the rendered scene. For a model that edits,
-`code_stability` matters too: how many codes of untouched cells an edit leaves as they were.
+`code_stability` matters too: how many codes of untouched cells an edit leaves as they were, and
+`copy_ceiling`: how many edits still parse when a model copies those cells' codes from the source.
 
     python -m tokenloom.vq_training configs/shapes-tiny-vq.yaml --out /tmp/vq-run \
         --export src/tokenloom/assets/shapes-tiny
@@ -220,6 +221,7 @@ def evaluate_vq(image_tokenizer, n: int = 200, seed: int = 0,
     parse_exact   fraction of reconstructions whose parse equals the rendered scene
     codebook_usage  fraction of the codebook used by the images' codes
     code_stability  see `code_stability` (n edit pairs)
+    copy_ceiling    see `copy_ceiling` (the same n edit pairs), keyed by margin as a string
 
     Overall numbers average over all images; `sizes` holds the same per "WxH"."""
     per_size: dict[str, dict[str, float]] = {}
@@ -245,7 +247,9 @@ def evaluate_vq(image_tokenizer, n: int = 200, seed: int = 0,
     return {
         "psnr": float(np.mean(all_psnr)), "parse_exact": float(np.mean(all_exact)),
         "codebook_usage": len(used) / image_tokenizer.config.codebook_size, "n": len(all_exact),
-        "code_stability": code_stability(image_tokenizer, n, seed, sizes), "sizes": per_size,
+        "code_stability": code_stability(image_tokenizer, n, seed, sizes),
+        "copy_ceiling": {str(m): v for m, v in copy_ceiling(image_tokenizer, n, seed, sizes).items()},
+        "sizes": per_size,
     }
 
 
@@ -573,7 +577,7 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, steps: int, batch_size
                 _append_jsonl(metrics_path, {"kind": "eval", "step": done,
                                              "elapsed_s": round(time.monotonic() - start, 1), **ev})
                 bar.write(f"step {done}: psnr {ev['psnr']:.2f} parse_exact {ev['parse_exact']:.4f} "
-                          f"usage {ev['codebook_usage']:.3f}")
+                          f"usage {ev['codebook_usage']:.3f} stability {ev['code_stability']:.3f}")
             if done % train.checkpoint_every == 0 or done == train.steps or over_budget:
                 trainer.save()
             if over_budget:
