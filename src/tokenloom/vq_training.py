@@ -244,12 +244,11 @@ def evaluate_vq(image_tokenizer, n: int = 200, seed: int = 0,
             "psnr": float(np.mean(p)), "parse_exact": float(np.mean(exact)),
             "codebook_usage": len(size_used) / image_tokenizer.config.codebook_size, "n": n,
         }
+    stability, ceiling = edit_code_scores(image_tokenizer, n, seed, sizes, margins=(0, 1, 2))
     return {
         "psnr": float(np.mean(all_psnr)), "parse_exact": float(np.mean(all_exact)),
         "codebook_usage": len(used) / image_tokenizer.config.codebook_size, "n": len(all_exact),
-        "code_stability": code_stability(image_tokenizer, n, seed, sizes),
-        "copy_ceiling": {str(m): v for m, v in copy_ceiling(image_tokenizer, n, seed, sizes).items()},
-        "sizes": per_size,
+        "code_stability": stability, "copy_ceiling": {str(m): v for m, v in ceiling.items()}, "sizes": per_size,
     }
 
 
@@ -261,22 +260,29 @@ def code_stability(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence
     At 1.0 a model that edits can copy untouched regions token for token. Codes that depend on the
     whole image (image-wide GroupNorm, attention, a receptive field wider than the image) score far
     lower, and the model must learn to redraw what did not change with other codes."""
-    same = cells = 0
-    for _, source, target, changed in _heldout_edit_codes(image_tokenizer, n, seed, sizes):
-        equal = (source == target).reshape(*changed.shape, -1).all(-1)
-        same += int((equal & ~changed).sum())
-        cells += int((~changed).sum())
-    return same / max(cells, 1)
+    return edit_code_scores(image_tokenizer, n, seed, sizes, margins=())[0]
 
 
-def _heldout_edit_codes(image_tokenizer, n: int, seed: int, sizes: Sequence[Size]):
-    """code_stability's n held-out edits, each as (sample, source codes, target codes, changed cells)."""
+def edit_code_scores(image_tokenizer, n: int, seed: int, sizes: Sequence[Size],
+                     margins: Sequence[int]) -> tuple[float, dict[int, float]]:
+    """(code_stability, copy_ceiling at `margins`) from one pass over the same n held-out edits, so
+    a caller that wants both encodes each edit once; no margins: nothing is decoded."""
     rng = _rng(EVAL_STREAM, seed, STABILITY_TAG)
+    same = cells = 0
+    right = dict.fromkeys(margins, 0)
     for _ in range(n):
         sample = edit_sample(rng, sizes)
         before, after = sample.images
         source, target = (np.asarray(c) for c in image_tokenizer.encode([before, after], *before.size))
-        yield sample, source, target, changed_cells(before, after, target.shape[:2])
+        changed = changed_cells(before, after, target.shape[:2])
+        equal = (source == target).reshape(*changed.shape, -1).all(-1)
+        same += int((equal & ~changed).sum())
+        cells += int((~changed).sum())
+        if margins:
+            drawn = image_tokenizer.decode([copied_target(source, target, changed, m) for m in margins])
+            for m, image in zip(margins, drawn):
+                right[m] += matches(parse(image), sample.scenes[1])
+    return same / max(cells, 1), {m: hits / max(n, 1) for m, hits in right.items()}
 
 
 def changed_cells(before, after, grid: tuple[int, int]) -> np.ndarray:
@@ -310,12 +316,7 @@ def copy_ceiling(image_tokenizer, n: int = 200, seed: int = 0, sizes: Sequence[S
     edited scene when every cell farther than `margin` cells from the change keeps the source's code
     (copied_target). How far a model that copies untouched codes can get, whatever the encoder does
     to them: the decoder's reach decides it."""
-    right = dict.fromkeys(margins, 0)
-    for sample, source, target, changed in _heldout_edit_codes(image_tokenizer, n, seed, sizes):
-        drawn = image_tokenizer.decode([copied_target(source, target, changed, m) for m in margins])
-        for m, image in zip(margins, drawn):
-            right[m] += matches(parse(image), sample.scenes[1])
-    return {m: hits / max(n, 1) for m, hits in right.items()}
+    return edit_code_scores(image_tokenizer, n, seed, sizes, margins)[1]
 
 
 def _to_image(arr: np.ndarray):
