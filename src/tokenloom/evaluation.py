@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -208,7 +207,6 @@ def score_edit(samples, images):
 def edit_copy_accuracy(pipe, samples) -> dict[str, float]:
     """Teacher-forced top-1 accuracy of each edit's target codes, in the cells whose pixels the edit
     leaves untouched and in those it changes: how well the model copies, apart from how it edits."""
-    code_ids = torch.as_tensor(np.asarray(pipe.vocab.code_ids), device=pipe.device)
     hits = {"untouched": [0, 0], "changed": [0, 0]}
     for s in samples:
         before, after = s.images
@@ -217,7 +215,7 @@ def edit_copy_accuracy(pipe, samples) -> dict[str, float]:
         encoded = pipe.format.encode(doc, add_eos=False)
         ids = torch.tensor(encoded.ids, device=pipe.device)
         scored = torch.tensor(encoded.loss_mask, dtype=torch.bool, device=pipe.device)[1:]
-        scored &= torch.isin(ids[1:], code_ids)  # the target's codes, row by row
+        scored &= pipe.vocab.is_code(ids[1:])  # the target's codes, row by row
         right = (pipe.model(ids[None, :-1])[0].argmax(-1) == ids[1:])[scored].reshape(target.codes.shape).cpu()
         changed = changed_cells(before, after, target.codes.shape)
         for key, cells in (("untouched", ~changed), ("changed", changed)):
