@@ -840,5 +840,5 @@ def test_cli_expand(work, tiny_vq_dir):
     assert main(["expand", str(base), str(dst), "--vq", str(tiny_vq_dir)]) == 0
     pipe = Pipeline.from_pretrained(dst)
     assert pipe.vocab.codebook_size == pipe.image_tokenizer.config.codebook_size
-    with pytest.raises(SystemExit):
-        main(["expand", str(base), str(work / "cli_expanded2")])  # neither --codebook-size nor --vq
+    assert main(["expand", str(base), str(work / "cli_expanded2")]) == 2  # neither --codebook-size nor --vq
+    assert not (work / "cli_expanded2").exists()

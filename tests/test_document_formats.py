@@ -483,7 +483,7 @@ def test_random_sequences_only_raise_decode_error(formats) -> None:
 def test_document_basics() -> None:
     img = ImagePart(np.arange(6).reshape(2, 3))
     doc = Document.chat([("user", ["a", "", "b", img, "c"]), ("assistant", [""]), (None, img.codes)])
-    assert doc.text == "abc" and doc.images == [img, img] and len(doc.parts) == 7
+    assert doc.text == "ab\nc" and doc.images == [img, img] and len(doc.parts) == 7  # parts split by an image: a newline
     norm = doc.normalized()
     assert norm.turns[0].parts == [TextPart("ab"), img, TextPart("c")]
     assert norm.turns[1] == Turn("assistant", []) and len(norm.turns) == 3

@@ -18,6 +18,19 @@ import numpy as np
 ROLES: tuple[str | None, ...] = (None, "system", "user", "assistant")
 
 
+def check_text(text, what: str = "text") -> str:
+    """`text` if it is a str that UTF-8 can encode, else ValueError naming `what`. (Undecodable bytes in
+    a command line or a file read with errors="surrogateescape" arrive as lone surrogates.)"""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8: byte {bad!r} at character {e.start}") from None
+    return text
+
+
 @dataclass
 class TextPart:
     text: str
@@ -25,6 +38,7 @@ class TextPart:
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise TypeError(f"TextPart.text must be str, got {type(self.text).__name__}")
+        check_text(self.text)
 
 
 @dataclass(eq=False)
@@ -116,7 +130,20 @@ class Document:
 
     @property
     def text(self) -> str:
-        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+        """The text parts in order; text on either side of an image or a turn boundary is joined with a
+        newline, so words of different parts never run together."""
+        pieces, run = [], ""
+        for turn in self.turns:
+            for part in turn.parts:
+                if isinstance(part, TextPart):
+                    run += part.text
+                elif run:
+                    pieces.append(run)
+                    run = ""
+            if run:
+                pieces.append(run)
+                run = ""
+        return "\n".join(piece.strip("\n") for piece in pieces)
 
     def normalized(self) -> Document:
         """Merge adjacent text parts and drop empty ones; turns are kept as they are."""

@@ -11,21 +11,15 @@ writes report.json, summary.md, samples.png (t2i prompts' images, green border =
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageOps
 
 from .document import Document, TextPart
-from .engine import check_guidance_scale
-from .pipeline import check_candidates
 from .report import image_grid
-from .vq_training import changed_cells
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
@@ -203,27 +197,6 @@ def score_edit(samples, images):
     return sum(right) / len(right), breakdown, records
 
 
-@torch.inference_mode()
-def edit_copy_accuracy(pipe, samples) -> dict[str, float]:
-    """Teacher-forced top-1 accuracy of each edit's target codes, in the cells whose pixels the edit
-    leaves untouched and in those it changes: how well the model copies, apart from how it edits."""
-    hits = {"untouched": [0, 0], "changed": [0, 0]}
-    for s in samples:
-        before, after = s.images
-        source, target = (pipe.encode_image(im, *im.size) for im in (before, after))
-        doc = Document.chat([("user", [source, TextPart(s.prompt[1])]), ("assistant", [target])])
-        encoded = pipe.format.encode(doc, add_eos=False)
-        ids = torch.tensor(encoded.ids, device=pipe.device)
-        scored = torch.tensor(encoded.loss_mask, dtype=torch.bool, device=pipe.device)[1:]
-        scored &= pipe.vocab.is_code(ids[1:])  # the target's codes, row by row
-        right = (pipe.model(ids[None, :-1])[0].argmax(-1) == ids[1:])[scored].reshape(target.codes.shape).cpu()
-        changed = changed_cells(before, after, target.codes.shape)
-        for key, cells in (("untouched", ~changed), ("changed", changed)):
-            hits[key][0] += int(right.numpy()[cells].sum())
-            hits[key][1] += int(cells.sum())
-    return {key: right / max(total, 1) for key, (right, total) in hits.items()}
-
-
 def eval_story(pipe, samples, batch_size, progress, seed):
     """An image is right when it shows what the story's text says: the first the caption, each later one
     the previous (expected) scene after the sentence before it, as the model wrote the sentence.
@@ -340,41 +313,3 @@ def _candidates_line(settings) -> list[str]:
     return [f"Text-to-image keeps the best of {settings['image_candidates']} candidates (drawn at temperature "
             f"{drawn['temperature']}, top-k {drawn['top_k']}) by the model's own two-way likelihood "
             "(tokenloom.scoring).", ""]
-
-
-def main(argv=None) -> int:
-    from .pipeline import load
-
-    parser = argparse.ArgumentParser(prog="tokenloom eval", description="Score a model on held-out shapes-world "
-                                     "samples: exact scene matches, exact text matches.")
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    parser.add_argument("--out", required=True, help="output directory for report.json, summary.md, samples.png")
-    parser.add_argument("--n", type=int, default=200, help="samples per task (default 200)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance for text-to-image (default: the model's)")
-    parser.add_argument("--image-temperature", type=float, default=None, help="(default: the model's)")
-    parser.add_argument("--image-top-k", type=int, default=None, help="(default: the model's)")
-    parser.add_argument("--candidates", type=int, default=None,
-                        help="text-to-image candidates per prompt, best kept (default: the model's; 1: no reranking)")
-    args = parser.parse_args(argv)
-    try:
-        pipe = load(args.model, device=args.device)
-        if args.guidance_scale is not None:
-            check_guidance_scale(args.guidance_scale, "--guidance-scale")
-            pipe.config.guidance_scale = args.guidance_scale
-        if args.candidates is not None:
-            pipe.config.image_candidates = check_candidates(args.candidates, "--candidates")
-        overrides = {"temperature": args.image_temperature, "top_k": args.image_top_k}
-        pipe.config.image_sampling = pipe.sampling("image", **overrides).to_dict()  # checks the values
-        report = evaluate(pipe, args.out, n=args.n, tasks=[t for t in args.tasks.split(",") if t], seed=args.seed,
-                          batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in report.items() if k == "scores" or k.endswith("_breakdown")}, indent=2))
-    print(f"wrote {Path(args.out) / 'report.json'}, summary.md and the image grids", file=sys.stderr)
-    return 0

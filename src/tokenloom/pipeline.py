@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, atomic_write_json, iter_weights, save_weights
-from .document import Document, ImagePart, TextPart
-from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams
-from .engine.sampling import default_image_sampling, default_text_sampling
+from .document import Document, ImagePart, TextPart, check_text
+from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, check_guidance_scale
+from .engine.sampling import check_integer, default_image_sampling, default_text_sampling
 from .formats import Format, get_format, resolution_prompt
 from .image_processing import ImageTokenizer, check_image_size, load_image
 from .model import ModelConfig, Transformer
@@ -80,14 +81,52 @@ def check_candidates(value, name: str) -> int:
     return value
 
 
-def _torch_dtype(dtype) -> torch.dtype | None:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+MAX_NUM_IMAGES = 1000  # images per prompt in one call: each is kept until its batch is done
+
+
+def torch_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from its name ("bfloat16", "bf16", ...), or None for "as saved"."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+_torch_dtype = torch_dtype  # TODO(lead): drop once train/trainer.py imports torch_dtype
+
+
+def torch_device(device) -> torch.device:
+    """A torch device that this machine has, or ValueError saying why not (default: cpu)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    backends = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if device.type in backends:
+        backend = backends[device.type]
+        if backend is None or not backend.is_available():
+            raise ValueError(f"device {str(device)!r} is not available here: this torch build ({torch.__version__}) "
+                             f"has no {device.type.upper()} support or sees no such device")
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: {count} {device.type} device(s) visible")
+    elif device.type not in ("cpu", "meta"):
+        raise ValueError(f"unsupported device {str(device)!r}; expected cpu, cuda, cuda:N, mps or xpu")
+    return device
+
+
+def _prompt_list(prompts, name: str = "prompts") -> tuple[list, bool]:
+    """(prompts as a list, whether one prompt was given rather than a list)."""
+    if isinstance(prompts, (str, Document)):
+        return [prompts], True
+    if isinstance(prompts, (list, tuple)) and prompts:
+        return list(prompts), False
+    raise ValueError(f"{name} must be a string, a Document or a non-empty list of them, got {prompts!r:.80}")
 
 
 class Pipeline:
@@ -119,8 +158,8 @@ class Pipeline:
         for key in ("model", "vocab", "pipeline"):
             if key not in config:
                 raise ValueError(f"{config_path} has no {key!r} section")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = _torch_dtype(dtype)
+        device = torch_device(device)
+        dtype = torch_dtype(dtype)
         model = load_model(path, ModelConfig.from_dict(config["model"]), device, dtype)
         vocab = Vocabulary.from_dict(config["vocab"])
         text_tokenizer = TextTokenizer.from_pretrained(path)
@@ -145,6 +184,16 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        """Move the model (and the image tokenizer) to a device and/or cast the model's weights, in
+        place, like `torch.nn.Module.to`; the VQGAN stays float32 (its codes depend on it)."""
+        device = None if device is None else torch_device(device)
+        self.model.to(device=device, dtype=torch_dtype(dtype))
+        if device is not None and self.image_tokenizer is not None:
+            self.image_tokenizer.vqgan.to(device)
+        self._engine = None  # the engine's grammar tables live on the old device
+        return self
 
     # -- generation -----------------------------------------------------------------------------
     @property
@@ -173,9 +222,10 @@ class Pipeline:
         return SamplingParams.from_dict(base)
 
     def grid_size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        """(height, width) in codes for a pixel size, checked against the model's limits."""
-        width = width or self.config.image_width
-        height = height or self.config.image_height
+        """(height, width) in codes for a pixel size (None: the model's default), checked against the
+        model's limits."""
+        width = self.config.image_width if width is None else check_integer(width, "width", low=1)
+        height = self.config.image_height if height is None else check_integer(height, "height", low=1)
         check_image_size(width, height, self.factor, self.config.max_image_side)
         h, w = height // self.factor, width // self.factor
         if self.config.layout == "flat" and (h, w) != tuple(self.config.flat_grid):
@@ -190,8 +240,13 @@ class Pipeline:
 
     def encode_image(self, image, width: int | None = None, height: int | None = None) -> ImagePart:
         """A PIL image or a path -> an ImagePart at the model's image size (or the one given)."""
+        if self.image_tokenizer is None:
+            raise ValueError("this model has no image tokenizer (no vq_config.json in its directory): "
+                             "it cannot read images")
         if isinstance(image, (str, Path)):
             image = load_image(image)
+        elif not isinstance(image, Image.Image):
+            raise ValueError(f"an image must be a PIL image or a path, got {type(image).__name__}")
         if width is None and height is None and self.config.layout == "unirep":
             width, height = self.config.image_width, self.config.image_height
         h, w = self.grid_size(width, height)
@@ -214,12 +269,20 @@ class Pipeline:
             raise ValueError(f"unconditional_context names {missing}, which this vocabulary does not have")
         return ids
 
-    def generate_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
-                        guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
-                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        candidates: int | None = None, batch_size: int = 16, progress: bool = False) -> list:
-        """Text to image. Returns PIL images: num_images per prompt, in prompt order.
+    def generate_images(self, prompts: str | list[str], **kwargs) -> list:
+        """Text to image. Returns PIL images: num_images per prompt, in prompt order (see `iter_images`
+        for the arguments)."""
+        return [image for _, _, image in self.iter_images(prompts, **kwargs)]
 
+    def iter_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
+                    guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    candidates: int | None = None, batch_size: int = 16, progress: bool = False):
+        """Text to image, one image at a time as each is done: yields (prompt index, image index, PIL
+        image) in prompt order, so a caller can write each one before the next is drawn.
+
+        Every argument is checked before anything is drawn. `seed` None samples with fresh randomness;
+        a seed makes the call reproducible (draw k of prompt i uses seed + i * draws per prompt + k).
         With candidates > 1 (default: the config's image_candidates) each image is the best of that many
         draws, sampled with the config's candidate_sampling, by `tokenloom.scoring.rerank_scores`.
         """
@@ -227,10 +290,11 @@ class Pipeline:
 
         from .scoring import best_candidate
 
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        prompts = [check_text(p, "prompt") for p in _prompt_list(prompts)[0]]
+        check_integer(num_images, "num_images", low=1, high=MAX_NUM_IMAGES)
+        check_integer(batch_size, "batch_size", low=1)
+        if seed is not None:
+            check_integer(seed, "seed", low=0)
         n_candidates = check_candidates(self.config.image_candidates if candidates is None else candidates,
                                         "candidates")
         if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
@@ -240,69 +304,130 @@ class Pipeline:
         h, w = self.grid_size(width, height)
         px_w, px_h = w * self.factor, h * self.factor
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance_scale(scale)
         image_params = self.sampling("candidate" if n_candidates > 1 else "image",
                                      temperature=temperature, top_k=top_k, top_p=top_p)
         per_prompt = num_images * n_candidates
         max_new_tokens, uncond_ids = self.format.image_length(h, w) + 1, self.unconditional_prompt()
-        requests, prompt_texts = [], []
-        for i, prompt in enumerate(prompts):
-            prompt_doc = self.image_prompt(prompt, px_w, px_h)
-            prompt_texts.append(prompt_doc.text)
-            ids = self.format.encode(prompt_doc, generation_role="assistant").ids
-            for k in range(per_prompt):
-                requests.append(GenerationRequest(
-                    ids, mode="image", image_size=(h, w), max_new_tokens=max_new_tokens, image=image_params,
-                    guidance_scale=scale, uncond_prompt_ids=uncond_ids,
-                    seed=None if seed is None else seed + i * per_prompt + k))
-        drawn: list[ImagePart | None] = []
-        with tqdm(total=len(requests), desc="drawing", unit="image", disable=not progress) as bar:
-            for start in range(0, len(requests), batch_size):
-                batch = requests[start:start + batch_size]
+        prompt_docs = [self.image_prompt(prompt, px_w, px_h) for prompt in prompts]
+        prompt_ids = [self.format.encode(doc, generation_role="assistant").ids for doc in prompt_docs]
+
+        def request(j: int) -> GenerationRequest:  # draw j of the whole call
+            return GenerationRequest(
+                prompt_ids[j // per_prompt], mode="image", image_size=(h, w), max_new_tokens=max_new_tokens,
+                image=image_params, guidance_scale=scale, uncond_prompt_ids=uncond_ids,
+                seed=None if seed is None else seed + j)
+
+        total = len(prompts) * per_prompt
+        drawn: list[ImagePart | None] = []  # draws of groups not yet complete
+        done = 0  # draws before drawn[0]
+        with tqdm(total=total, desc="drawing", unit="image", disable=not progress) as bar:
+            for start in range(0, total, batch_size):
+                batch = [request(j) for j in range(start, min(total, start + batch_size))]
                 drawn += [(result.image_parts or [None])[0] for result in self.engine.generate(batch)]
                 bar.update(len(batch))
-        images = []
-        for j in range(0, len(drawn), n_candidates):
-            group = drawn[j:j + n_candidates]
-            i = j // per_prompt
-            best = group[0] if n_candidates == 1 else group[best_candidate(self, prompts[i], prompt_texts[i], group)]
-            images.append(None if best is None else best.pixels)
-        return images
+                while len(drawn) >= n_candidates:
+                    group, drawn = drawn[:n_candidates], drawn[n_candidates:]
+                    i, k = divmod(done // n_candidates, num_images)
+                    best = group[0] if n_candidates == 1 else group[
+                        best_candidate(self, prompts[i], prompt_docs[i].text, group)]
+                    done += n_candidates
+                    yield i, k, None if best is None else best.pixels
 
     def chat_request(self, document: Document, *, mode: str = "any", max_new_tokens: int | None = None,
                      guidance_scale: float | None = None, seed: int | None = None,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     do_sample: bool | None = None, repetition_penalty: float | None = None,
+                     image_temperature: float | None = None, image_top_k: int | None = None,
+                     image_top_p: float | None = None, width: int | None = None, height: int | None = None,
                      text_sampling: dict | None = None, image_sampling: dict | None = None,
                      image_size: tuple[int, int] | None = None) -> GenerationRequest:
+        """One engine request for a document, with Hugging Face `generate` keyword names: `temperature`,
+        `top_k`, `top_p`, `repetition_penalty` for text, `image_temperature`, `image_top_k`,
+        `image_top_p` for images, `do_sample=False` for greedy decoding of both; `width` and `height`
+        (pixels) or `image_size` ((height, width) codes) fix the size of drawn images. `text_sampling`
+        and `image_sampling` take the same settings as dicts (the keywords win)."""
+        if not isinstance(document, Document):
+            raise ValueError(f"expected a Document, got {type(document).__name__}")
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        greedy = {"temperature": 0.0} if do_sample is False else {}
+        text = {**(text_sampling or {}), **_given(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                  repetition_penalty=repetition_penalty), **greedy}
+        image = {**(image_sampling or {}), **_given(temperature=image_temperature, top_k=image_top_k,
+                                                    top_p=image_top_p), **greedy}
+        max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        check_integer(max_new_tokens, "max_new_tokens", low=1)
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance_scale(scale)
+        if seed is not None:
+            check_integer(seed, "seed", low=0)
         ids = self.format.encode(document, generation_role="assistant").ids
-        if image_size is None and self.config.layout == "unirep" and mode != "text" and self.image_tokenizer:
+        if width is not None or height is not None:
+            image_size = self.grid_size(width, height)
+        elif image_size is None and self.config.layout == "unirep" and mode != "text" and self.image_tokenizer:
             image_size = self.grid_size(None, None)
         return GenerationRequest(
-            ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-            text=self.sampling("text", **(text_sampling or {})), image=self.sampling("image", **(image_sampling or {})),
-            guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
+            ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens,
+            text=self.sampling("text", **text), image=self.sampling("image", **image), guidance_scale=scale,
             uncond_prompt_ids=self.unconditional_prompt(), seed=seed)
 
     def user_document(self, prompt: str, images=()) -> Document:
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
         parts = [self.encode_image(im) for im in images]
         if prompt:
-            parts.append(TextPart(prompt))
+            parts.append(TextPart(check_text(prompt, "prompt")))
         return Document.chat([("user", parts)])
 
-    def chat(self, prompt: str | Document, images=(), **kwargs) -> GenerationResult:
-        """Interleaved answer (text and images) to a user turn of text and optional images."""
-        doc = prompt if isinstance(prompt, Document) else self.user_document(prompt, images)
-        return self.engine.generate([self.chat_request(doc, **kwargs)])[0]
+    def _requests(self, prompts, images, kwargs) -> tuple[list[GenerationRequest], bool]:
+        """Requests for one prompt or a list of them (`images`: that prompt's images, or one list of
+        images per prompt); a seed s gives prompt i the seed s + i."""
+        prompts, single = _prompt_list(prompts)
+        if single:
+            images = [images]
+        elif not images:
+            images = [()] * len(prompts)
+        elif len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+        seed = kwargs.pop("seed", None)
+        requests = []
+        for i, (prompt, ims) in enumerate(zip(prompts, images)):
+            doc = prompt if isinstance(prompt, Document) else self.user_document(prompt, ims)
+            requests.append(self.chat_request(doc, seed=None if seed is None else seed + i, **kwargs))
+        return requests, single
 
-    def stream(self, prompt: str | Document, images=(), **kwargs):
-        doc = prompt if isinstance(prompt, Document) else self.user_document(prompt, images)
-        return self.engine.stream([self.chat_request(doc, **kwargs)])
+    def chat(self, prompt: str | Document | list, images=(), **kwargs):
+        """Interleaved answer (text and images) to a user turn of text and optional images. A list of
+        prompts is answered in one batch and gives a list of results. Keywords: see `chat_request`."""
+        requests, single = self._requests(prompt, images, kwargs)
+        results = self.engine.generate(requests)
+        return results[0] if single else results
 
-    def ask(self, image, question: str, **kwargs) -> str:
-        """Image understanding: a text answer about an image."""
+    def stream(self, prompt: str | Document | list, images=(), **kwargs):
+        """Events (TextDelta, ImageStarted, ImageRow, ImageDone, TurnEnd, Finished) as they happen; with a
+        list of prompts, each event's `row` is its prompt's index."""
+        requests, _ = self._requests(prompt, images, kwargs)
+        return self.engine.stream(requests)
+
+    def ask(self, image, question: str | list[str], **kwargs):
+        """Image understanding: a text answer about an image. A list of images (and one question, or one
+        question per image) gives a list of answers, from one batch."""
         kwargs.setdefault("mode", "text")
+        if isinstance(image, (list, tuple)):
+            questions = [question] * len(image) if isinstance(question, str) else list(question)
+            if len(questions) != len(image):
+                raise ValueError(f"got {len(image)} images but {len(questions)} questions")
+            return [r.text.strip() for r in self.chat(questions, images=[[im] for im in image], **kwargs)]
         return self.chat(question, images=[image], **kwargs).text.strip()
 
-    def caption(self, image, **kwargs) -> str:
+    def caption(self, image, **kwargs):
+        """A description of an image (or a list of descriptions of a list of images)."""
         return self.ask(image, self.config.caption_prompt, **kwargs)
+
+
+def _given(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> Transformer:
@@ -365,7 +490,7 @@ def _load_pipeline(path, device, dtype) -> Pipeline:
                   "its outputs are noise", stacklevel=2)
     pipe = random_pipeline()
     if device is not None or dtype is not None:
-        pipe.model.to(device=device, dtype=_torch_dtype(dtype))
+        pipe.to(device, dtype)
     return pipe
 
 

@@ -12,6 +12,8 @@ again when an image starts.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,17 +23,24 @@ import torch
 from ..document import Document, ImagePart, TextPart
 from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
 from .grammar import CODES, END, HEIGHT, WIDTH, Grammar, GrammarTables
-from .sampling import SamplingParams, apply_repetition_penalty, sample
+from .sampling import SamplingParams, apply_repetition_penalty, check_integer, sample
 
 MAX_GUIDANCE_SCALE = 20.0  # far past any useful scale; larger ones only amplify noise into garbage
 
 
 def check_guidance_scale(value: float, what: str = "guidance_scale") -> None:
     """Guidance scales are finite and in [1, MAX_GUIDANCE_SCALE] (1 = unguided)."""
-    if not (math.isfinite(value) and 1.0 <= value <= MAX_GUIDANCE_SCALE):
-        raise ValueError(f"{what} must be in [1, {MAX_GUIDANCE_SCALE:g}], got {value}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and 1.0 <= value <= MAX_GUIDANCE_SCALE):
+        raise ValueError(f"{what} must be in [1, {MAX_GUIDANCE_SCALE:g}], got {value!r}")
 
 COND, UNCOND, IMAGE_ONLY = 0, 1, 2
+
+
+def fresh_seed() -> int:
+    """A seed from the operating system's randomness, for a request that names none (63 bits: any
+    torch generator takes it, and JSON keeps it exact)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 @dataclass
@@ -49,7 +58,7 @@ class GenerationRequest:
     uncond_prompt_ids: list[int] = field(default_factory=list)
     image_guidance_scale: float | None = None  # three-way guidance (editing) when set
     image_cond_prompt_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = None  # None: fresh randomness (the seed drawn is kept in the result)
 
 
 @dataclass
@@ -57,6 +66,7 @@ class GenerationResult:
     ids: list[int]
     document: Document
     finish_reason: str  # "stop" or "length"
+    seed: int | None = None  # the seed the request sampled with: given, or drawn fresh
 
     @property
     def image_parts(self) -> list[ImagePart]:
@@ -74,8 +84,8 @@ class GenerationResult:
 class _RowOutput:
     """Turns one request's tokens into events and document parts as they come."""
 
-    def __init__(self, index: int, engine: "Engine"):
-        self.index, self.engine = index, engine
+    def __init__(self, index: int, engine: "Engine", seed: int):
+        self.index, self.engine, self.seed = index, engine, seed
         self.ids: list[int] = []
         self.parts: list = []
         self.text_ids: list[int] = []
@@ -135,7 +145,7 @@ class _RowOutput:
                 events.append(TurnEnd(self.index))
             reason = "stop" if flags["stopped"] else "length"
             doc = Document.from_parts(self.parts, role="assistant")
-            events.append(Finished(self.index, GenerationResult(list(self.ids), doc, reason)))
+            events.append(Finished(self.index, GenerationResult(list(self.ids), doc, reason, self.seed)))
         return events
 
 
@@ -175,8 +185,9 @@ class Engine:
         for i, r in enumerate(requests):
             if not r.prompt_ids:
                 raise ValueError(f"request {i}: empty prompt")
-            if r.max_new_tokens < 1:
-                raise ValueError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+            check_integer(r.max_new_tokens, f"request {i}: max_new_tokens", low=1)
+            if r.seed is not None:
+                check_integer(r.seed, f"request {i}: seed", low=0, high=2**64 - 1)
             total = len(r.prompt_ids) + r.max_new_tokens
             if total > limit:
                 raise ValueError(f"request {i}: prompt of {len(r.prompt_ids)} tokens plus max_new_tokens "
@@ -198,9 +209,12 @@ class Engine:
                 raise ValueError(f"request {i}: image_guidance_scale needs image_cond_prompt_ids")
 
     def _rows(self, requests):
-        """Expand requests into batch rows: (request index, kind, prompt ids)."""
+        """Expand requests into batch rows: (request index, kind, prompt ids). Guidance acts inside
+        image spans only, so a text-only request gets no guidance rows whatever its scales say."""
         rows = [(i, COND, r.prompt_ids) for i, r in enumerate(requests)]
         for i, r in enumerate(requests):
+            if r.mode == "text":
+                continue
             three_way = r.image_guidance_scale is not None
             if r.guidance_scale != 1.0 or three_way:
                 rows.append((i, UNCOND, r.uncond_prompt_ids))
@@ -242,14 +256,9 @@ class Engine:
         grammar = Grammar(self.tables, [r.mode for r in requests], [r.image_size for r in requests],
                           [r.max_new_tokens for r in requests], dev)
         params = _ParamTable(requests, dev)
-        generators = []
-        for r in requests:
-            gen = None
-            if r.seed is not None:
-                gen = torch.Generator(device=dev)
-                gen.manual_seed(r.seed)
-            generators.append(gen)
-        outputs = [_RowOutput(i, self) for i in range(b)]
+        seeds = [fresh_seed() if r.seed is None else r.seed for r in requests]
+        generators = [torch.Generator(device=dev).manual_seed(seed) for seed in seeds]
+        outputs = [_RowOutput(i, self, seed) for i, seed in enumerate(seeds)]
         seen = torch.zeros((b, self.vocab.size), dtype=torch.bool, device=dev)
         text_mask = self.vocab.text_mask.to(dev)
         guide = _Guidance(rows, requests, dev)

@@ -8,7 +8,35 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import math
+import numbers
+
 import torch
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None,
+                 open_low: bool = False) -> float:
+    """A finite real number within [low, high] ((low, high] with open_low), or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if open_low else value < low):
+        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high:g}, got {value!r}")
+    return float(value)
+
+
+def check_integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An integer (not a bool, not 2.5) within [low, high], or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -21,14 +49,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_number(self.temperature, "temperature", low=0.0)
+        if self.top_k is not None:
+            check_integer(self.top_k, "top_k", low=1)
+        if self.top_p is not None:
+            check_number(self.top_p, "top_p", low=0.0, high=1.0, open_low=True)
+        check_number(self.repetition_penalty, "repetition_penalty", low=0.0, open_low=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,84 @@
+"""The converter verbs: convert, expand, export."""
+
+from __future__ import annotations
+
+DTYPES = ["bfloat16", "float16", "float32"]
+
+
+def _wrote(path) -> int:
+    print(f"wrote {path}")
+    return 0
+
+
+def _options(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+def convert_arguments(p) -> None:
+    KINDS = ("chameleon-meta", "chameleon-hf", "lumina-mgpt")  # tokenloom.convert.KINDS, without importing it
+    p.description = ("Convert a real checkpoint (Chameleon, Anole, Lumina-mGPT) into a tokenloom model directory. "
+                     "Weights stream from memory-mapped files; nothing is unpickled beyond plain tensors.")
+    p.add_argument("--from", dest="kind", required=True, choices=KINDS, help="checkpoint layout")
+    p.add_argument("src", help="checkpoint directory")
+    p.add_argument("dst", help="output model directory")
+    p.add_argument("--vqgan", help="Meta's vqgan.ckpt + vqgan.yaml (a directory or the .ckpt); HF layouts "
+                   "drop the VQ decoder, so without it the model can read images but not draw")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--profile", choices=["chameleon", "anole"], help="Chameleon-family defaults "
+                   "(chameleon-meta / chameleon-hf)")
+    p.add_argument("--resolution", type=int, choices=[512, 768, 1024], help="Lumina-mGPT default image side")
+    p.add_argument("--tokenizer", help="tokenizer.json (or Meta's tokenizer/ directory) if not in SRC")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+
+
+def run_convert(a) -> int:
+    from ..convert import convert
+
+    options = _options(vqgan=a.vqgan, dtype=a.dtype, overwrite=a.overwrite)
+    if a.kind == "lumina-mgpt":
+        if a.profile:
+            raise ValueError("--profile applies to chameleon-meta and chameleon-hf")
+        options.update(_options(resolution=a.resolution, tokenizer=a.tokenizer))
+    else:
+        if a.resolution:
+            raise ValueError("--resolution applies to lumina-mgpt")
+        tokenizer_key = "tokenizer_dir" if a.kind == "chameleon-meta" else "tokenizer"
+        options.update(_options(profile=a.profile, **{tokenizer_key: a.tokenizer}))
+    return _wrote(convert(a.kind, a.src, a.dst, **options))
+
+
+def expand_arguments(p) -> None:
+    p.description = ("Liquid-style: turn a Hugging Face Llama/Qwen/Gemma-family causal LM into a multimodal "
+                     "generator by appending image-code rows (initialised at the mean of the existing rows) and "
+                     "special tokens. Text logits for text-only input are unchanged.")
+    p.add_argument("base", help="HF model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("dst", help="output model directory")
+    p.add_argument("--codebook-size", type=int, help="image codes to add (default: the --vq codebook's)")
+    p.add_argument("--vq", help="image tokenizer: a tokenloom VQ directory or vqgan.ckpt + vqgan.yaml")
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_expand(a) -> int:
+    from ..convert import expand
+
+    if a.codebook_size is None and a.vq is None:
+        raise ValueError("give --codebook-size N, --vq PATH, or both")
+    if a.codebook_size is not None and a.codebook_size < 1:
+        raise ValueError(f"--codebook-size must be >= 1, got {a.codebook_size}")
+    return _wrote(expand(a.base, a.dst, a.codebook_size, a.vq, **_options(dtype=a.dtype, overwrite=a.overwrite)))
+
+
+def export_arguments(p) -> None:
+    p.description = ("Export a tokenloom model directory to the Hugging Face Chameleon layout "
+                     "(ChameleonForConditionalGeneration).")
+    p.add_argument("src", help="tokenloom model directory")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(a) -> int:
+    from ..convert import export
+
+    return _wrote(export(a.src, a.dst, **_options(dtype=a.dtype, overwrite=a.overwrite)))

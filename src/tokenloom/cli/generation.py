@@ -1,0 +1,303 @@
+"""The model verbs: info, demo, generate, chat, caption, ask, init-random."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..engine.sampling import check_integer
+
+MAX_PROMPTS = 10_000  # bound on --prompts-file lines
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on GPUs)")
+
+
+def _sampling_args(p, image: bool = False) -> None:
+    kind = "image" if image else "text"
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default: a fresh one, printed with --verbose); a seed reproduces a run")
+    p.add_argument("--temperature", type=float, default=None, help=f"{kind} sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help=f"{kind} top-k")
+    p.add_argument("--top-p", type=float, default=None, help=f"{kind} top-p (nucleus)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the seed used and where files went")
+
+
+def _load(args):
+    from ..pipeline import load
+
+    return load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+
+
+def _seed(args) -> int:
+    """The run's seed: the one given, or a fresh one (told with --verbose, so the run can be repeated)."""
+    from ..engine.engine import fresh_seed
+
+    if args.seed is not None:
+        return check_integer(args.seed, "--seed", low=0, high=2**63 - 1)
+    seed = fresh_seed() >> 32  # short enough to type back
+    if args.verbose:
+        print(f"seed: {seed} (repeat this run with --seed {seed})", file=sys.stderr)
+    return seed
+
+
+def _positive(args, *names: str) -> None:
+    """Sizes and counts given as 0 (or less) are errors, not "the default"."""
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+# -- info, init-random --------------------------------------------------------------------------------
+def info_arguments(p) -> None:
+    _model_args(p)
+
+
+def run_info(args) -> int:
+    pipe = _load(args)
+    m = pipe.model.config
+    print(json.dumps({"model": {**m.to_dict(), "parameters": pipe.model.num_parameters()},
+                      "vocab": {"size": pipe.vocab.size, "codebook_size": pipe.vocab.codebook_size,
+                                "max_grid_size": pipe.vocab.max_grid_size, "specials": pipe.vocab.specials},
+                      "pipeline": pipe.config.to_dict(),
+                      "image_tokenizer": None if pipe.image_tokenizer is None else
+                      {"downsample_factor": pipe.image_tokenizer.factor}}, indent=2, default=str))
+    return 0
+
+
+def init_random_arguments(p) -> None:
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["unirep", "flat"], default="unirep")
+
+
+def run_init_random(args) -> int:
+    from ..pipeline import random_pipeline
+
+    out = _writable_dir(args.out, "output directory")
+    random_pipeline(seed=args.seed, layout=args.layout).save_pretrained(out)
+    print(f"wrote a randomly initialised pipeline to {out}")
+    return 0
+
+
+# -- output paths, checked before any drawing ---------------------------------------------------------------
+def _writable_dir(path: str, what: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {out} is not writable")
+    return out
+
+
+def _image_path(path: str) -> Path:
+    from PIL import Image
+
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'image.png'}")
+    _writable_dir(str(out.parent), "directory of --out")
+    return out
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} does not exist or is not a file")
+    if p.stat().st_size > 64 * MAX_PROMPTS * 100:
+        raise ValueError(f"prompts file {p} is {p.stat().st_size} bytes; too large for {MAX_PROMPTS} prompts")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {p} is not UTF-8 text: byte {e.object[e.start:e.start + 1]!r} at "
+                         f"offset {e.start}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {p} has no prompts")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"prompts file {p} has {len(prompts)} prompts; at most {MAX_PROMPTS}")
+    return prompts
+
+
+# -- generate ---------------------------------------------------------------------------------------------
+def generate_arguments(p) -> None:
+    from ..pipeline import MAX_NUM_IMAGES
+
+    p.add_argument("prompt", nargs="?", help="the image description")
+    p.add_argument("--out", help="output PNG (with PROMPT); with --num-images K: FILE_0.png ... FILE_{K-1}.png")
+    p.add_argument("--prompts-file", help="one prompt a line; writes DIR/0000.png, DIR/0001.png, ...")
+    p.add_argument("--out-dir", help="output directory (with --prompts-file)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (1 = off)")
+    p.add_argument("--num-images", type=int, default=1, help=f"images per prompt (at most {MAX_NUM_IMAGES})")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="draw this many per image and keep the one the model itself rates best for the prompt "
+                        "(default: the model's image_candidates; 1 = no reranking)")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated in one batch")
+    _sampling_args(p, image=True)
+    _model_args(p)
+
+
+def run_generate(args) -> int:
+    from ..pipeline import MAX_NUM_IMAGES
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give either PROMPT or --prompts-file")
+    if args.prompt is not None and not args.out:
+        raise ValueError("--out FILE.png is required with PROMPT")
+    if args.prompts_file is not None and not args.out_dir:
+        raise ValueError("--out-dir DIR is required with --prompts-file")
+    _positive(args, "width", "height", "num-images", "candidates", "batch-size")
+    check_integer(args.num_images, "--num-images", high=MAX_NUM_IMAGES)
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+    # Every path is checked before the model draws anything; each image is written as soon as it is done.
+    if args.prompt is not None:
+        out = _image_path(args.out)
+
+        def path_of(i, k):
+            return out if args.num_images == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
+    else:
+        out_dir = _writable_dir(args.out_dir, "--out-dir")
+
+        def path_of(i, k):
+            return out_dir / (f"{i:04d}.png" if args.num_images == 1 else f"{i:04d}_{k}.png")
+    seed = _seed(args)
+    pipe = _load(args)
+    images = pipe.iter_images(prompts, width=args.width, height=args.height, guidance_scale=args.guidance_scale,
+                              seed=seed, num_images=args.num_images, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, candidates=args.candidates,
+                              batch_size=args.batch_size, progress=True)
+    for i, k, image in images:
+        path = path_of(i, k)
+        if image is None:
+            print(f"{path}: the model drew no image for prompt {i + 1}", file=sys.stderr)
+            continue
+        image.save(path)
+        print(path, flush=True)
+    return 0
+
+
+# -- chat, caption, ask -------------------------------------------------------------------------------------
+def chat_arguments(p) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    p.add_argument("--out", required=True, help="output directory for index.md, index.html and PNGs")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--image-temperature", type=float, default=None, help="image sampling temperature")
+    p.add_argument("--image-top-k", type=int, default=None, help="image top-k")
+    _sampling_args(p)
+    _model_args(p)
+
+
+def _text_sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def run_chat(args) -> int:
+    from ..document import Document, ImagePart, TextPart
+    from ..report import save_document
+
+    _positive(args, "max-new-tokens")
+    out = _writable_dir(args.out, "--out")
+    seed = _seed(args)
+    pipe = _load(args)
+    user = pipe.user_document(args.prompt, args.image)
+    result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
+                       image_temperature=args.image_temperature, image_top_k=args.image_top_k,
+                       **_text_sampling(args))
+    paths = save_document(Document(user.turns + result.document.turns), out, title="tokenloom chat")
+    # The answer as a reader sees it: text parts, and a line per image naming its file.
+    n_before = sum(p.pixels is not None for p in user.images)
+    n = 0
+    for part in result.document.parts:
+        if isinstance(part, TextPart):
+            print(part.text.strip())
+        elif isinstance(part, ImagePart):
+            name = f"image_{n_before + n:03d}.png" if part.pixels is not None else "not decoded"
+            n += part.pixels is not None
+            print(f"[image {part.width}x{part.height} codes: {out / name}]")
+    if args.verbose:
+        print(f"wrote {paths['markdown']} and {paths['html']}", file=sys.stderr)
+    return 0
+
+
+def caption_arguments(p) -> None:
+    p.add_argument("image")
+    _sampling_args(p)
+    _model_args(p)
+
+
+def ask_arguments(p) -> None:
+    p.add_argument("image")
+    p.add_argument("question")
+    _sampling_args(p)
+    _model_args(p)
+
+
+def run_ask(args) -> int:
+    from ..image_processing import load_image
+
+    image = load_image(args.image)  # before the model loads: a bad file fails fast
+    seed = _seed(args)
+    pipe = _load(args)
+    if args.verb == "caption":
+        print(pipe.caption(image, seed=seed, **_text_sampling(args)))
+    else:
+        print(pipe.ask(image, args.question, seed=seed, **_text_sampling(args)))
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------------------
+DEMO_PROMPTS = ["a large red circle in the center", "a small blue square at the top left and a large yellow "
+                "triangle at the bottom right", "a green triangle on the left, a purple circle in the center and a "
+                "cyan square on the right", "a small cyan circle at the bottom"]
+
+
+def demo_arguments(p) -> None:
+    p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    _model_args(p)
+
+
+def run_demo(args) -> int:
+    """The main job on the embedded default: draw, describe, answer, tell a story; one HTML page."""
+    import numpy as np
+
+    from ..document import Document, TextPart
+    from ..report import image_grid, save_document
+    from ..world import random_scene, render
+
+    _positive(args, "max-new-tokens")
+    out = _writable_dir(args.out, "--out")
+    pipe = _load(args)
+    turns = []
+    images = pipe.generate_images(DEMO_PROMPTS, seed=args.seed, progress=True)
+    for prompt, image in zip(DEMO_PROMPTS, images):
+        turns.append(("user", [TextPart(prompt)]))
+        turns.append(("assistant", [pipe.encode_image(image)]))
+    image_grid(images, columns=len(images)).save(out / "generated.png")
+    scene_image = render(random_scene(np.random.default_rng(args.seed)), 64, 64)
+    for question in ("Describe the image.", "How many shapes are there?"):
+        answer = pipe.ask(scene_image, question, seed=args.seed)
+        turns.append(("user", [pipe.encode_image(scene_image), TextPart(question)]))
+        turns.append(("assistant", [TextPart(answer)]))
+    story = pipe.chat("Tell a story.", seed=args.seed, max_new_tokens=args.max_new_tokens)
+    turns.append(("user", [TextPart("Tell a story.")]))
+    doc = Document.chat(turns)
+    doc.turns.extend(story.document.turns)
+    paths = save_document(doc, out, title="tokenloom demo")
+    print(f"wrote {paths['html']}, {paths['markdown']} and {out / 'generated.png'}")
+    return 0
