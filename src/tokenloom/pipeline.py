@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, atomic_write_json, iter_weights, save_weights
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_NAME, atomic_write_json, iter_weights, save_weights, weight_files
 from .document import Document, ImagePart, TextPart, check_text
 from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, check_guidance_scale
 from .engine.sampling import check_integer, default_image_sampling, default_text_sampling
@@ -160,12 +161,15 @@ class Pipeline:
                 raise ValueError(f"{config_path} has no {key!r} section")
         device = torch_device(device)
         dtype = torch_dtype(dtype)
-        model = load_model(path, ModelConfig.from_dict(config["model"]), device, dtype)
+        with _reading(path, [p.name for p in weight_files(path)] or [WEIGHTS_NAME]):
+            model = load_model(path, ModelConfig.from_dict(config["model"]), device, dtype)
         vocab = Vocabulary.from_dict(config["vocab"])
-        text_tokenizer = TextTokenizer.from_pretrained(path)
+        with _reading(path, ["tokenizer.json"]):
+            text_tokenizer = TextTokenizer.from_pretrained(path)
         image_tokenizer = None
         if (path / "vq_config.json").exists():
-            image_tokenizer = ImageTokenizer.from_pretrained(path, device=device)
+            with _reading(path, ["vq_config.json", "vq.safetensors"]):
+                image_tokenizer = ImageTokenizer.from_pretrained(path, device=device)
             image_tokenizer.can_decode = config.get("conversion", {}).get("vq_decoder", True) is not False
         return cls(model, vocab, text_tokenizer, image_tokenizer, PipelineConfig.from_dict(config["pipeline"]))
 
@@ -428,6 +432,21 @@ class Pipeline:
 
 def _given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
+
+
+@contextmanager
+def _reading(directory: Path, names: list[str]):
+    """Errors of the file readers (safetensors, JSON, the tokenizers library) name the files being read."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if any(name in str(e) for name in names):
+            raise
+        raise ValueError(f"{directory}: cannot read {' / '.join(names)}: {e}") from None
+    except Exception as e:  # SafetensorError and the tokenizers library's errors are bare Exceptions
+        if type(e).__module__.split(".")[0] not in ("safetensors", "builtins", "tokenizers"):
+            raise
+        raise ValueError(f"{directory}: cannot read {' / '.join(names)} (truncated or corrupt?): {e}") from None
 
 
 def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> Transformer:

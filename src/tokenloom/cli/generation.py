@@ -102,10 +102,10 @@ def _image_path(path: str) -> Path:
     from PIL import Image
 
     out = Path(path)
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'image.png'}")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png")
     _writable_dir(str(out.parent), "directory of --out")
     return out
 
