@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import ConversionError, ConversionWarning
+from .common import ConversionError, ConversionWarning
 from .chameleon_hf import convert_chameleon_hf, load_chameleon_hf
 from .chameleon_meta import convert_chameleon_meta, load_chameleon_meta
 from .export import export_hf_chameleon

@@ -34,7 +34,7 @@ from ..pipeline import Pipeline
 from ..text_tokenizer import TextTokenizer
 from ..vocab import CHAMELEON_IMAGE_PREFIX, Vocabulary, VocabularyError
 from ..vqgan import VQGAN, VQGANConfig
-from ._common import (
+from .common import (
     ConversionError,
     DictStore,
     Notes,

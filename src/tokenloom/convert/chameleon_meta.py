@@ -35,7 +35,7 @@ from ..checkpoint import DEFAULT_MAX_SHARD_BYTES
 from ..image_processing import ImageTokenizer
 from ..model import ModelConfig
 from ..pipeline import Pipeline
-from ._common import (
+from .common import (
     ConversionError,
     Notes,
     TensorStore,

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, atomic_write_json, save_weights
 from ..pipeline import Pipeline
 from ..vocab import CHAMELEON_IMAGE_PREFIX, VocabularyError, chameleon_code, chameleon_image_token
-from ._common import ConversionError, Notes, dtype_name, prepare_destination, resolve_dtype
+from .common import ConversionError, Notes, dtype_name, prepare_destination, resolve_dtype
 from .chameleon_hf import VQ_PREFIX, chameleon_hf_specs
 
 __all__ = ["export_hf_chameleon"]

@@ -27,7 +27,7 @@ from ..model import ModelConfig
 from ..pipeline import Pipeline
 from ..text_tokenizer import TextTokenizer
 from ..vocab import NATIVE_SPECIAL_TOKENS, Vocabulary, VocabularyError
-from ._common import (
+from .common import (
     ConversionError,
     Notes,
     WeightSpec,

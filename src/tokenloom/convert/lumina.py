@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import DEFAULT_MAX_SHARD_BYTES
 from ..pipeline import Pipeline
-from ._common import prepare_destination, save_pipeline
+from .common import prepare_destination, save_pipeline
 from .chameleon_hf import load_chameleon_hf
 
 __all__ = ["load_lumina_mgpt", "convert_lumina_mgpt"]

@@ -101,6 +101,15 @@ def draw(placed: list[tuple[Obj, float, float]], width: int, height: int, *, ant
     return Image.fromarray(canvas, "RGB")
 
 
+def place(obj: Obj, dx: float, dy: float, width: int, height: int) -> tuple[Obj, float, float]:
+    """(obj, cx, cy): the object's cell centre moved by (dx x W, dy x H), aligned to the pixel grid
+    without leaving the jitter allowance; what `draw` takes."""
+    cx, cy = cell_centre(obj.cell, width, height)
+    n = pixel_extent(obj.size, width, height)
+    return obj, _aligned_centre(cx + dx * width, JITTER * width, n, cx), _aligned_centre(cy + dy * height,
+                                                                                          JITTER * height, n, cy)
+
+
 def _aligned_centre(target: float, allowance: float, n: int, cell_mid: float) -> float:
     """The pixel-aligned centre (box start on a whole pixel) nearest `target` that stays within
     `allowance` of the cell centre. One always exists: allowance >= 0.02 x 48 px, so the allowed
@@ -118,9 +127,6 @@ def render(scene: Scene, width: int = 64, height: int = 64, *, antialias: bool =
     check_canvas(width, height)
     placed = []
     for obj in scene.objects:
-        cx, cy = cell_centre(obj.cell, width, height)
         dx, dy = rng.uniform(-JITTER, JITTER, size=2) if rng is not None else (0.0, 0.0)
-        n = pixel_extent(obj.size, width, height)
-        placed.append((obj, _aligned_centre(cx + dx * width, JITTER * width, n, cx),
-                       _aligned_centre(cy + dy * height, JITTER * height, n, cy)))
+        placed.append(place(obj, dx, dy, width, height))
     return draw(placed, width, height, antialias=antialias)

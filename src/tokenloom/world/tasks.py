@@ -33,7 +33,7 @@ from PIL import Image
 
 from .parse import SceneQuery
 from .phrase import caption, change_sentence, edit_instruction, parse_caption, questions
-from .render import _aligned_centre, cell_centre, draw, pixel_extent
+from .render import draw, place
 from .scene import JITTER, Change, Obj, Scene, apply_change, random_change, random_scene
 
 Size = tuple[int, int]  # (width, height)
@@ -143,14 +143,7 @@ def _carry_offsets(offsets: Offsets, change: Change) -> Offsets:
 def render_steady(scene: Scene, offsets: Offsets, width: int, height: int) -> Image.Image:
     """Like `render(scene, rng=...)`, but with each object's jitter given by its name, so that the
     objects a change leaves alone do not wiggle between a story's (or an edit's) images."""
-    placed = []
-    for obj in scene.objects:
-        cx, cy = cell_centre(obj.cell, width, height)
-        dx, dy = offsets[obj.key]
-        n = pixel_extent(obj.size, width, height)
-        placed.append((obj, _aligned_centre(cx + dx * width, JITTER * width, n, cx),
-                       _aligned_centre(cy + dy * height, JITTER * height, n, cy)))
-    return draw(placed, width, height)
+    return draw([place(obj, *offsets[obj.key], width, height) for obj in scene.objects], width, height)
 
 
 def _pick_size(rng: np.random.Generator, sizes: Sequence[Size]) -> Size:
