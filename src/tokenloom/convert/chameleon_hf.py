@@ -276,7 +276,7 @@ def build_chameleon_pipeline(model: Transformer, tokenizer: TextTokenizer, image
     return Pipeline(model, vocab, tokenizer, image_tokenizer, config)
 
 
-def _load_tokenizer(path: Path) -> TextTokenizer:
+def load_chameleon_tokenizer(path: Path) -> TextTokenizer:
     """A tokenizers JSON file (or a directory holding tokenizer.json)."""
     path = Path(path)
     if path.is_dir():
@@ -340,7 +340,7 @@ def load_chameleon_hf(src: str | Path, *, vqgan: str | Path | None = None, dtype
     if model_type not in ("chameleon", "chameleon_xllmx"):
         raise ConversionError(f"{src / 'config.json'}: model_type {model_type!r} is not a Chameleon-family model")
     config = chameleon_model_config(hf_config, str(src / "config.json"), notes)
-    tok = _load_tokenizer(Path(tokenizer) if tokenizer is not None else src / "tokenizer.json")
+    tok = load_chameleon_tokenizer(Path(tokenizer) if tokenizer is not None else src / "tokenizer.json")
     check_vocabulary_map(tok, hf_config.get("vocabulary_map"), str(src / "config.json"))
     # Fail fast, before reading gigabytes: the tokenizer must make a vocabulary for this model.
     chameleon_vocabulary(tok, config.vocab_size, lumina=profile == "lumina-mgpt", max_grid_size=None, where=where)

@@ -53,7 +53,7 @@ from .common import (
 )
 from .chameleon_hf import (
     CHAMELEON_QK_NORM_EPS,
-    _load_tokenizer,
+    load_chameleon_tokenizer,
     build_chameleon_pipeline,
     chameleon_vocabulary,
     check_profile,
@@ -245,7 +245,7 @@ def load_chameleon_meta(src: str | Path, *, dtype: str | torch.dtype | None = No
     mp = params.get("model_parallel_size")
     files = _checkpoint_files(src, int(mp) if mp else None)
     tok_dir = _find_tokenizer_dir(src, Path(tokenizer_dir) if tokenizer_dir else None)
-    tokenizer = _load_tokenizer(tok_dir / "text_tokenizer.json")
+    tokenizer = load_chameleon_tokenizer(tok_dir / "text_tokenizer.json")
     # Fail fast, before reading gigabytes: the tokenizer must make a vocabulary for this model.
     chameleon_vocabulary(tokenizer, config.vocab_size, lumina=profile == "lumina-mgpt", max_grid_size=None,
                          where=str(tok_dir))
