@@ -1,9 +1,9 @@
 """Train one shapes-tiny stage on a CUDA GPU inside a fixed time budget, from a bare machine.
 
-    python scripts/gpu_stage.py --stage 11 --deadline 540 --export OUT
+    python recipes/shapes-tiny/gpu_stage.py --stage 11 [--work runs/shapes-tiny] --deadline 540 --export OUT
 
-Needs only the previous stage's pipeline (runs/shapes-tiny/train-N/final) and the evaluation
-shards (runs/shapes-tiny/shards/eval). In one run it:
+Needs only the pipeline the stage starts from (WORK/<start>/final, its row's `start` in stages.yaml)
+and the evaluation shards (WORK/shards/eval). In one run it:
 
 1. checks that the VQ encoder gives the CPU's codes on the GPU (float32, TF32 off);
 2. draws and pre-tokenizes the stage's training sets, one process per set (`--jobs`), the VQ
@@ -11,12 +11,12 @@ shards (runs/shapes-tiny/shards/eval). In one run it:
 3. times training steps of the stage's shape on the evaluation shards, and from that sets
    train.max_steps so that the whole cosine schedule ends by `--train-end` (at most
    `--max-passes` passes over the sets);
-4. trains the stage (recipe._train_stage: the same code and config as the recipe);
+4. trains the stage (build.train_stage: the same code and config as the recipe);
 5. with time left before `--deadline`, runs a short `tokenloom eval` on the GPU (engine check);
 6. exports the trained weights (sharded under 12 MiB a file), metrics, loss curve and a summary.
 
-Times are seconds since the script started. The exported config (stage.json) records the seeds
-and max_steps actually used: commit those in the stage's config.
+Times are seconds since the script started. The exported summary (stage.json) records the seeds
+and max_steps actually used: record those in the stage's row of stages.yaml.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ from tokenloom.checkpoint import load_weights, save_weights
 from tokenloom.image_processing import ImageTokenizer
 from tokenloom.train.config import TrainConfig, load_config
 from tokenloom.train.trainer import Trainer
-from tokenloom.world import random_scene, recipe, render
+from tokenloom.world import random_scene, render
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build as recipe  # noqa: E402 - the recipe next to this file
 
 T0 = time.monotonic()
 
@@ -96,9 +99,8 @@ def time_steps(config: TrainConfig, eval_shards: Path, scratch: Path, warmup: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, required=True, help="stage number (1-based, as in recipe.STAGES)")
-    parser.add_argument("--work", default="runs/shapes-tiny")
-    parser.add_argument("--configs", default=str(recipe.REPO / "configs"))
+    parser.add_argument("--stage", type=int, required=True, help="stage number (1-based, as in stages.yaml)")
+    parser.add_argument("--work", default="runs/shapes-tiny", help="the recipe's working directory (build.py --work)")
     parser.add_argument("--export", required=True, help="directory for the exported results")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--device", default="cuda")
@@ -110,21 +112,21 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="fix max_steps instead of timing")
     parser.add_argument("--max-passes", type=float, default=5.0, help="most passes over the training sets")
     args = parser.parse_args(argv)
-    if not 2 <= args.stage <= len(recipe.STAGES):  # stage 1 starts from random weights, not a previous stage
-        parser.error(f"--stage must be 2 to {len(recipe.STAGES)} (the previous stage's final/ is its start)")
+    if not 1 <= args.stage <= len(recipe.STAGES) or recipe.stage(args.stage).start == "random":
+        parser.error(f"--stage must be one of 1 to {len(recipe.STAGES)} that continues an earlier stage")
 
-    config_name, out_name, seeds = recipe.STAGES[args.stage - 1]
+    stage = recipe.stage(args.stage)
     work = Path(args.work)
-    previous = work / recipe.STAGES[args.stage - 2][1] / "final"
+    previous = work / stage.pipeline
     eval_shards = work / "shards" / "eval"
     export = Path(args.export)
     export.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"stage": args.stage, "config": config_name, "device": torch.cuda.get_device_name(0)
+    summary: dict = {"stage": args.stage, "name": stage.name, "device": torch.cuda.get_device_name(0)
                      if torch.device(args.device).type == "cuda" else args.device}
-    log(f"stage {args.stage} ({config_name}) from {previous} on {summary['device']}, torch {torch.__version__}")
+    log(f"stage {args.stage} ({stage.name}) from {previous} on {summary['device']}, torch {torch.__version__}")
 
     try:
-        run(args, summary, work, previous, eval_shards, export, config_name, out_name, seeds)
+        run(args, summary, work, previous, eval_shards, export, stage)
     except BaseException as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -135,14 +137,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(args, summary: dict, work: Path, previous: Path, eval_shards: Path, export: Path, config_name: str,
-        out_name: str, seeds: tuple[int, ...]) -> None:
+def run(args, summary: dict, work: Path, previous: Path, eval_shards: Path, export: Path,
+        stage: recipe.Stage) -> None:
+    seeds, out_name = stage.seeds, stage.name
     summary["vq_agreement"] = vq_agreement(previous, args.device)
     log(f"VQ codes CPU vs GPU: {summary['vq_agreement']}")
 
     # Pre-tokenize the training sets, one worker process each (seeds in order, so a deadline drops the last).
     pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(seeds)))
-    jobs = {seed: pool.apply_async(recipe._prepare_worker, ((work, seed, previous, args.scale, args.device),))
+    jobs = {seed: pool.apply_async(recipe._prepare_worker, ((work, seed, recipe.train_counts(seed, args.scale),
+                                                              previous, args.device),))
             for seed in seeds}
     done, failed, tokens = [], {}, 0
     for seed, job in jobs.items():
@@ -159,9 +163,7 @@ def run(args, summary: dict, work: Path, previous: Path, eval_shards: Path, expo
     if not done:
         raise SystemExit("no training set was prepared")
 
-    config = load_config(Path(args.configs) / config_name)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pipeline=str(previous)),
-                                 train=dataclasses.replace(config.train, device=args.device))
+    config = load_config(recipe.write_stage_config(stage, work, device=args.device))
     step_seconds = None
     if args.max_steps is not None:
         max_steps = args.max_steps
@@ -176,8 +178,7 @@ def run(args, summary: dict, work: Path, previous: Path, eval_shards: Path, expo
     summary.update(step_seconds_probe=step_seconds, max_steps=max_steps)
     log(f"training {max_steps} steps")
     t = now()
-    result = recipe._train_stage(Path(args.configs) / config_name, previous, work, work / out_name, tuple(done),
-                                 max_steps, args.device)
+    result = recipe.train_stage(stage, work, seeds=tuple(done), max_steps=max_steps, device=args.device)
     summary.update(train=result, train_seconds=now() - t)
     log(f"trained: {json.dumps(result)}")
     final = work / out_name / "final"

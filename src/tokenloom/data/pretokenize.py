@@ -11,6 +11,10 @@ rewritten (atomically too) with the input position just after the shard's last d
 with the same inputs and settings therefore continues at that position, and because image
 batches never straddle a shard boundary it produces exactly the bytes an uninterrupted run
 would have. The manifest's ``complete`` flag says the whole input is done.
+
+"The same inputs" means the same bytes: the manifest records each input's path, size and SHA-256,
+so an input edited in place, even to the same size, is refused rather than continued (which would
+mix shards of the old and the new text).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..image_processing import ImageLoadError, load_image
 from .raw import DataError, DataSummary, RawDocument, RawImage, check_on_error, iter_lines, parse_line, report_error
 
 MANIFEST_NAME = "manifest.json"
+HASH_CHUNK = 1 << 20  # bytes read at a time when fingerprinting an input
 MANIFEST_FORMAT = "tokenloom-shards/1"
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
 SCHEMA = pa.schema([("ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_())), ("length", pa.int32())])
@@ -61,6 +66,15 @@ def pipeline_fingerprint(pipeline) -> str:
         "vq": vq,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in chunks (inputs can be far larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_shard(path: Path, docs: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
@@ -216,7 +230,7 @@ _write_shard = write_shard
 def _settings(paths: list[Path], pipeline, shard_size: int, image_batch_size: int, max_length: int | None,
               truncate: bool) -> dict[str, Any]:
     return {
-        "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
+        "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths],
         "pipeline": pipeline_fingerprint(pipeline),
         "vocab": vocab_fingerprint(pipeline.vocab),
         "vocab_size": pipeline.vocab.size,
@@ -225,6 +239,25 @@ def _settings(paths: list[Path], pipeline, shard_size: int, image_batch_size: in
         "max_length": max_length,
         "truncate": truncate,
     }
+
+
+def _input_changes(old: Any, new: list[dict[str, Any]]) -> list[str]:
+    """How the inputs a manifest was made from differ from `new`, in words."""
+    if not isinstance(old, list) or len(old) != len(new):
+        return [f"{len(old) if isinstance(old, list) else 'other'} input files then, {len(new)} now"]
+    changes = []
+    for then, now in zip(old, new):
+        if then.get("path") != now["path"]:
+            changes.append(f"{then.get('path')} is now {now['path']}")
+        elif then.get("bytes") != now["bytes"]:
+            changes.append(f"{now['path']} changed size ({then.get('bytes')} -> {now['bytes']} bytes)")
+        elif "sha256" not in then:
+            changes.append(f"{now['path']} has no content fingerprint in the manifest (written by an older "
+                           f"tokenloom), so its content cannot be checked")
+        elif then["sha256"] != now["sha256"]:
+            changes.append(f"{now['path']} changed content at the same size (sha256 {then['sha256'][:12]}... "
+                           f"-> {now['sha256'][:12]}...)")
+    return changes
 
 
 def _new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
@@ -267,8 +300,9 @@ def pretokenize(
     on_error: "raise" a `DataError` at the first malformed line or unreadable image, or "skip" it
     (warned and counted). max_length: longest document kept, in tokens (default: the model's
     max_position_embeddings); longer ones are skipped and counted, or cut when `truncate`.
-    A directory left by an interrupted run with the same inputs and settings is resumed; one made
-    with other settings is refused unless `overwrite`. Returns the summary of counts.
+    A directory left by an interrupted run with the same inputs (the same bytes: each input's SHA-256
+    is checked) and settings is resumed; one made from other inputs or settings is refused unless
+    `overwrite`, which starts it over. Returns the summary of counts.
     """
     check_on_error(on_error)
     if isinstance(jsonl_paths, (str, os.PathLike)):
@@ -293,8 +327,11 @@ def pretokenize(
         manifest = read_manifest(out_dir)
         if manifest["settings"] != settings:
             changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
+            details = "; ".join(_input_changes(manifest["settings"].get("inputs"), settings["inputs"])
+                                if "inputs" in changed else [])
             raise DataError(f"{out_dir} holds shards made from other inputs or settings (differing: "
-                            f"{', '.join(changed)}); use a new directory or overwrite=True")
+                            f"{', '.join(changed)}{': ' + details if details else ''}); its shards would mix "
+                            f"with new ones, so use a new directory or overwrite=True")
         if manifest["complete"]:
             return _summary(out_dir, manifest)
     if manifest is None:
