@@ -9,6 +9,8 @@ the transformer first sees roughly the images it knew, and further training only
     pipe = Pipeline.from_pretrained(old_dir)
     counts = code_cooccurrence(pipe.image_tokenizer, new_tokenizer, images)
     swap_image_tokenizer(pipe, new_tokenizer, counts).save_pretrained(out_dir)
+
+Research code, not part of the installed package; what it measured is in docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Does an image tokenizer make edits easier to learn? Train shapes-tiny's transformer shape from
 scratch on the same edits, tokenized by the given VQGAN (default: the shipped one), and measure it.
 
-    python scripts/edit_tokenizer_experiment.py --name shipped --steps 1000
-    python scripts/edit_tokenizer_experiment.py --name local --vq runs/shapes-vq-local/best --steps 1000
+    python experiments/edit_tokenizer_experiment.py --name shipped --steps 1000
+    python experiments/edit_tokenizer_experiment.py --name local --vq runs/shapes-vq-local/best --steps 1000
 
 Writes runs/edit-vq/ (shared edit data) and runs/edit-vq/<name>/, and prints: edits right (the eval's
 scoring, on held-out edits), and the teacher-forced top-1 code accuracy in the cells an edit leaves
@@ -13,17 +13,21 @@ about 0.9 s; pass --device cuda on a GPU.
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
 
+from edit_metrics import edit_copy_accuracy
 from tokenloom.data.pretokenize import pretokenize
-from tokenloom.evaluation import edit_copy_accuracy, eval_edit
+from tokenloom.evaluation import eval_edit
 from tokenloom.pipeline import Pipeline, default_model_path
 from tokenloom.train import train
 from tokenloom.world.tasks import build_dataset, heldout_samples
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes" / "shapes-tiny"))
+import build as recipe  # noqa: E402 - recipes/shapes-tiny/build.py: the stage configs
 
 
 def main() -> None:
@@ -56,8 +60,7 @@ def main() -> None:
     pretokenize([d / "train.jsonl" for d in sets], pipe, run / "shards" / "train", shard_size=5000)
     pretokenize([work / "data-eval" / "eval.jsonl"], pipe, run / "shards" / "eval", shard_size=5000)
 
-    config = yaml.safe_load((ROOT / "configs" / "shapes-tiny.yaml").read_text())  # from random weights
-    config["model"]["pipeline"] = str(base.resolve())
+    config = recipe.stage_config(recipe.stage(1), pipeline=base.resolve())  # from random weights
     config["data"]["train"] = [str((run / "shards" / "train").resolve())]
     config["data"]["eval"] = [str((run / "shards" / "eval").resolve())]
     config["train"].update(max_steps=args.steps, eval_every=0, save_every=500, device=args.device)

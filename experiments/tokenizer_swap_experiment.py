@@ -1,38 +1,41 @@
 """Move the shipped model onto another image tokenizer without retraining it from scratch.
 
-    python scripts/tokenizer_swap_experiment.py --vq runs/shapes-vq-local/best --steps 3000
+    python experiments/tokenizer_swap_experiment.py --vq runs/shapes-vq-local/best --steps 3000
 
 1. Encodes shapes-world training images with both tokenizers and counts which old code each new code
-   sits on (tokenloom.code_transfer), then writes the shipped model with the new tokenizer and its
+   sits on (code_transfer), then writes the shipped model with the new tokenizer and its
    code rows carried over, once per mode ("mean", "argmax"), under <work>/base-<mode>.
 2. Measures each one's eval loss before any training, on the recipe's eval set tokenized the new way,
    next to the shipped model's on the same documents tokenized the old way.
-3. Trains the best mode as a recipe stage (configs/shapes-tiny-continue-12.yaml's settings, at --lr)
-   on fresh sets (--seeds, the recipe's late counts: more stories and edits).
+3. Trains the best mode as a recipe stage (the settings of the recipe's stage 13, recipes/shapes-tiny/,
+   at --lr) on fresh sets (--seeds, the recipe's late mix: more stories and edits).
 4. Evaluates it as `tokenloom eval` does (<work>/eval/) and measures how well it copies edits'
-   untouched cells (evaluation.edit_copy_accuracy); writes <work>/result.json.
+   untouched cells (edit_metrics.edit_copy_accuracy); writes <work>/result.json.
 
 Every phase resumes: what is already written is kept.
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from tokenloom.code_transfer import MODES, code_cooccurrence, swap_image_tokenizer
+from code_transfer import MODES, code_cooccurrence, swap_image_tokenizer
+from edit_metrics import edit_copy_accuracy
 from tokenloom.data.pretokenize import pretokenize
-from tokenloom.evaluation import edit_copy_accuracy, evaluate
+from tokenloom.evaluation import evaluate
 from tokenloom.image_processing import ImageTokenizer
 from tokenloom.pipeline import Pipeline, default_model_path
 from tokenloom.train import train
-from tokenloom.world import recipe
 from tokenloom.world.tasks import heldout_samples, training_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIG = ROOT / "configs" / "shapes-tiny-continue-12.yaml"
+sys.path.insert(0, str(ROOT / "recipes" / "shapes-tiny"))
+import build as recipe  # noqa: E402 - recipes/shapes-tiny/build.py: the stage configs
+STAGE = recipe.stage(13)  # the settings every phase trains with
 PAIRING_SEED = 54  # training-stream images counted for the code pairing
 
 
@@ -48,8 +51,7 @@ def pairing_images(n: int) -> list:
 def eval_loss(pipeline: Path, shards: Path, out: Path) -> float:
     """The trainer's eval loss (stage configs' 8 eval batches) of a model, before any training."""
     if not (out / "metrics.jsonl").exists():
-        config = yaml.safe_load(STAGE_CONFIG.read_text())
-        config["model"]["pipeline"] = str(pipeline.resolve())
+        config = recipe.stage_config(STAGE, pipeline=pipeline.resolve())
         config["data"]["train"] = config["data"]["eval"] = [str(shards.resolve())]
         config["optim"].update(lr=1e-12, warmup_steps=0)  # one step that moves (next to) nothing
         config["train"].update(max_steps=1, save_every=1000)
@@ -70,7 +72,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seeds", default="54,55", help="training sets drawn for the stage")
     p.add_argument("--eval-set", default="runs/shapes-tiny/data/eval.jsonl",
-                   help="the recipe's eval documents (python -m tokenloom.world.recipe writes them); the "
+                   help="the recipe's eval documents (recipes/shapes-tiny/build.py writes them); the "
                         "shipped model is measured on their shards beside them (../shards/eval)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples per task measured at the end")
@@ -107,12 +109,16 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     final = work / "train" / "final"
     if not (final / "config.json").exists():
-        recipe.prepare_train_shards(work, seeds, work / f"base-{best}", jobs=args.jobs)
-        config = yaml.safe_load(STAGE_CONFIG.read_text())
+        recipe.prepare_train_shards(work, seeds, work / f"base-{best}", jobs=args.jobs,
+                                    counts=recipe.MIXES["late"])
+        # Paths relative to the work directory, where the config is written: its shards/train-seed<N>
+        # and shards/eval (the eval set tokenized the new way).
+        config = recipe.stage_config(STAGE, pipeline=(work / f"base-{best}").resolve(), seeds=seeds,
+                                     max_steps=args.steps)
         config["optim"]["lr"] = args.lr
         config_path = work / "stage.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        recipe._train_stage(config_path, work / f"base-{best}", work, work / "train", tuple(seeds), args.steps)
+        train(config_path, out_dir=work / "train")
 
     trained = Pipeline.from_pretrained(final)
     report = evaluate(trained, work / "eval", n=args.eval_n)

@@ -1,3 +1,5 @@
+"""code_transfer: co-occurrence counts, row maps and the tokenizer swap."""
+
 import copy
 
 import numpy as np
@@ -5,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenloom.code_transfer import code_cooccurrence, code_row_map, swap_image_tokenizer
+from code_transfer import code_cooccurrence, code_row_map, swap_image_tokenizer
 from tokenloom.document import Document, TextPart
 from tokenloom.image_processing import ImageTokenizer
 from tokenloom.pipeline import random_pipeline
