@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tokenloom.cli import main
-from tokenloom.document import Document, ImagePart, TextPart
+from tokenloom.document import Document, ImagePart
 from tokenloom.engine import Engine
 from tokenloom.pipeline import Pipeline, random_pipeline
 

@@ -228,3 +228,80 @@ def test_learning_rate_schedule():
     assert lr_at(9, **kw) == pytest.approx(0.55)  # half-way down the cosine
     assert lr_at(14, **kw) == pytest.approx(0.1) and lr_at(50, **kw) == pytest.approx(0.1)
     assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(3, 20))
+
+
+# --------------------------------------------------------------------------- defects 9 and 10
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", ".inf", r"'optim\.lr' must be a finite number, got inf"),
+    ("grad_clip", ".nan", r"'optim\.grad_clip' must be a finite number, got nan"),
+    ("weight_decay", "-.inf", r"'optim\.weight_decay' must be a finite number, got -inf"),
+])
+def test_non_finite_config_values_are_errors_naming_file_line_and_key(workdir, key, value, message):
+    """Defect 9: `lr: .inf` trained to NaN (exit 0), `grad_clip: .nan` turned clipping off."""
+    path = workdir / "nonfinite.yaml"
+    path.write_text(f"model:\n  pipeline: pipe\ndata:\n  train: [shards/train]\noptim:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=r"nonfinite\.yaml:6: " + message):
+        load_config(path)
+    toml = workdir / "nonfinite.toml"
+    toml.write_text('[model]\npipeline = "pipe"\n[data]\ntrain = ["x"]\n[optim]\nlr = inf\n')
+    with pytest.raises(ConfigError, match=r"nonfinite\.toml:6: 'optim\.lr' must be a finite number"):
+        load_config(toml)
+    nested = workdir / "nested.yaml"
+    nested.write_text("model:\n  pipeline: pipe\n  weights: random\n  config:\n    dropout: .nan\n"
+                      "data:\n  train: [x]\n")
+    with pytest.raises(ConfigError, match=r"nested\.yaml:5: 'model\.config\.dropout' must be a finite number"):
+        load_config(nested)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    """Defect 9: a NaN loss must stop the run (TrainError naming the step), not train on and save NaNs."""
+    from tokenloom.train import trainer as trainer_module
+
+    real = trainer_module.token_losses
+    calls = {"train": 0}
+
+    def poisoned(model, batch, device):
+        ce, z = real(model, batch, device)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] == 6:  # the sixth optimizer step (grad_accum 1)
+                ce = ce * float("nan")
+        return ce, z
+
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    config = write_config(workdir, "nan.yaml", train={"eval_every": 0})
+    out = workdir / "out" / "nan"
+    with pytest.raises(TrainError, match=r"stopped at step 6: the loss is nan.*step-00000004.* is untouched"):
+        train(config, out_dir=out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000004"]
+    assert all(torch.isfinite(t).all() for t in load_weights(out / "checkpoints" / "step-00000004").values())
+    assert not (out / "final").exists()
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5]  # nothing logged for the NaN step
+    # from the command line: one line naming the step, exit status 2
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    calls["train"] = 0
+    assert main([str(config), "--out-dir", str(workdir / "out" / "nan-cli")]) == 2
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(workdir):
+    """Defect 10: a truncated newest checkpoint made resume die while an intact older one sat beside it."""
+    config = write_config(workdir, "damaged.yaml", train={"eval_every": 0})
+    straight = workdir / "out" / "damaged-straight"
+    train(config, out_dir=straight)
+    out = workdir / "out" / "damaged"
+    train(config, out_dir=out, max_steps=8)
+    newest = out / "checkpoints" / "step-00000008"
+    # nothing pickled: weights, optimizer and RNG state are safetensors, the rest JSON
+    assert sorted(p.name for p in newest.iterdir()) == ["model.safetensors", "optimizer.json",
+                                                        "optimizer.safetensors", "rng.safetensors", "state.json"]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*step-00000008 \(.*model\.safetensors"):
+        summary = train(config, out_dir=out)
+    assert summary["step"] == 12
+    assert losses(out) == losses(straight)  # resumed from step 4: the same curve, bit for bit
+    assert (out / "checkpoints" / "step-00000008.damaged").is_dir()
+    for name, tensor in load_weights(straight / "final").items():
+        assert torch.equal(load_weights(out / "final")[name], tensor), name

@@ -1,4 +1,5 @@
-"""VQGAN training on shapes-world renders: losses, dead-code restarts, exact resume, evaluation."""
+"""VQGAN training on shapes-world renders: losses, dead-code restarts, exact resume, evaluation,
+the config file, non-finite losses and damaged checkpoints."""
 
 import dataclasses
 import json
@@ -9,16 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+from tokenloom.checkpoint import load_weights
 from tokenloom.image_processing import ImageTokenizer
-from tokenloom.vq_training import (
+from tokenloom.train import ConfigError, TrainError
+from tokenloom.train.vq import (
     VQTrainConfig,
     VQTrainer,
-    code_stability,
-    copied_target,
-    copy_ceiling,
-    grow_cells,
     evaluate_vq,
-    load_config,
+    load_vq_config,
+    main,
     parse_labels,
     parse_loss,
     render_batch,
@@ -31,6 +31,7 @@ from tokenloom.world import classify_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "src" / "tokenloom" / "assets" / "shapes-tiny"
+RECIPE = ROOT / "recipes" / "shapes-tiny"
 
 # factor 2, 48x48 renders (the smallest canvas): a step takes tens of milliseconds
 TINY = VQGANConfig(base_channels=32, channel_mult=(1, 1), num_res_blocks=1, resolution=48,
@@ -100,36 +101,99 @@ def test_checkpoint_resume_repeats_an_uninterrupted_run(tmp_path):
     losses = []
     for i in range(8):
         if i == 4:
-            straight.save(tmp_path / "ckpt.pt")
+            straight.consider_best(straight.evaluate(n=2, sizes=SIZES))
+            checkpoint = straight.save_checkpoint(tmp_path)
         losses.append(straight.step()["loss"])
+    assert checkpoint.name == "step-00000004"
+    # nothing pickled: safetensors and JSON only
+    assert sorted(p.suffix for p in checkpoint.iterdir()) == [".json"] * 2 + [".safetensors"] * 5
     resumed = VQTrainer(TINY, cfg)
-    resumed.load(tmp_path / "ckpt.pt")
-    assert resumed.step_count == 4
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.step_count == 4 and resumed.best["step"] == 4
     assert [resumed.step()["loss"] for _ in range(4)] == losses[4:]
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="seed"):
-        VQTrainer(TINY, tiny_train(steps=8, seed=1)).load(tmp_path / "ckpt.pt")
+    assert torch.equal(straight.ema_sum, resumed.ema_sum) and torch.equal(straight.usage, resumed.usage)
+    with pytest.raises(TrainError, match="seed was 0, now 1"):
+        VQTrainer(TINY, tiny_train(steps=8, restart_every=3, seed=1)).load_checkpoint(checkpoint)
+
+
+KW = dict(sizes=SIZES, warmup_steps=2, restart_every=3, eval_every=3, eval_images=4, eval_sizes=SIZES,
+          log_every=1, checkpoint_every=2, progress=False)
+
+
+def train_losses(path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
 
 
 def test_train_vqgan_resumes_after_a_stop(tmp_path):
-    kw = dict(sizes=SIZES, warmup_steps=2, restart_every=3, eval_every=3, eval_images=4, eval_sizes=SIZES,
-              log_every=1, checkpoint_every=2, progress=False)
-
-    def train_losses(path):
-        return [r["loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
-                if r["kind"] == "train"]
-
-    train_vqgan(TINY, tmp_path / "a", 6, 4, 2e-3, 0, **kw)
+    train_vqgan(TINY, tmp_path / "a", steps=6, batch_size=4, lr=2e-3, **KW)
     # the budget runs out after the first step; the second call picks up from its checkpoint
-    train_vqgan(TINY, tmp_path / "b", 6, 4, 2e-3, 0, max_minutes=0, **kw)
+    train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, max_minutes=0, **KW)
     assert len(train_losses(tmp_path / "b")) == 1
-    tok = train_vqgan(TINY, tmp_path / "b", 6, 4, 2e-3, 0, **kw)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["stopped_early"]
+    # max_steps stops at step 4 (checkpointed) without changing the schedule
+    train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, max_steps=4, **KW)
+    assert [s for s, _ in train_losses(tmp_path / "b")] == [1, 2, 3, 4]
+    tok = train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, **KW)
     assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
     assert (tmp_path / "b" / "best" / "vq.safetensors").exists()
     assert isinstance(tok, ImageTokenizer)
-    summary = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert summary["kind"] == "summary" and summary["step"] == 6 and summary["best"] is not None
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["finished"] and summary["best"] is not None
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, resume=False, **KW)
+    with pytest.raises(TrainError, match="training lr was 0.002, now 0.001"):
+        train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=1e-3, **KW)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
+    """Defect 10: a truncated newest checkpoint made resume die while an intact one sat beside it."""
+    train_vqgan(TINY, tmp_path / "a", steps=6, batch_size=4, lr=2e-3, **KW)
+    train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, max_steps=4, **KW)
+    root = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    weights = root / "step-00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*step-00000004.*model\.safetensors"):
+        train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, **KW)
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")  # resumed from step 2, exactly
+    assert (root / "step-00000004.damaged").is_dir()  # kept aside, not deleted
+    # a garbled state.json and an optimizer file gone are damage too; nothing intact left: an error
+    (root / "step-00000006" / "state.json").write_text("{not json")
+    (root / "step-00000004" / "optimizer.safetensors").unlink()
+    with pytest.raises(TrainError, match=r"no intact checkpoint.*state\.json is unreadable.*optimizer\.safetensors "
+                                         r"is missing"):
+        train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, **KW)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Defect 9: a NaN loss trained on, and an all-NaN model was saved with exit status 0."""
+    real = VQTrainer.losses
+
+    def poisoned(self, pixels):
+        out, z, codes = real(self, pixels)
+        if self.step_count == 4:  # the fifth step
+            out["loss"] = out["loss"] * float("nan")
+        return out, z, codes
+
+    monkeypatch.setattr(VQTrainer, "losses", poisoned)
+    with pytest.raises(TrainError, match=r"stopped at step 5: the loss is nan.*step-00000004.* is untouched"):
+        train_vqgan(TINY, tmp_path, steps=8, batch_size=4, lr=2e-3, **KW)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    weights = load_weights(tmp_path / "checkpoints" / "step-00000004")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (tmp_path / "best").exists()  # nothing is exported from a failed run
+    # an inf gradient norm stops it the same way, before the update
+    trainer = VQTrainer(TINY, tiny_train())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("inf")))
+    monkeypatch.setattr(VQTrainer, "losses", real)
+    with pytest.raises(TrainError, match="step 1: the gradient norm is inf"):
+        trainer.step()
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
 def test_parse_labels_match_the_parser_and_the_parse_loss_pays_for_flips():
@@ -173,25 +237,100 @@ def test_evaluate_vq_scores_perfect_and_garbage_round_trips():
     assert perfect["parse_exact"] == 1.0 and perfect["psnr"] == 100.0
     assert set(perfect["sizes"]) == {"64x64", "96x64"} and perfect["n"] == 20
     assert 0 < perfect["codebook_usage"] <= 1
-    assert perfect["code_stability"] == 1.0 and perfect["copy_ceiling"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    assert set(perfect) == {"psnr", "parse_exact", "codebook_usage", "n", "sizes"}  # product metrics only
     blank = evaluate_vq(_Blank(), n=10, seed=0, sizes=sizes)
     assert blank["parse_exact"] == 0.0 and blank["psnr"] < 25
-    assert blank["copy_ceiling"] == {"0": 0.0, "1": 0.0, "2": 0.0}
     untrained = evaluate_vq(ImageTokenizer.random(TINY), n=5, seed=0, sizes=((48, 48),))
     assert untrained["parse_exact"] == 0.0 and untrained["psnr"] < 15
     assert 0 < untrained["codebook_usage"] <= 1
 
 
 def test_committed_config_builds_a_small_factor_8_model():
-    model_cfg, train_cfg = load_config(ROOT / "configs" / "shapes-tiny-vq.yaml")
+    run = load_vq_config(RECIPE / "vq.yaml")
+    model_cfg, train_cfg = run.model, run.training
     assert model_cfg.downsample_factor == 8
     assert (64, 64) in train_cfg.sizes and train_cfg.steps > 0
     trainer = VQTrainer(model_cfg, train_cfg)
     assert sum(p.numel() for p in trainer.model.parameters()) < 5_000_000
-    # the local-encoder experiment differs in that flag alone
-    local_cfg, local_train = load_config(ROOT / "configs" / "shapes-tiny-vq-local.yaml")
-    assert local_cfg.local_encoder and not model_cfg.local_encoder
-    assert dataclasses.replace(local_cfg, local_encoder=False) == model_cfg and local_train == train_cfg
+    # the local-encoder variant differs in that flag alone
+    local = load_vq_config(RECIPE / "vq-local.yaml")
+    assert local.model.local_encoder and not model_cfg.local_encoder
+    assert dataclasses.replace(local.model, local_encoder=False) == model_cfg and local.training == train_cfg
+
+
+def write(tmp_path, text, name="vq.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+MODEL = "model:\n  base_channels: 32\n  channel_mult: [1, 1]\n  codebook_size: 32\n"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("  lr: .inf", r"vq\.yaml:7: 'training\.lr' must be a finite number, got inf"),
+    ("  grad_clip: .nan", r"vq\.yaml:7: 'training\.grad_clip' must be a finite number, got nan"),
+    ("  lr: -1.0", r"vq\.yaml:7: 'training\.lr' must be positive, got -1\.0"),
+    ("  sizes: [[64, 63]]", r"vq\.yaml:7: 'training\.sizes': \[\[64, 63\]\] are not multiples .* factor 2"),
+    ("  sizes: [[64, 64, 3]]", r"vq\.yaml:7: 'training\.sizes' must be a list of 2"),
+    ("  steps: many", r"vq\.yaml:7: 'training\.steps' must be int, got 'many'"),
+    ("  epochs: 3", r"vq\.yaml:7: unknown key 'training\.epochs'"),
+    ("  codebook_ema: 1.5", r"vq\.yaml:7: 'training\.codebook_ema' must be in \[0, 1\)"),
+])
+def test_config_errors_name_file_line_and_key(tmp_path, line, message):
+    """Defect 9: `lr: .inf` trained to NaN and `grad_clip: .nan` turned clipping off, silently."""
+    path = write(tmp_path, MODEL + "training:\n  steps: 5\n" + line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_vq_config(path)
+
+
+def test_model_config_errors_and_toml(tmp_path):
+    path = write(tmp_path, "model:\n  base_channels: 32\n  codebook_size: 0\n")
+    with pytest.raises(ConfigError, match=r"vq\.yaml:3: 'model\.codebook_size' must be positive, got 0"):
+        load_vq_config(path)
+    path = write(tmp_path, "model:\n  dropout: .nan\n")
+    with pytest.raises(ConfigError, match=r"vq\.yaml:2: 'model\.dropout' must be a finite number"):
+        load_vq_config(path)
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml: no such config file"):
+        load_vq_config(tmp_path / "nowhere.yaml")
+    with pytest.raises(ConfigError, match=r"vq\.yaml: a 'model:' section .* is required"):
+        load_vq_config(write(tmp_path, "training: {steps: 3}\n"))
+    toml = write(tmp_path, '[model]\nbase_channels = 32\nchannel_mult = [1, 1]\n[training]\nsizes = [[48, 48]]\n'
+                           'lr = inf\n', "vq.toml")
+    with pytest.raises(ConfigError, match=r"vq\.toml:6: 'training\.lr' must be a finite number"):
+        load_vq_config(toml)
+    toml.write_text('out_dir = "runs/x"\n[model]\nbase_channels = 32\nchannel_mult = [1, 1]\n'
+                    '[training]\nsizes = [[48, 48]]\nbetas = [0.5, 0.9]\n')
+    run = load_vq_config(toml)
+    assert run.training.sizes == ((48, 48),) and run.training.betas == (0.5, 0.9)
+    assert run.out_dir == str(tmp_path / "runs" / "x")  # relative to the config's folder
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        VQTrainConfig(lr=float("inf"))
+
+
+def test_command_line_trains_resumes_and_reports_user_errors(tmp_path, capsys):
+    config = write(tmp_path, MODEL.replace("codebook_size: 32", "codebook_size: 32\n  z_channels: 8\n  embed_dim: 8"
+                                           "\n  resolution: 48\n  num_res_blocks: 1")
+                   + "training:\n  steps: 4\n  batch_size: 2\n  sizes: [[48, 48]]\n  eval_sizes: [[48, 48]]\n"
+                     "  eval_images: 2\n  eval_every: 2\n  checkpoint_every: 2\n  log_every: 1\n"
+                     "  progress: false\n")
+    out = tmp_path / "run"
+    assert main([str(config), "--out", str(out), "--max-steps", "2", "--eval-images", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert main([str(config), "--out", str(out), "--eval-images", "2", "--eval-sizes", "48x48",
+                 "--export", str(tmp_path / "export")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 4 and result["finished"] and result["final_eval"]["n"] == 2
+    assert ImageTokenizer.from_pretrained(tmp_path / "export").config.codebook_size == 32
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
+    bad = write(tmp_path, MODEL + "training:\n  lr: .inf\n", "bad.yaml")
+    assert main([str(bad), "--out", str(tmp_path / "never")]) == 2
+    assert "bad.yaml:6: 'training.lr' must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert main([str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    assert "missing.yaml: no such config file" in capsys.readouterr().err
+    assert main([str(config)]) == 2  # no output directory
+    assert "no output directory" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (ASSET / "vq.safetensors").exists(), reason="shapes-tiny VQGAN not trained yet")
@@ -209,37 +348,9 @@ def test_precision_setting_is_checked_and_resolved(tmp_path, monkeypatch):
         VQTrainConfig(precision="fp16")
     old = tmp_path / "old.yaml"
     old.write_text("model: {}\ntraining: {bf16: true}\n")
-    with pytest.raises(ValueError, match="now precision: bf16"):
-        load_config(old)
+    with pytest.raises(ConfigError, match="old.yaml:2: unknown key 'training.bf16'.*now precision: bf16"):
+        load_vq_config(old)
     for native in (True, False):  # auto: bf16 autocast only where the CPU has bf16 units
         monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
         assert VQTrainer(TINY, VQTrainConfig(precision="auto")).bf16 is native
     assert VQTrainer(TINY, VQTrainConfig()).bf16 is False
-
-
-def test_code_stability_is_one_for_local_codes_and_lower_for_image_wide_ones():
-    # pixels as codes: an untouched cell keeps its code by construction
-    assert code_stability(_Identity(), n=6, seed=0, sizes=SIZES) == 1.0
-    # GroupNorm over the whole image makes far cells' codes follow an edit
-    image_wide = ImageTokenizer.random(TINY)
-    assert code_stability(image_wide, n=6, seed=0, sizes=SIZES) < 0.9
-
-
-
-def test_grow_cells_and_copied_target():
-    changed = np.zeros((4, 5), dtype=bool)
-    changed[0, 0] = True
-    assert grow_cells(changed, 0).sum() == 1
-    assert grow_cells(changed, 1).sum() == 4 and grow_cells(changed, 1)[1, 1]  # diagonals count
-    assert grow_cells(changed, 2)[:3, :3].all() and grow_cells(changed, 2).sum() == 9
-    source, target = np.zeros((4, 5), int), np.ones((4, 5), int)
-    drawn = copied_target(source, target, changed, 1)
-    assert drawn.sum() == 4 and drawn[1, 1] == 1 and drawn[3, 4] == 0
-    pixels = copied_target(np.zeros((4, 5, 3)), np.ones((4, 5, 3)), changed, 0)  # trailing code dims
-    assert pixels[0, 0].tolist() == [1, 1, 1] and pixels.sum() == 3
-
-
-def test_copy_ceiling_is_one_for_a_perfect_round_trip_and_zero_for_garbage():
-    # pixels as codes: copying every pixel the edit left alone redraws the edit exactly
-    assert copy_ceiling(_Identity(), n=5, seed=0, sizes=SIZES, margins=(0, 2)) == {0: 1.0, 2: 1.0}
-    assert copy_ceiling(_Blank(), n=5, seed=0, sizes=SIZES, margins=(1,)) == {1: 0.0}

@@ -5,7 +5,7 @@
 1. writes the shapes-world training and evaluation-loss datasets (raw JSONL + PNGs) under --work;
 2. trains a byte-level BPE on their text and builds the native vocabulary;
 3. assembles the base pipeline (WORK/base): that tokenizer, the shapes VQGAN (--vq; vq.yaml here is
-   its training config, for `python -m tokenloom.vq_training`) and stages.yaml's model_shape;
+   its training config, for `tokenloom train-vq`) and stages.yaml's model_shape;
 4. pre-tokenizes the datasets into Parquet shards (WORK/shards/);
 5. trains the stages of stages.yaml in order, each config being base.yaml with the stage's row on top
    (written to WORK/<stage>.yaml; training output in WORK/<stage>/); each stage resumes if interrupted;

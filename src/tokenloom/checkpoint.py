@@ -1,22 +1,27 @@
-"""Safetensors weights in the Hugging Face directory layout.
+"""Safetensors weights in the Hugging Face directory layout, and atomic file writes.
 
 `model.safetensors`, or shards `model-00001-of-0000N.safetensors` with a
 `model.safetensors.index.json` weight map once the weights pass `max_shard_bytes`.
 Files are written under a temporary name and renamed, so an interrupted save
-never leaves a half-written file behind the final name. Loading memory-maps the
+never leaves a half-written file behind the final name; they get the usual
+permissions (0666 less the umask, as `open` gives). Loading memory-maps the
 files (safetensors' `safe_open`), so peak host memory stays near one copy.
+
+Weights holding NaN or inf are refused when saving (`NonFiniteError`, unless
+`allow_non_finite=True`) and warned about when loading.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -24,9 +29,43 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
+class NonFiniteError(ValueError):
+    """Weights to be saved hold NaN or inf values."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty file next to `path`: (fd, name). Mode 0666 less the umask, like `open`
+    (tempfile.mkstemp would make it 0600, and the rename would keep that)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -34,24 +73,59 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)  # save_file may create the file anew, with its own mode
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- finiteness
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf."""
+    bad = []
+    for name, t in tensors.items():
+        if t.device.type == "meta" or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str | os.PathLike, allow_non_finite: bool = False) -> None:
+    """Refuse (NonFiniteError naming the first bad tensor) or, with allow_non_finite, warn."""
+    bad = non_finite_tensors(tensors)
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    message = f"{where}: tensor {bad[0]!r}{more} holds NaN or inf values"
+    if not allow_non_finite:
+        raise NonFiniteError(f"{message}; refusing to save them (allow_non_finite=True saves them anyway)")
+    warnings.warn(f"{message}; saving them anyway (allow_non_finite=True)", UserWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- weights
 
 
 def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,11 +150,15 @@ def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], directory: Path,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write the weights, sharded above `max_shard_bytes`; returns the file names written."""
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, allow_non_finite: bool = False) -> list[str]:
+    """Write the weights, sharded above `max_shard_bytes`; returns the file names written.
+
+    Weights holding NaN or inf raise NonFiniteError before anything is written (with
+    allow_non_finite=True: a warning, and they are written)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = _unique_tensors(state_dict)
+    check_finite(tensors, directory, allow_non_finite)
+    directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -111,8 +189,11 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: Path,
 def weight_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     if (directory / INDEX_NAME).exists():
-        index = json.loads((directory / INDEX_NAME).read_text())
-        files = sorted(set(index["weight_map"].values()))
+        try:
+            index = json.loads((directory / INDEX_NAME).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{directory / INDEX_NAME} is not a valid weight index: {e}") from None
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
             raise FileNotFoundError(f"{directory / INDEX_NAME} names shard files that are missing: {missing}")
@@ -122,13 +203,64 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
 
 
+def _warn_non_finite(path: Path, name: str, t: torch.Tensor) -> None:
+    if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        warnings.warn(f"{path}: tensor {name!r} holds NaN or inf values", UserWarning, stacklevel=3)
+
+
 def iter_weights(directory: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time from memory-mapped files."""
+    """Yield (name, tensor) one at a time from memory-mapped files; warns about NaN/inf tensors."""
     for path in weight_files(directory):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                _warn_non_finite(path, name, tensor)
+                yield name, tensor
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return dict(iter_weights(directory, device))
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_safetensors(path: Path) -> None:
+    """Raise ValueError (naming the file) unless `path` is a whole safetensors file: its header
+    parses and its size is exactly what the header describes (a truncated file is not)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: truncated ({size} bytes, no safetensors header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(f"{path}: truncated ({size} bytes, the header alone is {n + 8})")
+            header = json.loads(f.read(n))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        raise ValueError(f"{path}: {size} bytes, its header describes {expected} (truncated or damaged)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def verify_weights(directory: Path) -> None:
+    """verify_safetensors on every weight file of a directory (FileNotFoundError / ValueError)."""
+    for path in weight_files(directory):
+        verify_safetensors(path)
+

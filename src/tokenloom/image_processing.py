@@ -176,14 +176,18 @@ class ImageTokenizer:
                     images[i] = im
         return images  # type: ignore[return-value]
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
+    def save_pretrained(self, directory: str | os.PathLike, *, allow_non_finite: bool = False) -> None:
+        """vq.safetensors + vq_config.json, each written under a temporary name and renamed (an
+        interrupted save leaves the previous files). Weights holding NaN or inf raise
+        NonFiniteError before anything is written (allow_non_finite=True: a warning)."""
+        from .checkpoint import atomic_save_safetensors, atomic_write_bytes, check_finite
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.vqgan.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        check_finite(tensors, directory / WEIGHTS_NAME, allow_non_finite)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,

@@ -21,7 +21,7 @@ from PIL import Image
 from . import __version__
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_NAME, atomic_write_json, iter_weights, save_weights, weight_files
 from .document import Document, ImagePart, TextPart, check_text
-from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, check_guidance_scale
+from .engine import Engine, GenerationRequest, SamplingParams, check_guidance_scale
 from .engine.sampling import check_integer, default_image_sampling, default_text_sampling
 from .formats import Format, get_format, resolution_prompt
 from .image_processing import ImageTokenizer, check_image_size, load_image
@@ -94,9 +94,6 @@ def torch_dtype(dtype) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[dtype]
-
-
-_torch_dtype = torch_dtype  # TODO(lead): drop once train/trainer.py imports torch_dtype
 
 
 def torch_device(device) -> torch.device:

@@ -1,8 +1,8 @@
 """Which precision a training run computes in: one rule for the transformer and the VQGAN trainers.
 
 bf16 autocast pays only where bf16 matmuls run in hardware (a CUDA GPU that supports it, a CPU with
-AVX512-BF16 or AMX). Elsewhere PyTorch emulates them: a shapes-tiny training step took 31 s against
-1.6 s in fp32 on an AVX2-only CPU (benchmarks/bench_train_precision.py)."""
+AVX512-BF16 or AMX). Elsewhere PyTorch emulates them, many times slower than fp32 (measurements:
+docs/training.md, from benchmarks/bench_train_precision.py)."""
 
 from __future__ import annotations
 

@@ -64,13 +64,13 @@ def run_train(args) -> int:
 
 # -- train-vq -------------------------------------------------------------------------------------------------
 def train_vq_arguments(p) -> None:
-    from ..vq_training import add_arguments
+    from ..train.vq import add_arguments
 
     add_arguments(p)
 
 
 def run_train_vq(args) -> int:
-    from ..vq_training import run
+    from ..train.vq import run
 
     return run(args)
 

@@ -1,8 +1,11 @@
 """Training configuration: a YAML or TOML file parsed into dataclasses.
 
-Unknown keys, wrong types and bad values raise `ConfigError` naming the file, the line (where
-the parser can tell it) and the dotted key. Relative paths are relative to the config file's
-folder (to the working directory for a config built in Python).
+Unknown keys, wrong types and bad values (NaN and inf included) raise `ConfigError` naming the
+file, the line (where the parser can tell it) and the dotted key. Relative paths are relative to
+the config file's folder (to the working directory for a config built in Python).
+
+`load_config` reads the transformer trainer's `TrainConfig`; `read_config` + `build_config`
+parse any dataclass the same way (the VQGAN trainer's config is one, see `train.vq`).
 
 Example (YAML)::
 
@@ -28,11 +31,13 @@ Example (YAML)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +116,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> TrainConfig:
         """Build and validate; relative paths are resolved against the folder of `source`."""
-        return _Parser(source, {}).build(data)
+        return build_config(TrainConfig, data, source, check=_check_train)
 
 
 CHOICES = {
@@ -124,19 +129,21 @@ CHOICES = {
 # --------------------------------------------------------------------------- parsing
 
 
-class _Parser:
-    def __init__(self, source: str | None, lines: dict[str, int]):
-        self.source, self.lines = source, lines
+class ConfigParser:
+    """Builds a dataclass from parsed YAML/TOML, checking keys and types; errors name file:line."""
+
+    def __init__(self, source: str | None, lines: dict[str, int], hints: dict[str, str] | None = None):
+        self.source, self.lines, self.hints = source, lines, hints or {}
 
     def error(self, key: str, message: str) -> ConfigError:
         where = self.source or "config"
         line = self.lines.get(key)
         return ConfigError(f"{where}:{line}: {message}" if line else f"{where}: {message}")
 
-    def build(self, data: Any) -> TrainConfig:
-        config = self._dataclass(TrainConfig, data, "")
-        config.source = self.source
-        self._check(config)
+    def build(self, cls: type, data: Any) -> Any:
+        config = self._dataclass(cls, data, "")
+        if "source" in {f.name for f in dataclasses.fields(cls)}:
+            config.source = self.source
         return config
 
     def _dataclass(self, cls: type, data: Any, prefix: str) -> Any:
@@ -148,12 +155,21 @@ class _Parser:
         for key in data:
             if key not in names:
                 dotted = prefix + str(key)
-                raise self.error(dotted, f"unknown key '{dotted}' (known: {', '.join(names)})")
+                hint = f" ({self.hints[dotted]})" if dotted in self.hints else ""
+                raise self.error(dotted, f"unknown key '{dotted}' (known: {', '.join(names)}){hint}")
         values = {}
         for name in names:
             if name in data:
                 values[name] = self._value(hints[name], data[name], prefix + name)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            # a dataclass's own checks (__post_init__): blame the field its message starts with
+            message = str(e)
+            field_name = next((n for n in names if re.match(rf"{re.escape(n)}\b", message)), None)
+            if field_name is None:
+                raise self.error(prefix.rstrip("."), f"'{prefix.rstrip('.') or 'the config'}': {message}") from None
+            raise self.error(prefix + field_name, f"'{prefix}{field_name}'{message[len(field_name):]}") from None
 
     def _value(self, tp: Any, value: Any, key: str) -> Any:
         if dataclasses.is_dataclass(tp):
@@ -168,67 +184,108 @@ class _Parser:
             if not isinstance(value, list):
                 raise self.error(key, f"'{key}' must be a list, got {type(value).__name__}")
             return [self._value(args[0], v, key) for v in value]
+        if origin is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise self.error(key, f"'{key}' must be a list, got {value!r}")
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(self._value(args[0], v, key) for v in value)
+            if len(value) != len(args):
+                raise self.error(key, f"'{key}' must be a list of {len(args)}, got {value!r}")
+            return tuple(self._value(a, v, key) for a, v in zip(args, value))
         if tp is dict:
             if not isinstance(value, dict):
                 raise self.error(key, f"'{key}' must be a mapping, got {type(value).__name__}")
+            self._finite_inside(value, key)
             return dict(value)
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if tp is float and isinstance(value, str):
             try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise self.error(key, f"'{key}' must be {tp.__name__}, got {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise self.error(key, f"'{key}' must be a finite number, got {value!r}")
         return value
 
-    def _check(self, c: TrainConfig) -> None:
-        for key, allowed in CHOICES.items():
-            section, name = key.split(".")
-            if getattr(getattr(c, section), name) not in allowed:
-                raise self.error(key, f"'{key}' must be one of {', '.join(allowed)}, "
-                                      f"got {getattr(getattr(c, section), name)!r}")
-        positive = {"data.seq_len": c.data.seq_len, "data.batch_size": c.data.batch_size,
-                    "data.window": c.data.window, "train.max_steps": c.train.max_steps,
-                    "train.grad_accum": c.train.grad_accum, "train.log_every": c.train.log_every,
-                    "train.keep_checkpoints": c.train.keep_checkpoints}
-        if c.train.eval_batches is not None:
-            positive["train.eval_batches"] = c.train.eval_batches
-        non_negative = {"optim.warmup_steps": c.optim.warmup_steps, "optim.weight_decay": c.optim.weight_decay,
-                        "optim.grad_clip": c.optim.grad_clip, "train.z_loss": c.train.z_loss,
-                        "train.eval_every": c.train.eval_every, "train.save_every": c.train.save_every}
-        for key, v in positive.items():
-            if v <= 0:
-                raise self.error(key, f"'{key}' must be positive, got {v!r}")
-        for key, v in non_negative.items():
-            if v < 0:
-                raise self.error(key, f"'{key}' must be >= 0, got {v!r}")
-        if not c.optim.lr > 0:
-            raise self.error("optim.lr", f"'optim.lr' must be positive, got {c.optim.lr!r}")
-        if not 0 <= c.optim.min_lr_ratio <= 1:
-            raise self.error("optim.min_lr_ratio",
-                             f"'optim.min_lr_ratio' must be in [0, 1], got {c.optim.min_lr_ratio}")
-        if len(c.optim.betas) != 2 or not all(0 <= b < 1 for b in c.optim.betas):
-            raise self.error("optim.betas", f"'optim.betas' must be two numbers in [0, 1), got {c.optim.betas}")
-        if not 0 <= c.data.context_dropout <= 1:
-            raise self.error("data.context_dropout", f"'data.context_dropout' must be in [0, 1], "
-                                                     f"got {c.data.context_dropout}")
-        if not c.model.pipeline:
-            raise self.error("model.pipeline", "'model.pipeline' (a pipeline directory) is required")
-        if c.model.config and c.model.weights != "random":
-            raise self.error("model.config", "'model.config' only applies with 'model.weights: random'")
-        if not c.data.train:
-            raise self.error("data.train", "'data.train' needs at least one shard directory")
-        base = Path(self.source).resolve().parent if self.source else None
-        c.model.pipeline = _resolve(c.model.pipeline, base)
-        c.data.train = [_resolve(p, base) for p in c.data.train]
-        c.data.eval = [_resolve(p, base) for p in c.data.eval]
-        if c.out_dir is not None:
-            c.out_dir = _resolve(c.out_dir, base)
+    def _finite_inside(self, value: Any, key: str) -> None:
+        """NaN / inf anywhere in a free-form mapping (model.config) is an error too."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"'{key}' must be a finite number, got {value!r}")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self._finite_inside(v, f"{key}.{k}")
+        elif isinstance(value, list):
+            for v in value:
+                self._finite_inside(v, key)
 
 
-def _resolve(path: str, base: Path | None) -> str:
+def build_config(cls: type, data: Any, source: str | None = None, lines: dict[str, int] | None = None,
+                 check: Callable[[ConfigParser, Any], None] | None = None, hints: dict[str, str] | None = None) -> Any:
+    """Build dataclass `cls` from parsed data; `check(parser, config)` validates across fields
+    (raising `parser.error(dotted_key, message)`). `lines`: dotted key -> line, from `read_config`."""
+    parser = ConfigParser(source, lines or {}, hints)
+    config = parser.build(cls, data)
+    if check is not None:
+        check(parser, config)
+    return config
+
+
+def _check_train(p: ConfigParser, c: TrainConfig) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if getattr(getattr(c, section), name) not in allowed:
+            raise p.error(key, f"'{key}' must be one of {', '.join(allowed)}, "
+                               f"got {getattr(getattr(c, section), name)!r}")
+    positive = {"data.seq_len": c.data.seq_len, "data.batch_size": c.data.batch_size,
+                "data.window": c.data.window, "train.max_steps": c.train.max_steps,
+                "train.grad_accum": c.train.grad_accum, "train.log_every": c.train.log_every,
+                "train.keep_checkpoints": c.train.keep_checkpoints}
+    if c.train.eval_batches is not None:
+        positive["train.eval_batches"] = c.train.eval_batches
+    non_negative = {"optim.warmup_steps": c.optim.warmup_steps, "optim.weight_decay": c.optim.weight_decay,
+                    "optim.grad_clip": c.optim.grad_clip, "train.z_loss": c.train.z_loss,
+                    "train.eval_every": c.train.eval_every, "train.save_every": c.train.save_every}
+    for key, v in positive.items():
+        if v <= 0:
+            raise p.error(key, f"'{key}' must be positive, got {v!r}")
+    for key, v in non_negative.items():
+        if v < 0:
+            raise p.error(key, f"'{key}' must be >= 0, got {v!r}")
+    if not c.optim.lr > 0:
+        raise p.error("optim.lr", f"'optim.lr' must be positive, got {c.optim.lr!r}")
+    if not 0 <= c.optim.min_lr_ratio <= 1:
+        raise p.error("optim.min_lr_ratio", f"'optim.min_lr_ratio' must be in [0, 1], got {c.optim.min_lr_ratio}")
+    if len(c.optim.betas) != 2 or not all(0 <= b < 1 for b in c.optim.betas):
+        raise p.error("optim.betas", f"'optim.betas' must be two numbers in [0, 1), got {c.optim.betas}")
+    if not c.optim.eps > 0:
+        raise p.error("optim.eps", f"'optim.eps' must be positive, got {c.optim.eps!r}")
+    if not 0 <= c.data.context_dropout <= 1:
+        raise p.error("data.context_dropout", f"'data.context_dropout' must be in [0, 1], "
+                                              f"got {c.data.context_dropout}")
+    if not c.model.pipeline:
+        raise p.error("model.pipeline", "'model.pipeline' (a pipeline directory) is required")
+    if c.model.config and c.model.weights != "random":
+        raise p.error("model.config", "'model.config' only applies with 'model.weights: random'")
+    if not c.data.train:
+        raise p.error("data.train", "'data.train' needs at least one shard directory")
+    base = config_folder(p.source)
+    c.model.pipeline = resolve_path(c.model.pipeline, base)
+    c.data.train = [resolve_path(x, base) for x in c.data.train]
+    c.data.eval = [resolve_path(x, base) for x in c.data.eval]
+    if c.out_dir is not None:
+        c.out_dir = resolve_path(c.out_dir, base)
+
+
+def config_folder(source: str | None) -> Path | None:
+    """The folder relative paths in a config are relative to (None: the working directory)."""
+    return Path(source).resolve().parent if source else None
+
+
+def resolve_path(path: str, base: Path | None) -> str:
+    """`path` relative to `base` (the config's folder; None: the working directory), normalised."""
     p = Path(os.path.expanduser(path))
     # normpath: one spelling per directory ("configs/../runs/x" is "runs/x"), or a resumed run
     # would see its own data under another name and refuse to continue.
@@ -269,12 +326,15 @@ def _toml_lines(text: str, data: dict[str, Any]) -> dict[str, int]:
     return lines
 
 
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read a .yaml/.yml or .toml training config."""
+def read_config(path: str | os.PathLike) -> tuple[Any, dict[str, int]]:
+    """Parse a .yaml/.yml or .toml file -> (data, dotted key -> line); ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
     if path.suffix.lower() == ".toml":
         try:
             data = tomllib.loads(text)
@@ -289,6 +349,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         lines = _yaml_lines(text)
     else:
         raise ConfigError(f"{path}: unknown config format (use .yaml, .yml or .toml)")
-    if data is None:
-        data = {}
-    return _Parser(str(path), lines).build(data)
+    return ({} if data is None else data), lines
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a .yaml/.yml or .toml training config."""
+    data, lines = read_config(path)
+    return build_config(TrainConfig, data, str(path), lines, check=_check_train)

@@ -6,25 +6,24 @@ Output directory::
     metrics.jsonl                one JSON object per logged step ({"step", "loss", "lr", ...}) and per
                                  evaluation ({"step", "eval_loss", ...})
     loss.png                     train and eval loss against the step
-    checkpoints/step-00000200/   model.safetensors, optimizer.pt, rng.pt, state.json (written last,
-                                 into a temporary directory renamed into place)
+    checkpoints/step-00000200/   model.safetensors, optimizer.safetensors + optimizer.json,
+                                 rng.safetensors, state.json (written last, listing the others; the
+                                 whole directory is written under a temporary name and renamed)
     final/                       the trained pipeline (`tokenloom.load` reads it)
 
 A run is a pure function of its config: batches come from a seeded sampler whose position is
 checkpointed, the learning rate is a function of the step, and RNG states are restored, so a
 run stopped and resumed (automatically, when the output directory has a checkpoint) writes the
-same losses as one that was never stopped (bit for bit on the CPU).
+same losses as one that was never stopped (bit for bit on the CPU). Resume skips a damaged
+newest checkpoint (a file missing or truncated) for the newest intact one, with a warning. A NaN
+or inf loss or gradient norm stops the run with `TrainError` before the update, so no checkpoint
+ever holds non-finite weights.
 
 Precision: weights and optimizer states stay float32; ``precision: bf16`` runs the forward under
-bf16 autocast (losses are still computed in float32). On the CPU it pays where the matmuls have
-native bf16 instructions (AVX512-BF16 or AMX: Intel Sapphire Rapids, AMD Zen 4 and later): on
-a 2-core AMD EPYC with AVX512-BF16, forward + backward of a 2-layer model (4k vocabulary, 4 x 256
-tokens, one thread) took 211 ms instead of 749 ms at hidden size 512 and 65 ms instead of 113 ms
-at 64. Without those instructions bf16 is emulated and fp32 is the better choice: on a 2-core
-AVX2-only CPU a bf16-autocast Linear (4096 x 256 -> 1024, forward + backward) took 2.06 s against
-0.05 s in fp32, and a shapes-tiny step 31 s against 1.6 s. ``precision: auto`` (the default) picks
-bf16 where the device has native bf16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX)
-and fp32 elsewhere; asking for bf16 where it is emulated warns.
+bf16 autocast (losses are still computed in float32). It pays where the device has native bf16
+matmuls (AVX512-BF16 or AMX CPUs, recent GPUs); elsewhere bf16 is emulated and much slower than
+fp32. ``precision: auto`` (the default) picks bf16 only where it is native; asking for bf16 where
+it is emulated warns. Measurements: docs/training.md.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -48,37 +46,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_json, load_weights, save_weights
+from ..checkpoint import NonFiniteError, atomic_write_json, load_weights, save_weights
 from ..data.packing import IGNORE_INDEX, BatchLoader, LengthBucketSampler, ShardDataset
 from ..data.pretokenize import vocab_fingerprint
 from ..data.raw import DataError
 from ..model import ModelConfig, Transformer
-from ..pipeline import Pipeline, _torch_dtype
+from ..pipeline import Pipeline, torch_dtype
 from ..precision import resolve_precision
+from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_finite_step,
+                     checkpoint_dirs, load_optimizer, load_rng, lr_at, read_state, resume_checkpoint, save_optimizer,
+                     save_rng, stopped, write_checkpoint)
 from .config import ConfigError, TrainConfig, load_config
 from .plot import plot_losses
 
-CHECKPOINTS = "checkpoints"
-STATE_NAME = "state.json"  # written last: a checkpoint directory with it is complete
-METRICS_NAME = "metrics.jsonl"
+__all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "main", "param_groups",
+           "token_losses", "train", "train_image_head_only"]
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = {"out_dir", "data.eval", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_checkpoints", "train.progress", "train.device"}
 
 
-class TrainError(RuntimeError):
-    pass
-
-
 # --------------------------------------------------------------------------- pieces
-
-
-def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -130,31 +118,6 @@ def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device
     lse = torch.logsumexp(logits, dim=-1)
     ce = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
     return ce, lse.pow(2).sum()
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl (flushed per line), truncated to a checkpoint's step on resume."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def truncate(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,7 +176,7 @@ class Trainer:
 
     def autocast(self):
         if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=_torch_dtype("bf16"))
+            return torch.autocast(device_type=self.device.type, dtype=torch_dtype("bf16"))
         return nullcontext()
 
     # -- setup ------------------------------------------------------------------------------
@@ -240,9 +203,9 @@ class Trainer:
     def _start(self, resume: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         saved_config = self.out_dir / "config.json"
-        latest = self.latest_checkpoint()
-        if latest is not None and not resume:
+        if checkpoint_dirs(self.out_dir / CHECKPOINTS) and not resume:
             raise TrainError(f"{self.out_dir} already holds checkpoints; resume, or use a new output directory")
+        latest = resume_checkpoint(self.out_dir / CHECKPOINTS) if resume else None
         if latest is not None:
             previous = json.loads(saved_config.read_text()) if saved_config.exists() else {}
             now = _flatten(self.config.to_dict())
@@ -262,46 +225,32 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
 
     def checkpoints(self) -> list[Path]:
-        root = self.out_dir / CHECKPOINTS
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
+        return checkpoint_dirs(self.out_dir / CHECKPOINTS)
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
     def save_checkpoint(self) -> Path:
-        root = self.out_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_weights(self.model.state_dict(), tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE_NAME, {"step": self.step, "tokens": self.tokens, "positions": self.positions,
-                                             "scheduler": {"step": self.step}, "data": self.loader.state_dict()})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[: -self.config.train.keep_checkpoints]:
-            shutil.rmtree(old)
-        return final
+        def write(directory: Path) -> None:
+            save_weights(self.model.state_dict(), directory)
+            save_optimizer(self.optimizer, directory)
+            save_rng(directory)
+
+        state = {"step": self.step, "tokens": self.tokens, "positions": self.positions,
+                 "scheduler": {"step": self.step}, "data": self.loader.state_dict()}
+        try:
+            return write_checkpoint(self.out_dir / CHECKPOINTS, self.step, write, state,
+                                    self.config.train.keep_checkpoints)
+        except NonFiniteError as e:
+            raise TrainError(f"training stopped at step {self.step}: {e}") from None
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / STATE_NAME).read_text())
+        state = read_state(path)
         weights = load_weights(path, device=self.device)
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        load_optimizer(self.optimizer, path, self.device)
+        load_rng(path)
         try:
             self.loader.load_state_dict(state["data"])
         except DataError as e:
@@ -329,6 +278,11 @@ class Trainer:
             ce_sum += ce.item()
             z_sum += z.item()
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf)
+        try:
+            check_finite_step(self.step + 1, loss=ce_sum, z_loss=z_sum, gradient_norm=float(norm))
+        except TrainError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -382,7 +336,10 @@ class Trainer:
             with tqdm(total=c.max_steps, initial=self.step, desc="train", disable=not c.progress) as bar:
                 while self.step < stop:
                     t0 = time.perf_counter()
-                    record = self.train_step(batches)
+                    try:
+                        record = self.train_step(batches)
+                    except TrainError as e:
+                        raise stopped(e, self.latest_checkpoint()) from None
                     record["seconds"] = time.perf_counter() - t0
                     if self.step % c.log_every == 0 or self.step == c.max_steps:
                         self.metrics.write(record)
@@ -393,7 +350,10 @@ class Trainer:
                         if evaluation is not None:
                             self.metrics.write(evaluation)
                     if (c.save_every and self.step % c.save_every == 0) or self.step == stop:
-                        self.save_checkpoint()
+                        try:
+                            self.save_checkpoint()
+                        except TrainError as e:
+                            raise stopped(e, self.latest_checkpoint()) from None
                         self.plot()
         finally:
             torch.use_deterministic_algorithms(previous)
