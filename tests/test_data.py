@@ -404,14 +404,16 @@ def test_loader_applies_context_dropout_deterministically(pipe, tmp_path):
 
 
 def test_pretokenize_command(pipe, tmp_path, capsys):
+    from tokenloom.cli import main as cli
+
     write_images(tmp_path / "img")
     path = write_jsonl(tmp_path / "d.jsonl", [*corpus_lines(3), "oops"])
     pipe.save_pretrained(tmp_path / "model")
     args = [str(tmp_path / "model"), str(tmp_path / "s"), str(path)]
-    assert pretokenize_module.main(args) == 2
+    assert cli(["pretokenize", *args]) == 2
     assert f"{path}:4: not valid JSON" in capsys.readouterr().err
     with pytest.warns(DataWarning):
-        assert pretokenize_module.main([*args, "--skip-errors"]) == 0
+        assert cli(["pretokenize", *args, "--skip-errors"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["documents"] == 3 and out["skipped"] == 1 and out["complete"]
 

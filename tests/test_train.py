@@ -12,12 +12,17 @@ import tokenloom
 from tokenloom.checkpoint import load_weights
 from tokenloom.data import pretokenize
 from tokenloom.pipeline import random_pipeline
-from tokenloom.train import ConfigError, TrainError, load_config, lr_at, main, train
+from tokenloom.cli import main as cli
+from tokenloom.train import ConfigError, TrainError, load_config, lr_at, train
 from tokenloom import precision as precision_module
 from tokenloom.precision import native_bf16, resolve_precision
 from tokenloom.train.trainer import MetricsLog
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
+
+
+def main(argv):
+    return cli(["train", *argv])
 
 
 @pytest.fixture(scope="module")

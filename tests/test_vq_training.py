@@ -12,13 +12,13 @@ from PIL import Image
 
 from tokenloom.checkpoint import load_weights
 from tokenloom.image_processing import ImageTokenizer
+from tokenloom.cli import main as cli
 from tokenloom.train import ConfigError, TrainError
 from tokenloom.train.vq import (
     VQTrainConfig,
     VQTrainer,
     evaluate_vq,
     load_vq_config,
-    main,
     parse_labels,
     parse_loss,
     render_batch,
@@ -37,6 +37,10 @@ RECIPE = ROOT / "recipes" / "shapes-tiny"
 TINY = VQGANConfig(base_channels=32, channel_mult=(1, 1), num_res_blocks=1, resolution=48,
                    z_channels=8, embed_dim=8, codebook_size=32)
 SIZES = ((48, 48),)
+
+
+def main(argv):
+    return cli(["train-vq", *argv])
 
 
 def tiny_train(**kw):

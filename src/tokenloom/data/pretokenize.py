@@ -373,36 +373,3 @@ def pretokenize(
         else:
             run.save_manifest(end, complete=True)
     return _summary(out_dir, run.manifest)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`tokenloom pretokenize MODEL OUT_DIR DATA.jsonl ...` (for the CLI to wire)."""
-    import argparse
-    import sys
-
-    from ..pipeline import Pipeline
-
-    parser = argparse.ArgumentParser(
-        prog="tokenloom pretokenize",
-        description="Raw JSONL -> Parquet shards of token ids; resumes an interrupted run.")
-    parser.add_argument("model", help="pipeline directory whose tokenizers and layout to use")
-    parser.add_argument("out_dir", help="output directory for shards and manifest.json")
-    parser.add_argument("inputs", nargs="+", help="JSONL files")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="documents per shard")
-    parser.add_argument("--image-batch-size", type=int, default=32, help="images loaded and encoded together")
-    parser.add_argument("--skip-errors", action="store_true", help="warn about and count malformed lines")
-    parser.add_argument("--max-length", type=int, default=None, help="longest document in tokens")
-    parser.add_argument("--truncate", action="store_true", help="cut longer documents instead of skipping them")
-    parser.add_argument("--overwrite", action="store_true", help="start over in a directory made otherwise")
-    parser.add_argument("--device", default=None, help="torch device for the image tokenizer")
-    args = parser.parse_args(argv)
-    try:
-        pipeline = Pipeline.from_pretrained(args.model, device=args.device)
-        summary = pretokenize(args.inputs, pipeline, args.out_dir, shard_size=args.shard_size,
-                              image_batch_size=args.image_batch_size, on_error="skip" if args.skip_errors else "raise",
-                              max_length=args.max_length, truncate=args.truncate, overwrite=args.overwrite)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "errors"}, indent=2))
-    return 0

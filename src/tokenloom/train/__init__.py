@@ -4,7 +4,7 @@ Both share `train.config` (config files) and `train.common` (schedule, metrics, 
 
 from .common import MetricsLog, TrainError, lr_at
 from .config import ConfigError, TrainConfig, load_config
-from .trainer import Trainer, main, param_groups, train, train_image_head_only
+from .trainer import Trainer, param_groups, train, train_image_head_only
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "Trainer", "TrainError", "MetricsLog", "lr_at", "main",
+__all__ = ["ConfigError", "TrainConfig", "load_config", "Trainer", "TrainError", "MetricsLog", "lr_at",
            "param_groups", "train", "train_image_head_only"]

@@ -28,12 +28,10 @@ it is emulated warns. Measurements: docs/training.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -59,7 +57,7 @@ from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_fi
 from .config import ConfigError, TrainConfig, load_config
 from .plot import plot_losses
 
-__all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "main", "param_groups",
+__all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "param_groups",
            "token_losses", "train", "train_image_head_only"]
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = {"out_dir", "data.eval", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -399,23 +397,3 @@ def train(config: str | os.PathLike | TrainConfig | dict, out_dir: str | os.Path
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     return Trainer(config, config.out_dir, resume=resume).run(max_steps)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`tokenloom train CONFIG [--out-dir DIR] [--no-resume] [--max-steps N]`."""
-    parser = argparse.ArgumentParser(prog="tokenloom train", description="Train or fine-tune a model from a "
-                                     "YAML/TOML config; resumes from the output directory's latest checkpoint.")
-    parser.add_argument("config", help="training config (.yaml, .yml or .toml)")
-    parser.add_argument("--out-dir", default=None, help="output directory (default: the config's out_dir)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint in the output directory (default: yes)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop at this step (checkpointed; the schedule still spans train.max_steps)")
-    args = parser.parse_args(argv)
-    try:
-        summary = train(args.config, out_dir=args.out_dir, resume=args.resume, max_steps=args.max_steps)
-    except (ConfigError, DataError, TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0

@@ -36,9 +36,7 @@ directories (safetensors + JSON, atomic, verified on resume). Output directory::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -65,7 +63,7 @@ from .plot import plot_losses
 
 __all__ = ["VQTrainConfig", "VQRunConfig", "VQTrainer", "load_vq_config", "train_vqgan", "evaluate_vq",
            "parse_loss", "parse_labels", "psnr", "render_batch", "to_pixels", "training_batch",
-           "eval_set", "add_arguments", "run", "main"]
+           "eval_set"]
 
 # Seed-stream tags: training batches, restarts and evaluation draw from different SeedSequence
 # entropy lists, so no evaluation render comes from the training stream (equal scenes can still
@@ -623,94 +621,3 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
 def _newest(root: Path) -> Path | None:
     found = checkpoint_dirs(root)
     return found[-1] if found else None
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _sizes(text: str) -> list[Size]:
-    try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected WxH sizes separated by commas (64x64,96x64), got {text!r}")
-    return sizes  # type: ignore[return-value]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `tokenloom train-vq` (the verb's parser is built by tokenloom.cli)."""
-    p.description = ("Train a VQGAN image tokenizer on shapes-world renders from a YAML/TOML config (model: and "
-                     "training: sections); resumes from the run directory's newest intact checkpoint.")
-    p.add_argument("config", help="VQGAN training config (.yaml, .yml or .toml)")
-    p.add_argument("--out", default=None, help="run directory (default: the config's out_dir)")
-    p.add_argument("--steps", type=_count, default=None,
-                   help="override training.steps (the schedule spans them; a resumed run must pass the same)")
-    p.add_argument("--max-steps", type=_count, default=None,
-                   help="stop at this step (checkpointed; the schedule still spans training.steps)")
-    p.add_argument("--max-minutes", type=float, default=None, help="override training.max_minutes")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest checkpoint in the run directory (default: yes)")
-    p.add_argument("--export", default=None, help="also save the best tokenizer here (save_pretrained)")
-    p.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads")
-    p.add_argument("--eval-images", type=_count, default=500,
-                   help="final evaluation: images per size, on a seed the run never evaluated on (0: skip it)")
-    p.add_argument("--eval-sizes", type=_sizes, default=_sizes("64x64,96x64,64x96,48x48,128x128"),
-                   help="final evaluation sizes, WxH comma-separated")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `tokenloom train-vq` with parsed arguments; bad input raises ConfigError / ValueError /
-    OSError naming the file, a failed run TrainError."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_config = load_vq_config(args.config)
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
-    try:
-        train = dataclasses.replace(run_config.training, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{args.config} with the command line's overrides: {e}") from None
-    out = args.out or run_config.out_dir
-    if out is None:
-        raise ConfigError(f"{args.config}: no output directory (set 'out_dir' or pass --out)")
-    start = time.monotonic()
-    tok = train_vqgan(run_config.model, out, train, resume=args.resume, max_steps=args.max_steps)
-    result: dict[str, Any] = {"out": str(out), "train_seconds": round(time.monotonic() - start, 1),
-                              **json.loads((Path(out) / SUMMARY_NAME).read_text())}
-    if args.eval_images:
-        # a seed the run never evaluated on: not the numbers the best was picked by
-        final = evaluate_vq(tok, args.eval_images, train.seed + 1, args.eval_sizes)
-        atomic_write_json(Path(out) / "final_eval.json", final)
-        result["final_eval"] = final
-    if args.export:
-        tok.save_pretrained(args.export)
-        result["export"] = str(args.export)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`tokenloom train-vq CONFIG [--out DIR] [--steps N] [--max-steps N] [--export DIR] ...` on its own
-    (python -m tokenloom.train.vq): user errors print one line and return 2."""
-    p = argparse.ArgumentParser(prog="tokenloom train-vq")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, TrainError) as e:  # ConfigError is a ValueError
-        print(f"tokenloom train-vq: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
