@@ -44,7 +44,8 @@ SHIPPED = Path(tokenloom.__file__).resolve().parent / "assets" / "shapes-tiny"
 TEXT_VOCAB = 512  # byte-level BPE merges; the world's text is a few dozen words
 MAX_GRID = 64  # size tokens: images up to 64 codes a side (512 px at factor 8)
 SHARD_SIZE = 5000  # documents per Parquet shard
-# The base pipeline's generation settings (why these: docs/recipe-notes.md, "Sampling settings").
+# The base pipeline's generation settings; why these: docs/model-card.md,
+# "How the default sampling settings were chosen".
 PIPELINE = dict(profile="shapes-tiny", layout="unirep", image_width=64, image_height=64, max_image_side=512,
                 resolution_prompt=False, guidance_scale=1.75, max_new_tokens=400, text_sampling={"temperature": 0.0},
                 image_sampling={"temperature": 0.1, "top_k": 32}, image_candidates=8,

@@ -232,11 +232,21 @@ class KVCache:
         return self.k[0].dtype
 
     def update(self, layer: int, cache_positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, Hkv, T, D] into slots cache_positions [T]; return the full layer cache."""
+        """Write k, v [B, Hkv, T, D] into slots cache_positions [T] (the same for every row), or, with
+        cache_positions [B, 1], one token per row into that row's own slot; return the layer cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
+        if cache_positions.dim() == 2:
+            rows = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows, :, cache_positions[:, 0]] = k[:, :, 0].to(k_cache.dtype)
+            v_cache[rows, :, cache_positions[:, 0]] = v[:, :, 0].to(v_cache.dtype)
+            return k_cache, v_cache
         k_cache.index_copy_(2, cache_positions, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_positions, v.to(v_cache.dtype))
         return k_cache, v_cache
+
+    def rows(self, n: int) -> KVCache:
+        """A view of the first n batch rows (writes go through to this cache)."""
+        return KVCache([t[:n] for t in self.k], [t[:n] for t in self.v])
 
     def select(self, rows: Tensor | Sequence[int]) -> KVCache:
         """New cache holding the given batch rows (drop finished rows, duplicate for sampling)."""
@@ -433,13 +443,15 @@ class Transformer(nn.Module):
                 raise ValueError("cache_positions is required with kv_cache")
             if document_ids is not None:
                 raise ValueError("document_ids is not supported with kv_cache")
-            if cache_positions.shape != (T,):
-                raise ValueError(f"cache_positions must have shape [{T}], got {tuple(cache_positions.shape)}")
+            if cache_positions.shape != (T,) and not (T == 1 and cache_positions.shape == (B, 1)):
+                raise ValueError(f"cache_positions must have shape [{T}] (or [{B}, 1] for one token per row "
+                                 f"at its own slot), got {tuple(cache_positions.shape)}")
             slots = torch.arange(kv_length or kv_cache.max_length, device=device)
-            is_self = slots == cache_positions[:, None]  # [T, S]
-            mask = (slots <= cache_positions[:, None])[None]  # [1, T, S]
+            per_row = cache_positions if cache_positions.dim() == 2 else cache_positions[None]  # [B|1, T]
+            is_self = slots == per_row[..., None]  # [B|1, T, S]
+            mask = slots <= per_row[..., None]
             if positions is None:
-                positions = cache_positions.expand(B, T)
+                positions = per_row.expand(B, T)
         else:
             if cache_positions is not None:
                 raise ValueError("cache_positions given without kv_cache")
@@ -481,7 +493,9 @@ class Transformer(nn.Module):
         - packed: ``document_ids`` [B, T] restricts attention to equal ids; positions restart per document;
         - cached: ``kv_cache`` + ``cache_positions`` [T] (slots written, shared by all rows); queries read
           slots <= their own that ``key_mask`` [B, S] marks valid; ``positions`` [B, T] defaults to
-          cache_positions (pass per-row positions for left-padded batches).
+          cache_positions (pass per-row positions for left-padded batches). For one new token per row,
+          ``cache_positions`` [B, 1] writes each row at its own slot (rows of different lengths: continuous
+          batching).
         ``key_mask`` without a cache is [B, T] (padding keys in a plain forward).
         ``kv_length`` (cached only): attend to the first kv_length slots, which must hold every slot
         written so far; a decode loop passes the filled length to skip the empty tail of the cache.

@@ -86,8 +86,8 @@ def _overview() -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input rather than a bug in tokenloom: reported in one line."""
     errors: tuple[type[BaseException], ...] = (ValueError, OSError, UnicodeError)
-    if "tokenloom.train.trainer" in sys.modules:  # training failures the user can act on (a NaN loss)
-        errors += (sys.modules["tokenloom.train.trainer"].TrainError,)
+    if "tokenloom.train.common" in sys.modules:  # training failures the user can act on (a NaN loss)
+        errors += (sys.modules["tokenloom.train.common"].TrainError,)
     try:
         from safetensors import SafetensorError
 

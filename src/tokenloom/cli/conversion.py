@@ -48,7 +48,7 @@ def run_convert(a) -> int:
 
 
 def expand_arguments(p) -> None:
-    p.description = ("Liquid-style: turn a Hugging Face Llama/Qwen/Gemma-family causal LM into a multimodal "
+    p.description = ("Liquid-style: turn a Hugging Face Llama/Mistral/Qwen2-family causal LM into a multimodal "
                      "generator by appending image-code rows (initialised at the mean of the existing rows) and "
                      "special tokens. Text logits for text-only input are unchanged.")
     p.add_argument("base", help="HF model directory (config.json, *.safetensors, tokenizer.json)")

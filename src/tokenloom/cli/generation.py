@@ -37,7 +37,7 @@ def _load(args):
 
 def _seed(args) -> int:
     """The run's seed: the one given, or a fresh one (told with --verbose, so the run can be repeated)."""
-    from ..engine.engine import fresh_seed
+    from ..engine import fresh_seed
 
     if args.seed is not None:
         return check_integer(args.seed, "--seed", low=0, high=2**63 - 1)

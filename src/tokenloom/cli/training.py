@@ -148,7 +148,7 @@ def eval_arguments(p) -> None:
 
     p.description = "Score a model on held-out shapes-world samples: exact scene matches, exact text matches."
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    p.add_argument("--out", required=True, help="output directory for report.json, summary.md, samples.png")
+    p.add_argument("--out", required=True, help="output directory for report.json, summary.md, samples.png, edits.png")
     p.add_argument("--n", type=int, default=200, help="samples per task (default 200)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--seed", type=int, default=0, help="which held-out samples, and the seed of sampled draws")

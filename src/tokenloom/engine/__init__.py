@@ -1,10 +1,13 @@
-"""Generation: one decode loop, a per-row grammar, per-modality sampling, batched guidance, streaming."""
+"""Generation: one decode loop, a per-row grammar, per-modality sampling, batched guidance, streaming,
+continuous batching."""
 
-from .engine import MAX_GUIDANCE_SCALE, Engine, GenerationRequest, GenerationResult, check_guidance_scale
+from .continuous import ContinuousBatcher
+from .engine import Engine
+from .request import MAX_GUIDANCE_SCALE, GenerationRequest, GenerationResult, check_guidance_scale, fresh_seed
 from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
 from .grammar import Grammar, GrammarTables
 from .sampling import SamplingParams, default_image_sampling, default_text_sampling
 
-__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "Engine", "GenerationRequest", "GenerationResult",
+__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "fresh_seed", "Engine", "ContinuousBatcher", "GenerationRequest", "GenerationResult",
            "Event", "Finished", "ImageDone", "ImageRow", "ImageStarted", "TextDelta", "TurnEnd", "Grammar",
            "GrammarTables", "SamplingParams", "default_image_sampling", "default_text_sampling"]

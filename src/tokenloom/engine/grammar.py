@@ -122,6 +122,25 @@ class Grammar:
         # Code rows/columns each size token stands for, in size-token order.
         self.sizes = torch.arange(1, tables.size_ids.numel() + 1, device=device) * tables.size_unit
 
+    ROW_STATE = ("fixed_h", "fixed_w", "state", "h", "w", "row", "col", "remaining", "images_done", "allow_text",
+                 "allow_image", "max_images")
+
+    def select(self, rows: torch.Tensor) -> "Grammar":
+        """The grammar of some rows (in the given order): requests leaving a running batch."""
+        out = object.__new__(Grammar)
+        out.t, out.sizes = self.t, self.sizes
+        for name in self.ROW_STATE:
+            setattr(out, name, getattr(self, name)[rows])
+        return out
+
+    def concat(self, other: "Grammar") -> "Grammar":
+        """This grammar's rows followed by another's: requests joining a running batch."""
+        out = object.__new__(Grammar)
+        out.t, out.sizes = self.t, self.sizes
+        for name in self.ROW_STATE:
+            setattr(out, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        return out
+
     # -- what may come next ---------------------------------------------------------------
     def min_image_length(self) -> torch.Tensor:
         h = torch.where(self.fixed_h > 0, self.fixed_h, self.t.size_unit)

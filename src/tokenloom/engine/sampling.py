@@ -6,10 +6,9 @@ the same tokens whatever else shares its batch (the seed belongs to the row).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import math
 import numbers
+from dataclasses import asdict, dataclass, fields
 
 import torch
 

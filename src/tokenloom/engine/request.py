@@ -1,0 +1,136 @@
+"""What a caller asks of the engine and what it gets back: requests, results, and the bookkeeping that
+turns one request's sampled tokens into streaming events and document parts."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..document import Document, ImagePart, TextPart
+from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
+from .grammar import CODES, END, HEIGHT, WIDTH
+from .sampling import SamplingParams
+
+MAX_GUIDANCE_SCALE = 20.0  # far past any useful scale; larger ones only amplify noise into garbage
+
+
+def check_guidance_scale(value: float, what: str = "guidance_scale") -> None:
+    """Guidance scales are finite and in [1, MAX_GUIDANCE_SCALE] (1 = unguided)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and 1.0 <= value <= MAX_GUIDANCE_SCALE):
+        raise ValueError(f"{what} must be in [1, {MAX_GUIDANCE_SCALE:g}], got {value!r}")
+
+def fresh_seed() -> int:
+    """A seed from the operating system's randomness, for a request that names none (63 bits: any
+    torch generator takes it, and JSON keeps it exact)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to continue. `prompt_ids` already formatted (bos, turns, generation role)."""
+
+    prompt_ids: list[int]
+    mode: str = "any"
+    image_size: tuple[int, int] | None = None  # (height, width) in grid units, forced when given
+    max_new_tokens: int = 256
+    text: SamplingParams = field(default_factory=SamplingParams)
+    image: SamplingParams = field(default_factory=SamplingParams)
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # share of an image's codes that is guided
+    uncond_prompt_ids: list[int] = field(default_factory=list)
+    image_guidance_scale: float | None = None  # three-way guidance (editing) when set
+    image_cond_prompt_ids: list[int] | None = None
+    seed: int | None = None  # None: fresh randomness (the seed drawn is kept in the result)
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]
+    document: Document
+    finish_reason: str  # "stop" or "length"
+    seed: int | None = None  # the seed the request sampled with: given, or drawn fresh
+
+    @property
+    def image_parts(self) -> list[ImagePart]:
+        return [p for p in self.document.parts if isinstance(p, ImagePart)]
+
+    @property
+    def images(self):
+        return [p.pixels for p in self.image_parts]
+
+    @property
+    def text(self) -> str:
+        return self.document.text
+
+
+class RequestOutput:
+    """Turns one request's tokens into events and document parts as they come."""
+
+    def __init__(self, index: int, engine: object, seed: int):
+        self.index, self.engine, self.seed = index, engine, seed
+        self.ids: list[int] = []
+        self.parts: list = []
+        self.text_ids: list[int] = []
+        self.text_sent = ""
+        self.codes: list[int] = []
+        self.rows: list[list[int]] = []
+        self.size: tuple[int, int] | None = None
+
+    def _flush_text(self, final: bool) -> list[Event]:
+        if not self.text_ids:
+            return []
+        text = self.engine.text_tokenizer.decode(self.text_ids)
+        # Hold back a partial UTF-8 character until its last byte arrives.
+        visible = text if final else text.rstrip("\ufffd")
+        events = []
+        if len(visible) > len(self.text_sent) and visible.startswith(self.text_sent):
+            events.append(TextDelta(self.index, visible[len(self.text_sent):]))
+            self.text_sent = visible
+        if final:
+            self.parts.append(TextPart(text))
+            self.text_ids, self.text_sent = [], ""
+        return events
+
+    def feed(self, token: int, state_before: int, flags: dict[str, bool], grammar_hw: tuple[int, int]) -> list[Event]:
+        e = self.engine
+        self.ids.append(token)
+        events: list[Event] = []
+        if flags["started"]:
+            events += self._flush_text(final=True)
+            self.codes, self.rows = [], []
+            if e.tables.layout == "flat":
+                self.size = e.tables.flat_grid
+                events.append(ImageStarted(self.index, *self.size))
+        elif state_before == WIDTH:
+            self.size = grammar_hw
+            events.append(ImageStarted(self.index, *self.size))
+        elif state_before == CODES and token != e.tables.end_of_line:
+            self.codes.append(int(e.vocab.ids_to_codes(np.array([token]))[0]))
+        elif state_before == END and flags["ended"]:
+            h, w = self.size
+            grid = np.array(self.codes, dtype=np.int64).reshape(h, w)
+            pixels = e.decode_image(grid)
+            self.parts.append(ImagePart(grid, pixels=pixels))
+            events.append(ImageDone(self.index, grid, pixels))
+        elif state_before not in (HEIGHT, WIDTH, CODES, END) and not flags["stopped"]:
+            self.text_ids.append(token)
+            events += self._flush_text(final=False)
+        if flags["row_done"]:
+            h, w = self.size
+            r = len(self.rows)
+            row = np.array(self.codes[r * w:(r + 1) * w], dtype=np.int64)
+            self.rows.append(row.tolist())
+            events.append(ImageRow(self.index, r, row))
+        if flags["stopped"] or flags["truncated"]:
+            events += self._flush_text(final=True)
+            if flags["stopped"] and token == e.vocab.turn_end:
+                events.append(TurnEnd(self.index))
+            reason = "stop" if flags["stopped"] else "length"
+            doc = Document.from_parts(self.parts, role="assistant")
+            events.append(Finished(self.index, GenerationResult(list(self.ids), doc, reason, self.seed)))
+        return events
