@@ -181,9 +181,8 @@ class ContinuousBatcher:
         rows = [(j, kind, ids) for j, (_, r) in enumerate(new) for kind, ids in request_rows(r)]
         k = len(rows)
         prompt_len = max(len(ids) for _, _, ids in rows)
-        budget = max(len(r.prompt_ids) + r.max_new_tokens for _, r in new)
-        # Slots a new row may reach: its padded prompt plus the longest budget among the new requests.
-        self._ensure_cache(self.max_rows, prompt_len + budget)
+        # Slots a new row may reach: the padded prompt, then one per token of the longest budget.
+        self._ensure_cache(self.max_rows, prompt_len + max(r.max_new_tokens for _, r in new))
 
         ids = torch.full((k, prompt_len), e.tables.idle, dtype=torch.long)
         valid = torch.zeros((k, prompt_len), dtype=torch.bool)
