@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from tokenloom.checkpoint import load_weights
 from tokenloom.data import pretokenize
 from tokenloom.pipeline import random_pipeline
 from tokenloom.cli import main as cli
-from tokenloom.train import ConfigError, TrainError, load_config, lr_at, train
+from tokenloom.train import ConfigError, TrainError, Trainer, load_config, lr_at, train
 from tokenloom import precision as precision_module
 from tokenloom.precision import native_bf16, resolve_precision
 from tokenloom.train.trainer import MetricsLog
@@ -144,8 +145,14 @@ def test_resumed_run_repeats_the_uninterrupted_loss_curve(workdir, monkeypatch):
     # Resuming with a config that changes the trajectory is refused.
     changed = write_config(workdir, "changed.yaml", model={"weights": "random", "config": {"dropout": 0.1}},
                            optim={"lr": 1e-3})
-    with pytest.raises(TrainError, match="optim.lr"):
+    with pytest.raises(TrainError, match=r"cannot resume .*straight: optim\.lr was 0\.003, now 0\.001 \(that would be "
+                                         r"another run; use a new output directory\)"):
         train(changed, out_dir=workdir / "out" / "straight")
+    saved = workdir / "out" / "straight" / "config.json"
+    saved.rename(saved.with_name("config.json.aside"))
+    with pytest.raises(TrainError, match="config.json, the run's config, is unreadable"):
+        train(config, out_dir=workdir / "out" / "straight")
+    saved.with_name("config.json.aside").rename(saved)
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(config, out_dir=workdir / "out" / "straight", resume=False)
 
@@ -278,8 +285,11 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(wor
     monkeypatch.setattr(trainer_module, "token_losses", poisoned)
     config = write_config(workdir, "nan.yaml", train={"eval_every": 0})
     out = workdir / "out" / "nan"
-    with pytest.raises(TrainError, match=r"stopped at step 6: the loss is nan.*step-00000004.* is untouched"):
+    with pytest.raises(TrainError, match=r"stopped at step 6: the loss is nan.*step-00000004.* is untouched") as stop:
         train(config, out_dir=out)
+    message = str(stop.value)
+    assert "a resumed run starts from it" not in message
+    assert "optim.lr and optim.grad_clip cannot change on resume: train in a new output directory" in message
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000004"]
     assert all(torch.isfinite(t).all() for t in load_weights(out / "checkpoints" / "step-00000004").values())
     assert not (out / "final").exists()
@@ -288,6 +298,20 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(wor
     monkeypatch.setattr(trainer_module, "token_losses", poisoned)
     calls["train"] = 0
     assert main([str(config), "--out-dir", str(workdir / "out" / "nan-cli")]) == 2
+
+    # what the message suggests works: a copy of the pipeline holding the checkpoint's weights,
+    # trained with a lower learning rate in a new output directory, starts from those weights
+    monkeypatch.setattr(trainer_module, "token_losses", real)
+    copy = workdir / "pipe-restart"
+    shutil.copytree(workdir / "pipe", copy)
+    shutil.copy(out / "checkpoints" / "step-00000004" / "model.safetensors", copy / "model.safetensors")
+    lower = write_config(workdir, "restart.yaml", model={"pipeline": "pipe-restart"}, optim={"lr": 1e-3},
+                         train={"eval_every": 0})
+    trainer = Trainer(load_config(lower), workdir / "out" / "restart")
+    checkpoint = load_weights(out / "checkpoints" / "step-00000004")
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, checkpoint[name]), name
+    assert trainer.run(max_steps=2)["step"] == 2
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(workdir):

@@ -118,8 +118,10 @@ def test_checkpoint_resume_repeats_an_uninterrupted_run(tmp_path):
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(straight.ema_sum, resumed.ema_sum) and torch.equal(straight.usage, resumed.usage)
-    with pytest.raises(TrainError, match="seed was 0, now 1"):
+    with pytest.raises(TrainError, match="training seed was 0, now 1"):
         VQTrainer(TINY, tiny_train(steps=8, restart_every=3, seed=1)).load_checkpoint(checkpoint)
+    with pytest.raises(TrainError, match="model codebook_size was 32, now 16 .*use a new output directory"):
+        VQTrainer(dataclasses.replace(TINY, codebook_size=16), cfg).load_checkpoint(checkpoint)
 
 
 KW = dict(sizes=SIZES, warmup_steps=2, restart_every=3, eval_every=3, eval_images=4, eval_sizes=SIZES,
@@ -184,8 +186,11 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
         return out, z, codes
 
     monkeypatch.setattr(VQTrainer, "losses", poisoned)
-    with pytest.raises(TrainError, match=r"stopped at step 5: the loss is nan.*step-00000004.* is untouched"):
+    with pytest.raises(TrainError, match=r"stopped at step 5: the loss is nan.*step-00000004.* is untouched") as stop:
         train_vqgan(TINY, tmp_path, steps=8, batch_size=4, lr=2e-3, **KW)
+    assert "a resumed run starts from it" not in str(stop.value)
+    assert "training.lr and training.grad_clip cannot change on resume: train again in a new output directory" \
+        in str(stop.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     weights = load_weights(tmp_path / "checkpoints" / "step-00000004")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -358,3 +363,42 @@ def test_precision_setting_is_checked_and_resolved(tmp_path, monkeypatch):
         monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
         assert VQTrainer(TINY, VQTrainConfig(precision="auto")).bf16 is native
     assert VQTrainer(TINY, VQTrainConfig()).bf16 is False
+
+
+def test_resume_survives_a_torn_metrics_line_and_clears_stale_temporary_directories(tmp_path):
+    """A torn last metrics line killed resume; temporary checkpoint directories of a killed run stayed forever."""
+    train_vqgan(TINY, tmp_path / "a", steps=6, batch_size=4, lr=2e-3, **KW)
+    train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, max_steps=4, **KW)
+    log = tmp_path / "b" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"kind": "train", "step": 5, "lo')  # killed mid-line
+    torn = len(log.read_text().splitlines())  # its line number
+    stale = tmp_path / "b" / "checkpoints" / ".step-00000005.tmp"  # a step this run does not write again
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    with pytest.warns(UserWarning) as caught:
+        train_vqgan(TINY, tmp_path / "b", steps=6, batch_size=4, lr=2e-3, **KW)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{log}:{torn}: skipping a metrics line that does not parse") for m in messages), messages
+    assert any(f"removed {stale}, a temporary checkpoint directory" in m for m in messages), messages
+    assert not stale.exists()
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+
+
+def test_non_finite_weights_at_a_checkpoint_name_the_step_and_the_tensor(tmp_path):
+    """The wrapped NonFiniteError named the temporary directory and offered allow_non_finite, which trainers lack."""
+    trainer = VQTrainer(TINY, tiny_train())
+    trainer.step()
+    with torch.no_grad():
+        trainer.model.quantize.embedding.weight[1, 2] = float("nan")
+    with pytest.raises(TrainError, match=r"^training stopped at step 1: weight 'quantize\.embedding\.weight' holds NaN "
+                                         r"or inf values, so checkpoint step-00000001 was not written$") as stop:
+        trainer.save_checkpoint(tmp_path)
+    assert ".tmp" not in str(stop.value) and "allow_non_finite" not in str(stop.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_older_tokenloom_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"pickled")
+    with pytest.raises(TrainError, match=r"checkpoint\.pt was written by an older tokenloom.*start a new output "
+                                         r"directory"):
+        train_vqgan(TINY, tmp_path, steps=2, batch_size=4, **KW)

@@ -4,7 +4,8 @@
 `model.safetensors.index.json` weight map once the weights pass `max_shard_bytes`.
 Files are written under a temporary name and renamed, so an interrupted save
 never leaves a half-written file behind the final name; they get the usual
-permissions (0666 less the umask, as `open` gives). Loading memory-maps the
+permissions (0666 less the umask, as `open` gives, whatever the umask: the temporary
+file stays readable and writable by its owner until it is complete). Loading memory-maps the
 files (safetensors' `safe_open`), so peak host memory stays near one copy.
 
 Weights holding NaN or inf are refused when saving (`NonFiniteError`, unless
@@ -30,7 +31,11 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 class NonFiniteError(ValueError):
-    """Weights to be saved hold NaN or inf values."""
+    """Weights to be saved hold NaN or inf values; `tensors` names them."""
+
+    def __init__(self, message: str, tensors: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.tensors = tuple(tensors)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -49,7 +54,7 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -75,28 +80,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _chmod(fd: int, path: Path, mode: int) -> None:
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:  # pragma: no cover - Windows before 3.13
+        os.chmod(path, mode)
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
     fd, tmp = _create_temp(path)
-    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask
-    os.close(fd)
     try:
+        mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask
+        # safetensors writes by name and the fsync below reopens the file: the owner needs read
+        # and write while it is written, whatever the umask took away (0o400, 0o444, ...)
+        _chmod(fd, tmp, mode | 0o600)
+        os.close(fd)
+        fd = -1
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, mode)  # save_file may create the file anew, with its own mode
-        with open(tmp, "rb") as f:
+        os.chmod(tmp, mode | 0o600)  # in case save_file created the file anew, with the umask's mode
+        with open(tmp, "rb+") as f:
+            _chmod(f.fileno(), tmp, mode)  # the final mode (the open descriptor keeps its access)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------- finiteness
@@ -121,7 +140,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str | os.PathLike, 
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     message = f"{where}: tensor {bad[0]!r}{more} holds NaN or inf values"
     if not allow_non_finite:
-        raise NonFiniteError(f"{message}; refusing to save them (allow_non_finite=True saves them anyway)")
+        raise NonFiniteError(f"{message}; refusing to save them (allow_non_finite=True saves them anyway)", bad)
     warnings.warn(f"{message}; saving them anyway (allow_non_finite=True)", UserWarning, stacklevel=3)
 
 
@@ -168,22 +187,28 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: Path,
             size = 0
         shards[-1][name] = t
         size += nbytes
-    # Remove leftovers of an earlier save with another shard count.
-    for old in directory.glob("model*.safetensors"):
-        old.unlink()
-    (directory / INDEX_NAME).unlink(missing_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
         atomic_save_safetensors(shards[0], directory / WEIGHTS_NAME, meta)
-        return [WEIGHTS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        atomic_save_safetensors(shard, directory / name, meta)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names + [INDEX_NAME]
+        written = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            atomic_save_safetensors(shard, directory / name, meta)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        # the index last: until it is renamed into place, a loader reads the previous save
+        atomic_write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = names + [INDEX_NAME]
+    # Only now remove what an earlier save with another shard count left: the index first (a
+    # loader that finds none reads model.safetensors), then the shards it named.
+    if INDEX_NAME not in written:
+        (directory / INDEX_NAME).unlink(missing_ok=True)
+    for old in directory.glob("model*.safetensors"):
+        if old.name not in written:
+            old.unlink(missing_ok=True)
+    return written
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -203,7 +228,8 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
 
 
-def _warn_non_finite(path: Path, name: str, t: torch.Tensor) -> None:
+def warn_non_finite(path: str | os.PathLike, name: str, t: torch.Tensor) -> None:
+    """Warn (naming the file and the tensor) when a loaded tensor holds NaN or inf values."""
     if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
         warnings.warn(f"{path}: tensor {name!r} holds NaN or inf values", UserWarning, stacklevel=3)
 
@@ -214,7 +240,7 @@ def iter_weights(directory: Path, device: str | torch.device = "cpu") -> Iterato
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                _warn_non_finite(path, name, tensor)
+                warn_non_finite(path, name, tensor)
                 yield name, tensor
 
 
@@ -223,10 +249,14 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file."""
+    """All tensors of one safetensors file; warns about NaN/inf tensors like `load_weights`."""
     path = Path(path)
+    out = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        for name in f.keys():
+            out[name] = f.get_tensor(name)
+            warn_non_finite(path, name, out[name])
+    return out
 
 
 # --------------------------------------------------------------------------- verification
@@ -246,10 +276,22 @@ def verify_safetensors(path: Path) -> None:
             if n > size - 8:
                 raise ValueError(f"{path}: truncated ({size} bytes, the header alone is {n + 8})")
             header = json.loads(f.read(n))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if not isinstance(header, dict):
+            raise TypeError(f"the header is a JSON {type(header).__name__}, not an object")
+        ends = []
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise TypeError(f"tensor {key!r} has no valid data_offsets (two ints, begin <= end): "
+                                f"{offsets if isinstance(entry, dict) else entry!r}")
+            ends.append(offsets[1])
+        expected = 8 + n + max(ends, default=0)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    expected = 8 + n + max(ends, default=0)
     if expected != size:
         raise ValueError(f"{path}: {size} bytes, its header describes {expected} (truncated or damaged)")
     try:
@@ -257,10 +299,4 @@ def verify_safetensors(path: Path) -> None:
             f.keys()
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def verify_weights(directory: Path) -> None:
-    """verify_safetensors on every weight file of a directory (FileNotFoundError / ValueError)."""
-    for path in weight_files(directory):
-        verify_safetensors(path)
 

@@ -177,9 +177,17 @@ class ImageTokenizer:
         return images  # type: ignore[return-value]
 
     def save_pretrained(self, directory: str | os.PathLike, *, allow_non_finite: bool = False) -> None:
-        """vq.safetensors + vq_config.json, each written under a temporary name and renamed (an
-        interrupted save leaves the previous files). Weights holding NaN or inf raise
-        NonFiniteError before anything is written (allow_non_finite=True: a warning)."""
+        """Write vq.safetensors, then vq_config.json, each under a temporary name renamed over the
+        final one; weights holding NaN or inf raise NonFiniteError before anything is written
+        (allow_non_finite=True: a warning, and they are written).
+
+        Each file is replaced atomically, the pair is not: an interrupted save leaves every file
+        whole, either the previous save's or this one's, so the directory holds the previous pair,
+        or (interrupted between the two renames) the new vq.safetensors beside the previous
+        vq_config.json, or the new pair. In the mixed case a changed config makes loading fail on
+        mismatched shapes, or pairs the new weights with the old settings: save again. An exception
+        or KeyboardInterrupt removes the temporary file; a killed process (SIGKILL, power loss) can
+        leave a hidden `.vq.safetensors.*.tmp` or `.vq_config.json.*.tmp` behind."""
         from .checkpoint import atomic_save_safetensors, atomic_write_bytes, check_finite
 
         directory = Path(directory)
@@ -192,7 +200,9 @@ class ImageTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> ImageTokenizer:
-        from safetensors.torch import load_file
+        """Read what save_pretrained wrote; warns (naming the file and tensor) about weights
+        holding NaN or inf, as `checkpoint.load_weights` does."""
+        from .checkpoint import load_tensors
 
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -200,7 +210,7 @@ class ImageTokenizer:
                 raise FileNotFoundError(f"image tokenizer file not found: {directory / name}")
         config = VQGANConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         vqgan = VQGAN(config)
-        vqgan.load_taming_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        vqgan.load_taming_state_dict(load_tensors(directory / WEIGHTS_NAME))
         vqgan.to(device=device, dtype=dtype).eval()
         return cls(vqgan)
 

@@ -310,7 +310,7 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def _toml_lines(text: str, data: dict[str, Any]) -> dict[str, int]:
+def _toml_lines(text: str) -> dict[str, int]:
     """Dotted key -> line, for `[section]` headers and `key = ...` lines (a textual scan)."""
     lines: dict[str, int] = {}
     section = ""
@@ -340,7 +340,7 @@ def read_config(path: str | os.PathLike) -> tuple[Any, dict[str, int]]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        lines = _toml_lines(text, data)
+        lines = _toml_lines(text)
     elif path.suffix.lower() in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text)

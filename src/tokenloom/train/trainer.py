@@ -17,7 +17,9 @@ run stopped and resumed (automatically, when the output directory has a checkpoi
 same losses as one that was never stopped (bit for bit on the CPU). Resume skips a damaged
 newest checkpoint (a file missing or truncated) for the newest intact one, with a warning. A NaN
 or inf loss or gradient norm stops the run with `TrainError` before the update, so no checkpoint
-ever holds non-finite weights.
+ever holds non-finite weights. The keys of RESUMABLE_CHANGES may differ on resume, no other: a
+run with another ``optim.lr`` or ``optim.grad_clip`` needs a new output directory, and can go on
+from a checkpoint's weights through a copy of the pipeline directory holding them (see `RESTART`).
 
 Precision: weights and optimizer states stay float32; ``precision: bf16`` runs the forward under
 bf16 autocast (losses are still computed in float32). It pays where the device has native bf16
@@ -44,16 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import NonFiniteError, atomic_write_json, load_weights, save_weights
+from ..checkpoint import load_weights
 from ..data.packing import IGNORE_INDEX, BatchLoader, LengthBucketSampler, ShardDataset
 from ..data.pretokenize import vocab_fingerprint
 from ..data.raw import DataError
 from ..model import ModelConfig, Transformer
 from ..pipeline import Pipeline, torch_dtype
 from ..precision import resolve_precision
-from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_finite_step,
-                     checkpoint_dirs, load_optimizer, load_rng, lr_at, read_state, resume_checkpoint, save_optimizer,
-                     save_rng, stopped, write_checkpoint)
+from .common import (CHECKPOINTS, CONFIG_NAME, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable,
+                     check_step, checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
+                     save_training_checkpoint, start_run, stopped)
 from .config import ConfigError, TrainConfig, load_config
 from .plot import plot_losses
 
@@ -62,6 +64,10 @@ __all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError",
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = {"out_dir", "data.eval", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_checkpoints", "train.progress", "train.device"}
+# How to go on after a non-finite loss, when a resumed run would repeat it.
+RESTART = ("optim.lr and optim.grad_clip cannot change on resume: train in a new output directory, and to keep the "
+           "progress, point model.pipeline at a copy of the pipeline directory whose model weights are replaced by "
+           "the checkpoint's model.safetensors, with model.weights: pretrained")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -199,55 +205,43 @@ class Trainer:
         return pipe
 
     def _start(self, resume: bool) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        saved_config = self.out_dir / "config.json"
-        if checkpoint_dirs(self.out_dir / CHECKPOINTS) and not resume:
-            raise TrainError(f"{self.out_dir} already holds checkpoints; resume, or use a new output directory")
-        latest = resume_checkpoint(self.out_dir / CHECKPOINTS) if resume else None
-        if latest is not None:
-            previous = json.loads(saved_config.read_text()) if saved_config.exists() else {}
-            now = _flatten(self.config.to_dict())
-            before = _flatten(previous)
-            changed = sorted(k for k in now.keys() | before.keys()
-                             if k not in RESUMABLE_CHANGES and now.get(k) != before.get(k))
-            if changed:
-                raise TrainError(f"cannot resume {self.out_dir}: the config differs in {', '.join(changed)} "
-                                 "(that would be another run; use a new output directory)")
-            self.load_checkpoint(latest)
-        else:
-            torch.manual_seed(self.config.train.seed)
-        # Lines past the checkpoint were logged by the interrupted run and will be logged again.
-        self.metrics.truncate(self.step if latest is not None else -1)
-        atomic_write_json(saved_config, self.config.to_dict())
+        saved_config = self.out_dir / CONFIG_NAME
+
+        def load(path: Path) -> int:
+            try:
+                previous = json.loads(saved_config.read_text())
+            except (OSError, ValueError) as e:
+                raise TrainError(f"cannot resume {self.out_dir}: its {CONFIG_NAME}, the run's config, is unreadable "
+                                 f"({type(e).__name__}: {e}); use a new output directory") from None
+            check_resumable(str(self.out_dir), _flatten(previous), _flatten(self.config.to_dict()), RESUMABLE_CHANGES)
+            self.load_checkpoint(path)
+            return self.step
+
+        start_run(self.out_dir, resume, seed=self.config.train.seed, config=self.config.to_dict(),
+                  metrics=self.metrics, load=load)
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def checkpoints(self) -> list[Path]:
+        """The step-N checkpoint directories, oldest first, unverified: a damaged one is listed
+        until a resume sets it aside (as step-N.damaged, not listed)."""
         return checkpoint_dirs(self.out_dir / CHECKPOINTS)
 
     def latest_checkpoint(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The newest of `checkpoints()` (unverified), or None."""
+        return latest_checkpoint(self.out_dir / CHECKPOINTS)
 
     def save_checkpoint(self) -> Path:
-        def write(directory: Path) -> None:
-            save_weights(self.model.state_dict(), directory)
-            save_optimizer(self.optimizer, directory)
-            save_rng(directory)
-
         state = {"step": self.step, "tokens": self.tokens, "positions": self.positions,
                  "scheduler": {"step": self.step}, "data": self.loader.state_dict()}
-        try:
-            return write_checkpoint(self.out_dir / CHECKPOINTS, self.step, write, state,
-                                    self.config.train.keep_checkpoints)
-        except NonFiniteError as e:
-            raise TrainError(f"training stopped at step {self.step}: {e}") from None
+        return save_training_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
+                                        self.config.train.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         state = read_state(path)
         weights = load_weights(path, device=self.device)
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
-        load_optimizer(self.optimizer, path, self.device)
+        load_optimizer(self.optimizer, path)
         load_rng(path)
         try:
             self.loader.load_state_dict(state["data"])
@@ -276,11 +270,7 @@ class Trainer:
             ce_sum += ce.item()
             z_sum += z.item()
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf)
-        try:
-            check_finite_step(self.step + 1, loss=ce_sum, z_loss=z_sum, gradient_norm=float(norm))
-        except TrainError:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
+        check_step(self.optimizer, self.step + 1, loss=ce_sum, z_loss=z_sum, gradient_norm=float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -323,6 +313,11 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------
 
+    def _restart_hint(self) -> str:
+        if self.config.model.config:  # the copy's config.json must describe the trained shape
+            return RESTART + " (and the copy's config.json 'model' section set to the trained model's config)"
+        return RESTART
+
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         c = self.config.train
         stop = c.max_steps if max_steps is None else min(max_steps, c.max_steps)
@@ -337,7 +332,7 @@ class Trainer:
                     try:
                         record = self.train_step(batches)
                     except TrainError as e:
-                        raise stopped(e, self.latest_checkpoint()) from None
+                        raise stopped(e, self.latest_checkpoint(), self._restart_hint()) from None
                     record["seconds"] = time.perf_counter() - t0
                     if self.step % c.log_every == 0 or self.step == c.max_steps:
                         self.metrics.write(record)
@@ -351,7 +346,7 @@ class Trainer:
                         try:
                             self.save_checkpoint()
                         except TrainError as e:
-                            raise stopped(e, self.latest_checkpoint()) from None
+                            raise stopped(e, self.latest_checkpoint(), self._restart_hint()) from None
                         self.plot()
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -394,6 +389,5 @@ def train(config: str | os.PathLike | TrainConfig | dict, out_dir: str | os.Path
         config = dataclasses.replace(config, out_dir=str(out_dir))
     if config.out_dir is None:
         raise ConfigError(f"{config.source or 'config'}: no output directory (set 'out_dir' or pass out_dir)")
-    if max_steps is not None and max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    check_max_steps(max_steps)
     return Trainer(config, config.out_dir, resume=resume).run(max_steps)

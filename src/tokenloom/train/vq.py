@@ -29,9 +29,12 @@ directories (safetensors + JSON, atomic, verified on resume). Output directory::
                                 (the best evaluated weights), state.json (written last)
     best/                       ImageTokenizer.save_pretrained of the best evaluated weights
     summary.json                where the last call stopped, and the best evaluation
+    final_eval.json             the CLI's final evaluation (--eval-images per size, --eval-sizes)
 
-    tokenloom train-vq recipes/shapes-tiny/vq.yaml --out runs/shapes-vq \\
-        --export src/tokenloom/assets/shapes-tiny
+    tokenloom train-vq recipes/shapes-tiny/vq.yaml --out runs/shapes-vq [--export runs/shapes-vq/export]
+
+--export saves a copy of best/ elsewhere; to build shapes-tiny on the new tokenizer, pass it (or
+best/) to `recipes/shapes-tiny/build.py --vq`, never export into the shipped model's directory.
 """
 
 from __future__ import annotations
@@ -49,15 +52,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import NonFiniteError, atomic_save_safetensors, atomic_write_json, load_tensors, load_weights, \
-    save_weights
+from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensors, load_weights
 from ..image_processing import ImageTokenizer
 from ..precision import PRECISIONS, resolve_precision
 from ..vqgan import VQGAN, VQGANConfig
 from ..world import COLORS, parse, random_scene, render
-from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_finite_step, checkpoint_dirs,
-                     load_optimizer, load_rng, lr_at, read_state, resume_checkpoint, save_optimizer, save_rng,
-                     stopped, write_checkpoint)
+from .common import CONFIG_NAME  # noqa: F401 (train.vq.CONFIG_NAME, as before)
+from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
+                     checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
+                     save_training_checkpoint, start_run, stopped)
 from .config import ConfigError, ConfigParser, build_config, config_folder, read_config, resolve_path
 from .plot import plot_losses
 
@@ -73,15 +76,16 @@ TRAIN_STREAM, RESTART_STREAM, EVAL_STREAM = 0x7A11, 0x7A12, 0x7A13
 PARSE_THRESHOLD = 80.0  # the parser's color distance (shapes-world.md), on the 0-255 scale
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3), 0-255
 
-CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 BEST_DIR = "best"
 TRAINER_TENSORS = "trainer.safetensors"
 BEST_TENSORS = "best.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickled checkpoint of earlier versions (not read)
 # training keys a resumed run may change: they do not change the trajectory
-RESUMABLE = {"log_every", "eval_every", "eval_images", "eval_sizes", "checkpoint_every", "keep_checkpoints",
-             "max_minutes", "progress"}
+RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_images", "eval_sizes", "checkpoint_every", "keep_checkpoints",
+                     "max_minutes", "progress"}
+# How to go on after a non-finite loss, when a resumed run would repeat it.
+RESTART = "training.lr and training.grad_clip cannot change on resume: train again in a new output directory"
 
 Size = tuple[int, int]  # (width, height)
 
@@ -397,15 +401,11 @@ class VQTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out, z, codes = self.losses(pixels)
-        check_finite_step(step + 1, loss=float(out["loss"].detach()))
+        check_step(self.optimizer, step + 1, loss=float(out["loss"].detach()))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else math.inf)
-        try:
-            check_finite_step(step + 1, gradient_norm=float(norm))
-        except TrainError:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
+        check_step(self.optimizer, step + 1, gradient_norm=float(norm))
         self.optimizer.step()
         self.usage += torch.bincount(codes.reshape(-1), minlength=self.config.codebook_size)
         if t.codebook_ema is not None:
@@ -494,9 +494,6 @@ class VQTrainer:
             root = self.out_dir / CHECKPOINTS
 
         def write(directory: Path) -> None:
-            save_weights(self.model.state_dict(), directory)
-            save_optimizer(self.optimizer, directory)
-            save_rng(directory)
             atomic_save_safetensors({"usage": self.usage, "ema_count": self.ema_count, "ema_sum": self.ema_sum},
                                     directory / TRAINER_TENSORS)
             if self.best is not None:
@@ -505,24 +502,16 @@ class VQTrainer:
         best = None if self.best is None else {"step": self.best["step"], "metrics": self.best["metrics"]}
         state = {"step": self.step_count, "restarted_total": self.restarted_total, "best": best,
                  "model_config": self.config.to_dict(), "train_config": self.train.to_dict()}
-        try:
-            return write_checkpoint(Path(root), self.step_count, write, state, self.train.keep_checkpoints)
-        except NonFiniteError as e:
-            raise TrainError(f"training stopped at step {self.step_count}: {e}") from None
+        return save_training_checkpoint(Path(root), self.step_count, self.model, self.optimizer, state,
+                                        self.train.keep_checkpoints, extra=write)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Continue from a checkpoint directory; TrainError if it belongs to another run."""
         path = Path(path)
         state = read_state(path)
-        if state["model_config"] != self.config.to_dict():
-            raise TrainError(f"cannot resume from {path}: it was trained with another model config "
-                             f"({state['model_config']}); use a new output directory")
-        before, now = state["train_config"], self.train.to_dict()
-        changed = sorted(k for k in before.keys() | now.keys() if k not in RESUMABLE and before.get(k) != now.get(k))
-        if changed:
-            diffs = ", ".join(f"{k} was {before.get(k)!r}, now {now.get(k)!r}" for k in changed)
-            raise TrainError(f"cannot resume from {path}: training {diffs} (that would be another run; "
-                             "use a new output directory)")
+        check_resumable(f"from {path}", state["model_config"], self.config.to_dict(), label="model ")
+        check_resumable(f"from {path}", state["train_config"], self.train.to_dict(), RESUMABLE_CHANGES,
+                        label="training ")
         self.model.load_state_dict(load_weights(path))
         load_optimizer(self.optimizer, path)
         load_rng(path)
@@ -548,26 +537,22 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
     without changing the schedule, which spans `train.steps`; a later call resumes. A NaN or inf
     loss raises TrainError and leaves the checkpoints as they were."""
     train = dataclasses.replace(train, **options) if train is not None else VQTrainConfig(**options)
-    if max_steps is not None and max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    check_max_steps(max_steps)
     out = Path(out_dir)
     root = out / CHECKPOINTS
     if (out / LEGACY_CHECKPOINT).exists() and not checkpoint_dirs(root):
-        raise TrainError(f"{out / LEGACY_CHECKPOINT} is an earlier version's (pickled) checkpoint, which is not "
-                         "read any more; use a new output directory")
-    if checkpoint_dirs(root) and not resume:
-        raise TrainError(f"{out} already holds checkpoints; resume, or use a new output directory")
+        raise TrainError(f"{out / LEGACY_CHECKPOINT} was written by an older tokenloom (a pickled checkpoint), which "
+                         "is not read any more; start a new output directory")
     trainer = VQTrainer(config, train, out)
-    out.mkdir(parents=True, exist_ok=True)
-    latest = resume_checkpoint(root) if resume else None
-    if latest is not None:
-        trainer.load_checkpoint(latest)
-    else:
-        torch.manual_seed(train.seed)  # dropout, if the model has any
     metrics = MetricsLog(out / METRICS_NAME)
-    # records past the checkpoint were logged by the interrupted run and will be logged again
-    metrics.truncate(trainer.step_count if latest is not None else -1)
-    atomic_write_json(out / CONFIG_NAME, {"model": config.to_dict(), "training": train.to_dict()})
+
+    def load(path: Path) -> int:
+        trainer.load_checkpoint(path)
+        return trainer.step_count
+
+    # seeds torch (dropout, if the model has any) when there is nothing to resume
+    start_run(out, resume, seed=train.seed, config={"model": config.to_dict(), "training": train.to_dict()},
+              metrics=metrics, load=load)
     stop = train.steps if max_steps is None else min(max_steps, train.steps)
 
     from tqdm.auto import tqdm
@@ -581,7 +566,7 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
             try:
                 m = trainer.step()
             except TrainError as e:
-                raise stopped(e, _newest(root)) from None
+                raise stopped(e, latest_checkpoint(root), RESTART) from None
             bar.update(1)
             done = trainer.step_count
             # logged and evaluated where an uninterrupted run would be: a split run's log is the same
@@ -599,7 +584,7 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
                 try:
                     trainer.save_checkpoint()
                 except TrainError as e:
-                    raise stopped(e, _newest(root)) from None
+                    raise stopped(e, latest_checkpoint(root), RESTART) from None
             if over_budget:
                 stopped_early = True
                 break
@@ -616,8 +601,3 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
                                            "stopped_early": stopped_early,
                                            "restarted_total": trainer.restarted_total, "best": best})
     return tok
-
-
-def _newest(root: Path) -> Path | None:
-    found = checkpoint_dirs(root)
-    return found[-1] if found else None
