@@ -51,6 +51,8 @@ VERBS = {
                    f"{_C}:run_expand"),
     "export": Verb("export a model to the Hugging Face Chameleon layout", f"{_C}:export_arguments",
                    f"{_C}:run_export"),
+    "serve": Verb("an OpenAI-compatible HTTP server with a web page", "tokenloom.cli.serving:serve_arguments",
+                  "tokenloom.cli.serving:run_serve"),
 }
 
 

@@ -57,7 +57,6 @@ from ..image_processing import ImageTokenizer
 from ..precision import PRECISIONS, resolve_precision
 from ..vqgan import VQGAN, VQGANConfig
 from ..world import COLORS, parse, random_scene, render
-from .common import CONFIG_NAME  # noqa: F401 (train.vq.CONFIG_NAME, as before)
 from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
                      checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
                      save_training_checkpoint, start_run, stopped)
