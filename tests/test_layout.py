@@ -16,7 +16,7 @@ LAYERS = [
      "precision", "report", "world"},
     {"engine", "scoring"},  # generation
     {"pipeline"},
-    {"data", "train", "convert", "evaluation"},  # what is built on the pipeline
+    {"data", "train", "convert", "evaluation", "serve"},  # what is built on the pipeline
     {"cli"},
 ]
 

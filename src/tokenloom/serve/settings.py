@@ -1,0 +1,54 @@
+"""What a server is allowed to do: every limit in one place, checked once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..engine.sampling import check_integer
+
+
+@dataclass
+class ServeSettings:
+    """Limits and switches of `tokenloom serve` (the CLI's flags; defaults in brackets there)."""
+
+    model: str | None = None  # model directory; None: the embedded default
+    model_id: str | None = None  # name in /v1/models (default: the directory's name)
+    device: str | None = None
+    dtype: str | None = None
+    max_batch: int = 16  # engine requests decoded together
+    max_queue: int = 64  # HTTP requests admitted beyond max_batch; past it: 429
+    api_key: str | None = None  # every endpoint but /health, / and /static/* needs "Authorization: Bearer KEY"
+    max_body_bytes: int = 16 << 20  # request body (413 past it)
+    max_image_bytes: int = 8 << 20  # one decoded data URI
+    max_image_pixels: int = 2048 * 2048  # one input image, width x height, checked before decoding
+    max_input_images: int = 8  # images in one chat request (all messages)
+    max_messages: int = 256
+    max_text_chars: int = 200_000  # all text of one request, before tokenizing
+    max_n: int = 4  # chat choices per request
+    max_images: int = 4  # images per /v1/images/generations request
+    max_candidates: int = 8  # reranked draws per image (the model's image_candidates, clamped to this)
+    max_tokens: int | None = None  # bound on max_tokens (default: the model's context)
+    preview_rows: int = 4  # streamed chat: a preview of a drawn image every this many code rows (0: none)
+    retry_after_s: int = 1  # Retry-After of a 429
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_messages",
+                     "max_text_chars", "max_n", "max_images", "max_candidates", "retry_after_s"):
+            check_integer(getattr(self, name), name, low=1)
+        for name in ("max_queue", "max_input_images", "preview_rows"):
+            check_integer(getattr(self, name), name, low=0)
+        if self.max_tokens is not None:
+            check_integer(self.max_tokens, "max_tokens", low=1)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()
+                                         or any(c.isspace() for c in self.api_key)):
+            raise ValueError("api_key must be a non-empty string without spaces")
+
+    @property
+    def capacity(self) -> int:
+        """HTTP requests in flight at once (running or waiting) before new ones get 429."""
+        return self.max_batch + self.max_queue
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["api_key"] = None if self.api_key is None else "***"
+        return d
