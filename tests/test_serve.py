@@ -22,6 +22,7 @@ from PIL import Image
 from tokenloom.cli import main
 from tokenloom.pipeline import load, random_pipeline
 from tokenloom.serve import ServerThread, ServeSettings, create_app
+from tokenloom.serve.worker import PREVIEW_FILL
 from tokenloom.world import random_scene, render
 
 STORY = [{"role": "user", "content": "Tell a story."}]
@@ -185,6 +186,9 @@ def test_streamed_chat_reassembles_into_the_plain_answer(embedded, modalities):
         assert isinstance(plain.choices[0].message.content, str) and not partial
     else:  # the embedded model's 8-row images get a preview after row 4 (preview_rows)
         assert partial and all(decode_png(p["image_url"]["url"]).size == (64, 64) for p in partial)
+        # A preview shows the rows drawn so far; below them the image is not drawn yet (plain fill).
+        assert all(decode_png(p["image_url"]["url"]).convert("RGB").getpixel((0, 63)) == PREVIEW_FILL
+                   for p in partial)
 
 
 def test_raw_stream_is_openai_sse_ending_with_done(embedded):

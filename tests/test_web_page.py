@@ -273,3 +273,22 @@ def test_server_errors_show_in_the_chat(page, tmp_path):
     page.wait_for_function("document.querySelectorAll('li.message.error').length >= 2")
     assert "max_tokens" in page.locator("li.message.error").nth(1).inner_text()
     page.screenshot(path=str(tmp_path / "chat-error.png"))
+
+
+def test_an_api_key_typed_in_settings_goes_with_every_api_call(page):
+    """A server started with --api-key needs `Authorization: Bearer KEY` on /v1 (the page itself
+    loads without it): the key typed in Settings is sent with chat and gallery calls."""
+    seen = []
+    page.on("request", lambda req: seen.append((req.url, req.headers.get("authorization")))
+            if "/v1/" in req.url else None)
+    key = page.get_by_label("API key")
+    key.fill("sekret")
+    key.dispatch_event("change")
+    page.get_by_label("Text", exact=True).check()
+    box = page.get_by_label("Message", exact=True)
+    box.fill("hello")
+    box.press("Enter")
+    _wait_answers(page, 1)
+    calls = [auth for url, auth in seen if url.endswith("/v1/chat/completions")]
+    assert calls == ["Bearer sekret"]
+    assert page.evaluate("() => sessionStorage.getItem('tokenloom.api-key')") == "sekret"

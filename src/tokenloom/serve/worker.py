@@ -28,6 +28,9 @@ from .settings import ServeSettings
 log = logging.getLogger("tokenloom.serve")
 
 
+PREVIEW_FILL = (232, 232, 232)  # the not yet drawn part of a preview
+
+
 class _Row:
     """One engine request of a job, and the image it is drawing (for previews)."""
 
@@ -267,12 +270,17 @@ class EngineWorker:
             self._finish(job)
 
     def _preview(self, row: _Row):
-        """The rows drawn so far, the grid filled by repeating the last row, decoded with the VQGAN."""
+        """The rows drawn so far: the grid filled by repeating the last row (the VQGAN decodes whole
+        grids), decoded, and the part below the drawn rows painted over, so the image fills in row by row."""
         grid = np.stack(row.rows)
         missing = row.height - len(row.rows)
         if missing > 0:
             grid = np.concatenate([grid, np.repeat(grid[-1:], missing, axis=0)])
-        return self.pipe.engine.decode_image(grid)
+        image = self.pipe.engine.decode_image(grid)
+        if image is not None and missing > 0:
+            top = len(row.rows) * image.height // row.height
+            image.paste(PREVIEW_FILL, (0, top, image.width, image.height))
+        return image
 
     def _engine_failed(self) -> None:
         log.error("an engine step failed; its requests get a 500:\n%s", traceback.format_exc())

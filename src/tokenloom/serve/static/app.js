@@ -64,6 +64,15 @@
 
   // ---------- server status ----------
 
+  // The key of a server started with --api-key: kept for this tab only (sessionStorage), sent as a
+  // Bearer token with every API call.
+  const KEY_STORE = "tokenloom.api-key";
+
+  function apiHeaders(extra) {
+    const key = $("s-api-key").value.trim();
+    return key ? { ...extra, Authorization: `Bearer ${key}` } : { ...extra };
+  }
+
   async function refreshStatus() {
     const text = $("server-status-text");
     const box = $("server-status");
@@ -71,7 +80,7 @@
       const health = await fetch("/health", { cache: "no-store" });
       if (!health.ok) throw new Error(`HTTP ${health.status}`);
       if (!state.model) {
-        const models = await fetch("/v1/models", { cache: "no-store" });
+        const models = await fetch("/v1/models", { cache: "no-store", headers: apiHeaders() });
         if (models.ok) {
           const body = await models.json();
           if (body && Array.isArray(body.data) && body.data.length) state.model = body.data[0].id;
@@ -174,6 +183,13 @@
 
   function setupSettings() {
     loadSettings();
+    const key = $("s-api-key");
+    try { key.value = sessionStorage.getItem(KEY_STORE) || ""; } catch (_) { /* storage off */ }
+    key.addEventListener("change", () => {
+      try { sessionStorage.setItem(KEY_STORE, key.value.trim()); } catch (_) { /* storage off */ }
+      state.model = null;
+      refreshStatus();
+    });
     const form = $("settings-form");
     form.addEventListener("input", saveSettings);
     form.addEventListener("change", saveSettings);
@@ -533,7 +549,7 @@
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        headers: apiHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
         body: JSON.stringify(body),
         signal: controller.signal,
       });
@@ -662,7 +678,7 @@
       const answers = await Promise.all(batches.map(async (part) => {
         const response = await fetch("/v1/images/generations", {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers: apiHeaders({ "Content-Type": "application/json" }),
           body: JSON.stringify(part),
         });
         if (!response.ok) throw new Error(await errorMessage(response));
