@@ -128,8 +128,9 @@ def scene_uris(n: int) -> list[str]:
     return uris
 
 
-def request_for(i: int, uris: list[str], model: str) -> tuple[str, str, dict]:
-    """(kind, path, body) of request i of a run: the same i gives the same request (seed i)."""
+def request_for(i: int, uris: list[str], model: str, candidates: int | None = None) -> tuple[str, str, dict]:
+    """(kind, path, body) of request i of a run: the same i gives the same request (seed i). `candidates`:
+    reranked draws per generated image (None: the model's default)."""
     kind = KINDS[i % len(KINDS)]
     if kind == "caption":
         content = [{"type": "image_url", "image_url": {"url": uris[i % len(uris)]}},
@@ -139,8 +140,11 @@ def request_for(i: int, uris: list[str], model: str) -> tuple[str, str, dict]:
         body = {"model": model, "messages": [{"role": "user", "content": "Tell a story."}],
                 "modalities": ["text", "image"]}
     else:
-        return kind, "/v1/images/generations", {"model": model, "prompt": IMAGE_PROMPTS[i % len(IMAGE_PROMPTS)],
-                                                "stream": True, "partial_images": 2, "seed": i}
+        body = {"model": model, "prompt": IMAGE_PROMPTS[i % len(IMAGE_PROMPTS)], "stream": True,
+                "partial_images": 2, "seed": i}
+        if candidates is not None:
+            body["candidates"] = candidates
+        return kind, "/v1/images/generations", body
     body.update(stream=True, stream_options={"include_usage": True}, seed=i)
     return kind, "/v1/chat/completions", body
 
@@ -180,14 +184,15 @@ def _has_output(event: dict) -> bool:
     return any(c.get("delta", {}).get("content") for c in event.get("choices", []))
 
 
-async def run_load(url: str, model: str, clients: int, per_client: int, uris: list[str], timeout: float) -> dict:
+async def run_load(url: str, model: str, clients: int, per_client: int, uris: list[str], timeout: float,
+                   candidates: int | None = None) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout), limits=limits) as http:
         results = []
 
         async def client(c: int):
             for k in range(per_client):
-                results.append(await one_stream(http, *request_for(c * per_client + k, uris, model)))
+                results.append(await one_stream(http, *request_for(c * per_client + k, uris, model, candidates)))
 
         start = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
@@ -255,6 +260,9 @@ def main() -> int:
                    help="the servers' torch threads (default: 1: the clients share the machine; 0: torch's choice)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a request counts as failed")
     p.add_argument("--skip-batch-1", action="store_true", help="no --max-batch 1 run (no ratio)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="reranked draws per generated image (default: the model's; scoring runs on the engine "
+                        "thread, between steps, so it is not batched with decoding)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_cpu.json"))
     args = p.parse_args()
     for name in ("max_batch", "clients", "requests_per_client"):
@@ -271,9 +279,9 @@ def main() -> int:
     for b in batches:
         with Server(b, args.max_queue, args.model, args.threads, timeout=120, device=args.device) as server:
             model = server.model_id
-            asyncio.run(run_load(server.url, model, 1, 3, uris, args.timeout))  # warm up
+            asyncio.run(run_load(server.url, model, 1, 3, uris, args.timeout, args.candidates))  # warm up
             stats = asyncio.run(run_load(server.url, model, args.clients, args.requests_per_client, uris,
-                                         args.timeout))
+                                         args.timeout, args.candidates))
             runs[f"max_batch_{b}"] = stats
             print(f"max-batch {b:3d}: {stats['ok']}/{stats['requests']} ok in {stats['wall_s']:.1f} s   "
                   f"{stats['requests_per_s']:.2f} req/s   {stats['tokens_per_s']:.0f} tok/s   "
@@ -295,6 +303,7 @@ def main() -> int:
         "benchmark": "tokenloom serve under concurrent streaming clients (captions, text-to-image, stories)",
         "model": model, "clients": args.clients, "requests_per_client": args.requests_per_client,
         "max_batch": args.max_batch, "max_queue": args.max_queue, "mix": list(KINDS), "device": args.device or "cpu",
+        "image_candidates": args.candidates or "the model's default",
         "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "runs": runs, "throughput_ratio_batched_over_batch_1": ratio, "overload": result_overload,

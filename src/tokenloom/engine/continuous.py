@@ -11,8 +11,8 @@ One static KV cache holds every running row (a request's own row and its guidanc
 kept packed at the front, so each forward reads a view of the first n rows. Each row writes at its
 own slot (rows differ in length once requests join at different steps), and a per-row key mask says
 which slots it sees. A request that joins is prefilled on its own rows, then copied into the cache;
-a request that finishes or is cancelled leaves at the end of the step and the last rows move into
-its place. Sampling draws from each request's own generator, so a request's tokens do not depend on
+a request that finishes or is cancelled leaves at the end of the step and rows from the end move
+into its places (a request's rows need not stay together: each row knows its request and kind). Sampling draws from each request's own generator, so a request's tokens do not depend on
 what else shares the batch (up to float rounding of batched matmuls; exact on the CPU in float32,
 which the tests check).
 
@@ -39,11 +39,10 @@ COND, UNCOND, IMAGE_ONLY = 0, 1, 2
 
 @dataclass
 class _Running:
-    """A request in the batch: its id, its rows' kinds and everything that samples for it."""
+    """A request in the batch: its id and everything that samples for it."""
 
     rid: int
     request: GenerationRequest
-    kinds: list[int]  # COND first, then its guidance rows
     generator: torch.Generator
     output: RequestOutput
 
@@ -78,6 +77,7 @@ class ContinuousBatcher:
         # Per row (packed, first n): owner (index into _running), kind, next slot, RoPE position,
         # the position a guidance row restarts from at each image, and the slots it sees.
         self._owner = torch.zeros(0, dtype=torch.long, device=dev)
+        self._kind = torch.zeros(0, dtype=torch.long, device=dev)
         self._is_aux = torch.zeros(0, dtype=torch.bool, device=dev)
         self._length = torch.zeros(0, dtype=torch.long, device=dev)
         self._next_pos = torch.zeros(0, dtype=torch.long, device=dev)
@@ -208,6 +208,7 @@ class ContinuousBatcher:
         is_aux = torch.tensor([kind != COND for _, kind, _ in rows], device=dev)
         self._owner = torch.cat([self._owner, owner])
         self._is_aux = torch.cat([self._is_aux, is_aux])
+        self._kind = torch.cat([self._kind, torch.tensor([kind for _, kind, _ in rows], device=dev)])
         self._length = torch.cat([self._length, torch.full((k,), prompt_len, dtype=torch.long, device=dev)])
         self._next_pos = torch.cat([self._next_pos, next_pos])
         self._aux_start = torch.cat([self._aux_start, next_pos.clone()])
@@ -216,8 +217,7 @@ class ContinuousBatcher:
 
         for rid, r in new:
             seed = fresh_seed() if r.seed is None else r.seed
-            self._running.append(_Running(rid, r, [kind for kind, _ in request_rows(r)],
-                                          torch.Generator(device=dev).manual_seed(seed),
+            self._running.append(_Running(rid, r, torch.Generator(device=dev).manual_seed(seed),
                                           RequestOutput(rid, e, seed)))
         grammar = Grammar(e.tables, [r.mode for _, r in new], [r.image_size for _, r in new],
                           [r.max_new_tokens for _, r in new], dev)
@@ -226,15 +226,10 @@ class ContinuousBatcher:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        """Sampling settings and guidance rows for the current membership (rows of a request are
-        contiguous: its own row, then its guidance rows, in request_rows order)."""
+        """Sampling settings and guidance rows for the current membership."""
         requests = [run.request for run in self._running]
         self._params = ParamTable(requests, self._device)
-        kinds, count = [], {}
-        for o in self._owner.tolist():
-            kinds.append(self._running[o].kinds[count.get(o, 0)])
-            count[o] = count.get(o, 0) + 1
-        self._guide = Guidance(self._owner.tolist(), kinds, requests, self._device)
+        self._guide = Guidance(self._owner.tolist(), self._kind.tolist(), requests, self._device)
 
     def _decode(self) -> list[Event]:
         e, dev = self.engine, self._device
@@ -296,22 +291,30 @@ class ContinuousBatcher:
         return [ev for ev in events if ev.row not in cancelled]
 
     def _remove(self, gone: list[int]) -> torch.Tensor:
-        """Drop requests (indices into _running) and their rows; the rows that stay move to the front.
-        Returns the indices (into the old rows) of the rows kept, in their new order."""
+        """Drop requests (indices into _running) and their rows. The rows that stay fill the first
+        places: each freed place below the new row count takes one of the last rows, so only those
+        rows' keys and values are copied. Returns the old indices of the rows kept, in their new order."""
         dev = self._device
         gone_set = set(gone)
         keep_req = [i for i in range(len(self._running)) if i not in gone_set]
-        keep_rows = torch.tensor([r for r, o in enumerate(self._owner.tolist()) if o not in gone_set],
-                                 dtype=torch.long, device=dev)
+        kept = [o not in gone_set for o in self._owner.tolist()]
+        m = sum(kept)
+        holes = [r for r in range(m) if not kept[r]]
+        movers = [r for r in range(m, len(kept)) if kept[r]]
+        order = list(range(m))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            src = torch.tensor(movers, dtype=torch.long, device=dev)
+            dst = torch.tensor(holes, dtype=torch.long, device=dev)
+            for t in self._cache.k + self._cache.v:
+                t[dst] = t[src]
+            self._key_mask_full[dst] = self._key_mask_full[src]
+        keep_rows = torch.tensor(order, dtype=torch.long, device=dev)
         remap = torch.full((len(self._running),), -1, dtype=torch.long, device=dev)
         remap[torch.tensor(keep_req, dtype=torch.long, device=dev)] = torch.arange(len(keep_req), device=dev)
-        m = keep_rows.numel()
-        if m and not torch.equal(keep_rows, torch.arange(m, device=dev)):
-            for t in self._cache.k + self._cache.v:
-                t[:m] = t[keep_rows]
-            self._key_mask_full[:m] = self._key_mask_full[keep_rows]
         self._owner = remap[self._owner[keep_rows]]
-        for name in ("_is_aux", "_length", "_next_pos", "_aux_start", "_aux_len"):
+        for name in ("_kind", "_is_aux", "_length", "_next_pos", "_aux_start", "_aux_len"):
             setattr(self, name, getattr(self, name)[keep_rows])
         if self._logits is not None:
             self._logits = self._logits[keep_rows]
