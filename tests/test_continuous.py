@@ -116,12 +116,20 @@ def test_cache_grows_when_a_longer_request_joins(pipe):
     batcher.add(requests[0])
     batcher.step()
     small = batcher._cache.max_length
+    assert batcher._cache.batch_size == 1  # memory follows the rows in use, not max_rows
     long_prompt = GenerationRequest(requests[1].prompt_ids * 8, mode="text", max_new_tokens=120, text=WARM, seed=3)
     solo = _solo(pipe, long_prompt)
     rid = batcher.add(long_prompt)
     results, _ = _run(batcher, {})
     assert batcher._cache.max_length > small
     assert results[rid].ids == solo.ids
+    many = [GenerationRequest(r.prompt_ids, mode="text", max_new_tokens=8, text=WARM, seed=s)
+            for s, r in enumerate(requests[:3] * 2)]
+    solos = [_solo(pipe, r).ids for r in many]
+    ids = [batcher.add(r) for r in many]
+    results, _ = _run(batcher, {})
+    assert 1 < batcher._cache.batch_size <= batcher.max_rows  # grew in rows as requests joined
+    assert [results[i].ids for i in ids] == solos
 
 
 def test_bad_requests_are_refused_when_added(pipe):

@@ -73,7 +73,7 @@ class ContinuousBatcher:
         self._running: list[_Running] = []
         dev = engine.device
         self._device = dev
-        self._cache = None  # KVCache of max_rows x length, grown on demand
+        self._cache = None  # KVCache of rows x length, grown on demand (at most max_rows rows)
         # Per row (packed, first n): owner (index into _running), kind, next slot, RoPE position,
         # the position a guidance row restarts from at each image, and the slots it sees.
         self._owner = torch.zeros(0, dtype=torch.long, device=dev)
@@ -160,18 +160,19 @@ class ContinuousBatcher:
                 self._prefill(new)
 
     def _ensure_cache(self, rows: int, length: int) -> None:
-        """A cache of at least `length` slots (grown by doubling, keeping what it holds)."""
-        model = self.engine.model
-        have = 0 if self._cache is None else self._cache.max_length
-        if length <= have:
+        """A cache of at least `rows` rows and `length` slots. It grows by doubling in both, keeping what
+        it holds, so memory follows the rows and lengths in use, up to max_rows rows."""
+        have_rows, have_len = (0, 0) if self._cache is None else (self._cache.batch_size, self._cache.max_length)
+        if rows <= have_rows and length <= have_len:
             return
-        size = max(length, 2 * have, 64)
-        cache = model.allocate_cache(self.max_rows, size)
-        mask = torch.zeros((self.max_rows, size), dtype=torch.bool, device=self._device)
+        new_rows = min(self.max_rows, max(rows, 2 * have_rows))
+        new_len = max(length, have_len if length <= have_len else 2 * have_len, 64)
+        cache = self.engine.model.allocate_cache(new_rows, new_len)
+        mask = torch.zeros((new_rows, new_len), dtype=torch.bool, device=self._device)
         if self._cache is not None:
             for old, fresh in zip(self._cache.k + self._cache.v, cache.k + cache.v):
-                fresh[:, :, :have] = old
-            mask[:, :have] = self._key_mask_full[:, :have]
+                fresh[:have_rows, :, :have_len] = old
+            mask[:have_rows, :have_len] = self._key_mask_full
         self._cache, self._key_mask_full = cache, mask
 
     def _prefill(self, new) -> None:
@@ -182,7 +183,7 @@ class ContinuousBatcher:
         k = len(rows)
         prompt_len = max(len(ids) for _, _, ids in rows)
         # Slots a new row may reach: the padded prompt, then one per token of the longest budget.
-        self._ensure_cache(self.max_rows, prompt_len + max(r.max_new_tokens for _, r in new))
+        self._ensure_cache(self.running_rows + k, prompt_len + max(r.max_new_tokens for _, r in new))
 
         ids = torch.full((k, prompt_len), e.tables.idle, dtype=torch.long)
         valid = torch.zeros((k, prompt_len), dtype=torch.bool)
@@ -267,7 +268,7 @@ class ContinuousBatcher:
         n = self.running_rows
         if n:
             slot = self._length
-            self._ensure_cache(self.max_rows, int(slot.max()) + 1)
+            self._ensure_cache(n, int(slot.max()) + 1)
             mask = self._key_mask_full[:n]
             rows = torch.arange(n, device=dev)
             if bool(started.any()):
