@@ -358,6 +358,12 @@ BAD = [  # (name, path, body (dict, or raw bytes), status, param)
     ("images: candidates past the limit", IMAGES, {"prompt": "x", "candidates": 99}, 400, "candidates"),
     ("images: unknown model", IMAGES, {"prompt": "x", "model": "dall-e-3"}, 404, "model"),
     ("images: prompt longer than the context", IMAGES, {"prompt": "red circle " * 1000}, 400, "prompt"),
+    # Values that once got past the checks and failed inside an engine step (failing every request in it):
+    ("top_k past int64", CHAT, _chat(top_k=10**30), 400, "top_k"),
+    ("image_top_k past int64", CHAT, _chat(image_top_k=2**63), 400, "image_top_k"),
+    ("images: top_k past int64", IMAGES, {"prompt": "x", "top_k": 2**63}, 400, "top_k"),
+    ("images: size in superscript digits", IMAGES, {"prompt": "x", "size": "\u00b2x\u00b2"}, 400, "size"),
+    ("images: size in full-width digits", IMAGES, {"prompt": "x", "size": "\uff16\uff14x\uff16\uff14"}, 400, "size"),
 ]
 
 
@@ -378,6 +384,7 @@ def test_bad_requests_get_4xx_with_openai_error_bodies(tiny):
             assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert http.get("/health").status_code == 200
         assert http.post(CHAT, json=_chat(max_tokens=3)).status_code == 200
+        assert metric(tiny, "tokenloom_engine_errors_total") == 0  # no bad request reached an engine step
         counts = http.get("/metrics").text
         assert 'tokenloom_http_requests_total{path="/v1/chat/completions",code="400"}' in counts
         assert 'tokenloom_http_requests_total{path="/v1/images/generations",code="404"}' in counts

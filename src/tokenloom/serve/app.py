@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from ..document import ImagePart, TextPart, check_text
 from ..engine import check_guidance_scale
+from ..engine.sampling import MAX_TOP_K
 from .errors import APIError, bad_request, error_body
 from .jobs import ChatJob, ChatOptions, ImageOptions, ImagesJob, Job
 from .metrics import Metrics
@@ -313,8 +314,8 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
     check_range(body.image_temperature, "image_temperature", low=0.0)
     check_range(body.top_p, "top_p", low=0.0, high=1.0, open_low=True)
     check_range(body.image_top_p, "image_top_p", low=0.0, high=1.0, open_low=True)
-    check_range(body.top_k, "top_k", low=1)
-    check_range(body.image_top_k, "image_top_k", low=1)
+    check_range(body.top_k, "top_k", low=1, high=MAX_TOP_K)
+    check_range(body.image_top_k, "image_top_k", low=1, high=MAX_TOP_K)
     check_range(body.repetition_penalty, "repetition_penalty", low=0.0, open_low=True)
     _guidance(body.guidance_scale)
     if (body.width is not None or body.height is not None) and mode != "text":
@@ -410,7 +411,7 @@ def _image_options(body: ImageGenerationRequest, pipe, settings: ServeSettings) 
         raise bad_request(f"candidates must be from 1 to {settings.max_candidates}, got {candidates}", "candidates")
     check_range(body.temperature, "temperature", low=0.0)
     check_range(body.top_p, "top_p", low=0.0, high=1.0, open_low=True)
-    check_range(body.top_k, "top_k", low=1)
+    check_range(body.top_k, "top_k", low=1, high=MAX_TOP_K)
     sampling = {k: v for k, v in (("temperature", body.temperature), ("top_k", body.top_k),
                                   ("top_p", body.top_p)) if v is not None}
     return ImageOptions(prompt=prompt, grid=grid, n=body.n, candidates=candidates,

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import math
+import re
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -161,11 +162,11 @@ def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int |
     """"WxH" -> (width, height); None or "auto" -> (None, None) (the model's size)."""
     if size is None or size == "auto":
         return None, None
-    w, sep, h = size.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit() or len(w) > 5 or len(h) > 5:
+    match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size.lower()) if isinstance(size, str) else None
+    if match is None:
         raise bad_request(f"{param} must be \"WIDTHxHEIGHT\" in pixels (e.g. \"64x64\") or \"auto\", got {size!r}",
                           param)
-    return int(w), int(h)
+    return int(match[1]), int(match[2])
 
 
 # -- images in and out ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ log = logging.getLogger("tokenloom.serve")
 
 
 PREVIEW_FILL = (232, 232, 232)  # the not yet drawn part of a preview
+MAX_PENDING = 16  # messages waiting for a client above which previews are skipped
 
 
 class _Row:
@@ -70,6 +71,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stopping = False
+        self._closed = False  # the engine thread has stopped taking commands
         self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
 
     # -- any thread ---------------------------------------------------------------------------------
@@ -106,11 +108,13 @@ class EngineWorker:
             self._in_flight -= 1
 
     def submit(self, job: Job) -> None:
-        if self._stopping:
+        with self._lock:  # the engine thread closes the queue under this lock before its last drain
+            closed = self._stopping or self._closed
+            if not closed:
+                self._commands.put(("submit", job))
+        if closed:
             job.post("error", APIError(503, "the server is shutting down", code="server_shutting_down"))
             self.release(job)
-            return
-        self._commands.put(("submit", job))
 
     def cancel(self, job: Job) -> None:
         if not job.cancelled and not job.finished:
@@ -128,6 +132,8 @@ class EngineWorker:
                 self.pipe = self.pipe()
             self.batcher = ContinuousBatcher(self.pipe.engine, self.settings.max_batch)
         except BaseException as e:  # noqa: BLE001 - reported by /health and the CLI
+            with self._lock:
+                self._closed = True
             self.load_error, self.state = e, "failed"
             log.error("cannot load the model: %s", e)
             if self.on_fatal is not None:
@@ -139,6 +145,8 @@ class EngineWorker:
             with torch.inference_mode():
                 self._loop()
         finally:
+            with self._lock:
+                self._closed = True  # no submit gets in after this: the drain below sees every job
             self.state = "stopped"
             self.metrics.set_gauges(ready=0)
             self._fail_all(APIError(503, "the server is shutting down", code="server_shutting_down"))
@@ -250,7 +258,9 @@ class EngineWorker:
                 row.previews = job.preview_rows(row.index, event.height)
             elif isinstance(event, ImageRow):
                 row.rows.append(np.asarray(event.codes))
-                if len(row.rows) in row.previews:
+                # A preview is skipped while the client has not read what was sent before: a reader
+                # that stalls holds at most MAX_PENDING messages of its request, not every preview.
+                if len(row.rows) in row.previews and job.queue.qsize() < MAX_PENDING:
                     image = self._preview(row)
                     if image is not None:
                         job.on_preview(row.index, image, row.sent)
