@@ -78,7 +78,6 @@ class ContinuousBatcher:
         # the position a guidance row restarts from at each image, and the slots it sees.
         self._owner = torch.zeros(0, dtype=torch.long, device=dev)
         self._kind = torch.zeros(0, dtype=torch.long, device=dev)
-        self._is_aux = torch.zeros(0, dtype=torch.bool, device=dev)
         self._length = torch.zeros(0, dtype=torch.long, device=dev)
         self._next_pos = torch.zeros(0, dtype=torch.long, device=dev)
         self._aux_start = torch.zeros(0, dtype=torch.long, device=dev)
@@ -87,6 +86,7 @@ class ContinuousBatcher:
         self._logits = None  # [n rows, V] logits for the next token of each row
         self._grammar: Grammar | None = None
         self._seen = torch.zeros((0, engine.vocab.size), dtype=torch.bool, device=dev)
+        self._text_mask = engine.vocab.text_mask.to(dev)
         self._params = None
         self._guide = None
 
@@ -127,12 +127,10 @@ class ContinuousBatcher:
     def step(self) -> list[Event]:
         """Admit waiting requests that fit, draw one token for every running request, and return the
         events; finished and cancelled requests leave the batch."""
-        self._drop_cancelled()
-        self._admit()
-        if not self._running:
-            return []
         with torch.inference_mode():
-            return self._decode()
+            self._drop_cancelled()
+            self._admit()
+            return self._decode() if self._running else []
 
     # -- internals ------------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
@@ -156,8 +154,7 @@ class ContinuousBatcher:
                 new.append((rid, request))
                 rows += need
         if new:
-            with torch.inference_mode():
-                self._prefill(new)
+            self._prefill(new)
 
     def _ensure_cache(self, rows: int, length: int) -> None:
         """A cache of at least `rows` rows and `length` slots. It grows by doubling in both, keeping what
@@ -206,9 +203,7 @@ class ContinuousBatcher:
 
         base = len(self._running)
         owner = torch.tensor([base + j for j, _, _ in rows], device=dev)
-        is_aux = torch.tensor([kind != COND for _, kind, _ in rows], device=dev)
         self._owner = torch.cat([self._owner, owner])
-        self._is_aux = torch.cat([self._is_aux, is_aux])
         self._kind = torch.cat([self._kind, torch.tensor([kind for _, kind, _ in rows], device=dev)])
         self._length = torch.cat([self._length, torch.full((k,), prompt_len, dtype=torch.long, device=dev)])
         self._next_pos = torch.cat([self._next_pos, next_pos])
@@ -245,7 +240,7 @@ class ContinuousBatcher:
                                         params.pick("repetition_penalty", image_state))
         tokens = sample(cond, params.pick("temperature", image_state), params.pick("top_k", image_state),
                         params.pick("top_p", image_state), [run.generator for run in self._running])
-        self._seen[torch.arange(b, device=dev), tokens] |= ~image_state & e.vocab.text_mask.to(dev)[tokens]
+        self._seen[torch.arange(b, device=dev), tokens] |= ~image_state & self._text_mask[tokens]
         flags = grammar.advance(tokens)
 
         events: list[Event] = []
@@ -260,7 +255,7 @@ class ContinuousBatcher:
 
         # Feed the sampled tokens to the rows that go on (guidance rows follow their request's token).
         row_tokens = tokens[self._owner]
-        started = flags["started"][self._owner] & self._is_aux
+        started = flags["started"][self._owner] & (self._kind != COND)
         in_image = flags["in_image"][self._owner]
         if finished:
             keep = self._remove(finished)
@@ -281,7 +276,7 @@ class ContinuousBatcher:
             self._logits = e.forward(row_tokens[:, None], positions=self._next_pos[:, None],
                                      kv_cache=self._cache.rows(n), cache_positions=slot[:, None],
                                      key_mask=mask, kv_length=kv_length)[:, -1, :e.vocab.size]
-            visible = ~self._is_aux | in_image
+            visible = (self._kind == COND) | in_image
             mask[rows, slot] = visible
             self._length = self._length + 1
             self._next_pos = self._next_pos + visible.long()
@@ -315,7 +310,7 @@ class ContinuousBatcher:
         remap = torch.full((len(self._running),), -1, dtype=torch.long, device=dev)
         remap[torch.tensor(keep_req, dtype=torch.long, device=dev)] = torch.arange(len(keep_req), device=dev)
         self._owner = remap[self._owner[keep_rows]]
-        for name in ("_kind", "_is_aux", "_length", "_next_pos", "_aux_start", "_aux_len"):
+        for name in ("_kind", "_length", "_next_pos", "_aux_start", "_aux_len"):
             setattr(self, name, getattr(self, name)[keep_rows])
         if self._logits is not None:
             self._logits = self._logits[keep_rows]
