@@ -56,6 +56,14 @@ VERBS = {
 }
 
 
+def check_at_least(args, *names: str, low: int = 1) -> None:
+    """Options (by dest name) given below `low` are errors naming the flag: 0 never means "the default"."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def _resolve(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
@@ -87,7 +95,7 @@ def _overview() -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input rather than a bug in tokenloom: reported in one line."""
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError, UnicodeError)
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # UnicodeError is a ValueError
     if "tokenloom.train.common" in sys.modules:  # training failures the user can act on (a NaN loss)
         errors += (sys.modules["tokenloom.train.common"].TrainError,)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import check_at_least
+
 DTYPES = ["bfloat16", "float16", "float32"]
 
 
@@ -64,8 +66,7 @@ def run_expand(a) -> int:
 
     if a.codebook_size is None and a.vq is None:
         raise ValueError("give --codebook-size N, --vq PATH, or both")
-    if a.codebook_size is not None and a.codebook_size < 1:
-        raise ValueError(f"--codebook-size must be >= 1, got {a.codebook_size}")
+    check_at_least(a, "codebook_size")
     return _wrote(expand(a.base, a.dst, a.codebook_size, a.vq, **_options(dtype=a.dtype, overwrite=a.overwrite)))
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..engine.sampling import check_integer
+from . import check_at_least
 
 MAX_PROMPTS = 10_000  # bound on --prompts-file lines
 
@@ -45,14 +46,6 @@ def _seed(args) -> int:
     if args.verbose:
         print(f"seed: {seed} (repeat this run with --seed {seed})", file=sys.stderr)
     return seed
-
-
-def _positive(args, *names: str) -> None:
-    """Sizes and counts given as 0 (or less) are errors, not "the default"."""
-    for name in names:
-        value = getattr(args, name.replace("-", "_"))
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
 
 
 # -- info, init-random --------------------------------------------------------------------------------
@@ -158,7 +151,7 @@ def run_generate(args) -> int:
         raise ValueError("--out FILE.png is required with PROMPT")
     if args.prompts_file is not None and not args.out_dir:
         raise ValueError("--out-dir DIR is required with --prompts-file")
-    _positive(args, "width", "height", "num-images", "candidates", "batch-size")
+    check_at_least(args, "width", "height", "num_images", "candidates", "batch_size")
     check_integer(args.num_images, "--num-images", high=MAX_NUM_IMAGES)
     prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
     # Every path is checked before the model draws anything; each image is written as soon as it is done.
@@ -209,7 +202,7 @@ def run_chat(args) -> int:
     from ..document import Document, ImagePart, TextPart
     from ..report import save_document
 
-    _positive(args, "max-new-tokens")
+    check_at_least(args, "max_new_tokens")
     out = _writable_dir(args.out, "--out")
     seed = _seed(args)
     pipe = _load(args)
@@ -280,7 +273,7 @@ def run_demo(args) -> int:
     from ..report import image_grid, save_document
     from ..world import random_scene, render
 
-    _positive(args, "max-new-tokens")
+    check_at_least(args, "max_new_tokens")
     out = _writable_dir(args.out, "--out")
     pipe = _load(args)
     turns = []

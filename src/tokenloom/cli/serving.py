@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import check_at_least
+
 
 def serve_arguments(p) -> None:
     from ..serve.settings import ServeSettings
@@ -41,18 +43,10 @@ def serve_arguments(p) -> None:
 def _settings(args):
     from ..serve.settings import ServeSettings
 
-    for name in ("max_batch", "max_candidates", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_queue", "preview_rows"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    check_at_least(args, "max_batch", "max_candidates", "max_body_bytes", "max_tokens", "threads")
+    check_at_least(args, "max_queue", "preview_rows", low=0)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         args.api_key = None
     return ServeSettings(model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype,

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import check_at_least
+
 
 # -- pretokenize ---------------------------------------------------------------------------------------------
 def pretokenize_arguments(p) -> None:
@@ -28,10 +30,7 @@ def run_pretokenize(args) -> int:
     from ..data.pretokenize import pretokenize
     from ..pipeline import Pipeline
 
-    for name in ("shard_size", "image_batch_size", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_at_least(args, "shard_size", "image_batch_size", "max_length")
     pipeline = Pipeline.from_pretrained(args.model, device=args.device)
     summary = pretokenize(args.inputs, pipeline, args.out_dir, shard_size=args.shard_size,
                           image_batch_size=args.image_batch_size, on_error="skip" if args.skip_errors else "raise",
@@ -57,8 +56,7 @@ def train_arguments(p) -> None:
 def run_train(args) -> int:
     from ..train import train
 
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    check_at_least(args, "max_steps")
     summary = train(args.config, out_dir=args.out_dir, resume=args.resume, max_steps=args.max_steps)
     print(json.dumps(summary, indent=2))
     return 0
@@ -169,8 +167,7 @@ def run_eval(args) -> int:
     from ..evaluation import evaluate
     from ..pipeline import check_candidates, load
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_at_least(args, "batch_size")
     if args.guidance_scale is not None:
         check_guidance_scale(args.guidance_scale, "--guidance-scale")
     if args.candidates is not None:
