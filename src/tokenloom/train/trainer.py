@@ -54,7 +54,7 @@ from ..model import ModelConfig, Transformer
 from ..pipeline import Pipeline, torch_dtype
 from ..precision import resolve_precision
 from .common import (CHECKPOINTS, CONFIG_NAME, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable,
-                     check_step, checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
+                     check_step, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
                      save_training_checkpoint, start_run, stopped)
 from .config import ConfigError, TrainConfig, load_config
 from .plot import plot_losses
@@ -222,13 +222,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def checkpoints(self) -> list[Path]:
-        """The step-N checkpoint directories, oldest first, unverified: a damaged one is listed
-        until a resume sets it aside (as step-N.damaged, not listed)."""
-        return checkpoint_dirs(self.out_dir / CHECKPOINTS)
-
     def latest_checkpoint(self) -> Path | None:
-        """The newest of `checkpoints()` (unverified), or None."""
+        """The newest step-N checkpoint directory, unverified (a damaged one counts until a resume sets
+        it aside as step-N.damaged), or None."""
         return latest_checkpoint(self.out_dir / CHECKPOINTS)
 
     def save_checkpoint(self) -> Path:

@@ -56,7 +56,8 @@ from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensor
 from ..image_processing import ImageTokenizer
 from ..precision import PRECISIONS, resolve_precision
 from ..vqgan import VQGAN, VQGANConfig
-from ..world import COLORS, parse, random_scene, render
+from ..world import parse, random_scene, render
+from ..world.parse import MAX_DISTANCE, PALETTE
 from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
                      checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
                      save_training_checkpoint, start_run, stopped)
@@ -72,8 +73,8 @@ __all__ = ["VQTrainConfig", "VQRunConfig", "VQTrainer", "load_vq_config", "train
 # recur: the scene space is finite).
 TRAIN_STREAM, RESTART_STREAM, EVAL_STREAM = 0x7A11, 0x7A12, 0x7A13
 
-PARSE_THRESHOLD = 80.0  # the parser's color distance (shapes-world.md), on the 0-255 scale
-_PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3), 0-255
+PARSE_THRESHOLD = float(MAX_DISTANCE)  # the parser's color distance, on the 0-255 scale
+_PALETTE = torch.tensor(PALETTE, dtype=torch.float32)  # (6, 3), 0-255: the parser's palette
 
 SUMMARY_NAME = "summary.json"
 BEST_DIR = "best"
@@ -183,13 +184,22 @@ class VQRunConfig:
 HINTS = {"training.bf16": "bf16: true is now precision: bf16, or auto"}
 
 
+def misaligned_sizes(train: VQTrainConfig, factor: int) -> tuple[str, list] | None:
+    """(field, its (width, height) sizes that are not multiples of `factor`) for the first such field."""
+    for name in ("sizes", "eval_sizes"):
+        bad = [s for s in getattr(train, name) if s[0] % factor or s[1] % factor]
+        if bad:
+            return name, bad
+    return None
+
+
 def _check_run(p: ConfigParser, c: VQRunConfig) -> None:
     factor = c.model.downsample_factor
-    for name in ("sizes", "eval_sizes"):
-        bad = [list(s) for s in getattr(c.training, name) if s[0] % factor or s[1] % factor]
-        if bad:
-            raise p.error(f"training.{name}", f"'training.{name}': {bad} are not multiples of the model's "
-                                              f"downsampling factor {factor}")
+    if (bad := misaligned_sizes(c.training, factor)) is not None:
+        name, sizes = bad
+        sizes = [list(s) for s in sizes]
+        raise p.error(f"training.{name}", f"'training.{name}': {sizes} are not multiples of the model's "
+                                          f"downsampling factor {factor}")
     if c.out_dir is not None:
         c.out_dir = resolve_path(c.out_dir, config_folder(p.source))
 
@@ -336,10 +346,8 @@ class VQTrainer:
     def __init__(self, config: VQGANConfig, train: VQTrainConfig, out_dir: str | Path | None = None):
         self.config, self.train = config, train
         factor = config.downsample_factor
-        for name in ("sizes", "eval_sizes"):
-            bad = [s for s in getattr(train, name) if s[0] % factor or s[1] % factor]
-            if bad:
-                raise ValueError(f"{name} {bad} are not multiples of the model's downsampling factor {factor}")
+        if (bad := misaligned_sizes(train, factor)) is not None:
+            raise ValueError(f"{bad[0]} {bad[1]} are not multiples of the model's downsampling factor {factor}")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.bf16 = resolve_precision(train.precision, torch.device("cpu")) == "bf16"  # trains on the CPU
         with torch.random.fork_rng(devices=[]):  # init from the run's seed, not the global RNG
