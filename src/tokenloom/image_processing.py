@@ -26,6 +26,15 @@ class ImageLoadError(ValueError):
     pass
 
 
+def decoded(img: Image.Image) -> Image.Image:
+    """An opened image decoded now (truncated or corrupt data fails here, not later), turned the way
+    viewers show it (EXIF orientation), as RGB, or RGBA when it has transparency."""
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    return img.convert("RGBA" if has_alpha else "RGB")
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.Image:
     """Open and fully decode an image; returns RGB, or RGBA when it has transparency.
 
@@ -42,12 +51,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.I
                 raise ImageLoadError(
                     f"cannot load image {path}: {img.width}x{img.height} exceeds {max_pixels} pixels"
                 )
-            img.load()  # decode now so truncated/corrupt data fails here, not later
-            img = ImageOps.exif_transpose(img)  # show photos the way viewers do
-            has_alpha = img.mode in ("RGBA", "LA", "PA") or (
-                img.mode == "P" and "transparency" in img.info
-            )
-            return img.convert("RGBA" if has_alpha else "RGB")
+            return decoded(img)
     except ImageLoadError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -9,6 +9,7 @@ Directory layout (Hugging Face style):
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from contextlib import contextmanager
@@ -289,8 +290,6 @@ class Pipeline:
         """
         from tqdm.auto import tqdm
 
-        from .scoring import best_candidate
-
         prompts = [check_text(p, "prompt") for p in _prompt_list(prompts)[0]]
         check_integer(num_images, "num_images", low=1, high=MAX_NUM_IMAGES)
         check_integer(batch_size, "batch_size", low=1)
@@ -302,38 +301,64 @@ class Pipeline:
             raise ValueError("this model cannot draw: its VQGAN has no decoder (Hugging Face Chameleon "
                              "checkpoints drop it); convert again with --vqgan pointing at Meta's "
                              "vqgan.ckpt + vqgan.yaml")
-        h, w = self.grid_size(width, height)
-        px_w, px_h = w * self.factor, h * self.factor
-        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance_scale(scale)
-        image_params = self.sampling("candidate" if n_candidates > 1 else "image",
-                                     temperature=temperature, top_k=top_k, top_p=top_p)
+        grid = self.grid_size(width, height)
         per_prompt = num_images * n_candidates
-        max_new_tokens, uncond_ids = self.format.image_length(h, w) + 1, self.unconditional_prompt()
-        prompt_docs = [self.image_prompt(prompt, px_w, px_h) for prompt in prompts]
-        prompt_ids = [self.format.encode(doc, generation_role="assistant").ids for doc in prompt_docs]
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        # Prompt i's draws are built when the batches reach them; its document is kept for reranking.
+        docs: list[Document] = []
 
-        def request(j: int) -> GenerationRequest:  # draw j of the whole call
-            return GenerationRequest(
-                prompt_ids[j // per_prompt], mode="image", image_size=(h, w), max_new_tokens=max_new_tokens,
-                image=image_params, guidance_scale=scale, uncond_prompt_ids=uncond_ids,
-                seed=None if seed is None else seed + j)
+        def draws():
+            for i, prompt in enumerate(prompts):
+                doc, requests = self.image_draws(prompt, grid, per_prompt,
+                                                 seed=None if seed is None else seed + i * per_prompt,
+                                                 guidance_scale=guidance_scale, candidates=n_candidates, **sampling)
+                docs.append(doc)
+                yield from requests
 
+        pending = draws()
         total = len(prompts) * per_prompt
         drawn: list[ImagePart | None] = []  # draws of groups not yet complete
         done = 0  # draws before drawn[0]
         with tqdm(total=total, desc="drawing", unit="image", disable=not progress) as bar:
-            for start in range(0, total, batch_size):
-                batch = [request(j) for j in range(start, min(total, start + batch_size))]
+            for _ in range(0, total, batch_size):
+                batch = list(itertools.islice(pending, batch_size))
                 drawn += [(result.image_parts or [None])[0] for result in self.engine.generate(batch)]
                 bar.update(len(batch))
                 while len(drawn) >= n_candidates:
                     group, drawn = drawn[:n_candidates], drawn[n_candidates:]
                     i, k = divmod(done // n_candidates, num_images)
-                    best = group[0] if n_candidates == 1 else group[
-                        best_candidate(self, prompts[i], prompt_docs[i].text, group)]
                     done += n_candidates
-                    yield i, k, None if best is None else best.pixels
+                    yield i, k, self.best_drawn(prompts[i], docs[i].text, group)
+
+    def image_draws(self, prompt: str, grid: tuple[int, int], draws: int, *, seed: int | None = None,
+                    guidance_scale: float | None = None, candidates: int = 1, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None) -> tuple[Document, list[GenerationRequest]]:
+        """The engine requests of `draws` text-to-image draws of one prompt at a (height, width) code grid
+        (draw j seeded seed + j), and the prompt document reranking scores against. With candidates > 1
+        the draws are sampled with candidate_sampling and keep their codes only: `best_drawn` decodes the
+        one kept."""
+        h, w = grid
+        doc = self.image_prompt(prompt, w * self.factor, h * self.factor)
+        ids = self.format.encode(doc, generation_role="assistant").ids
+        params = self.sampling("candidate" if candidates > 1 else "image", temperature=temperature, top_k=top_k,
+                               top_p=top_p)
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance_scale(scale)
+        uncond, max_new = self.unconditional_prompt(), self.format.image_length(h, w) + 1
+        return doc, [GenerationRequest(ids, mode="image", image_size=grid, max_new_tokens=max_new, image=params,
+                                       guidance_scale=scale, uncond_prompt_ids=uncond,
+                                       seed=None if seed is None else seed + j, decode_images=candidates == 1)
+                     for j in range(draws)]
+
+    def best_drawn(self, prompt: str, prompt_text: str, parts: list[ImagePart | None]):
+        """The PIL image of the draw the model rates best for the prompt (`tokenloom.scoring`; the only one
+        when there is one), decoded now if its draw kept codes only; None when no image was drawn."""
+        from .scoring import best_candidate
+
+        best = parts[0] if len(parts) == 1 else parts[best_candidate(self, prompt, prompt_text, parts)]
+        if best is None:
+            return None
+        return best.pixels if best.pixels is not None else self.engine.decode_image(best.codes)
 
     def chat_request(self, document: Document, *, mode: str = "any", max_new_tokens: int | None = None,
                      guidance_scale: float | None = None, seed: int | None = None,

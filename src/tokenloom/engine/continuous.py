@@ -214,7 +214,7 @@ class ContinuousBatcher:
         for rid, r in new:
             seed = fresh_seed() if r.seed is None else r.seed
             self._running.append(_Running(rid, r, torch.Generator(device=dev).manual_seed(seed),
-                                          RequestOutput(rid, e, seed)))
+                                          RequestOutput(rid, e, seed, r.decode_images)))
         grammar = Grammar(e.tables, [r.mode for _, r in new], [r.image_size for _, r in new],
                           [r.max_new_tokens for _, r in new], dev)
         self._grammar = grammar if self._grammar is None else self._grammar.concat(grammar)

@@ -46,6 +46,7 @@ class GenerationRequest:
     image_guidance_scale: float | None = None  # three-way guidance (editing) when set
     image_cond_prompt_ids: list[int] | None = None
     seed: int | None = None  # None: fresh randomness (the seed drawn is kept in the result)
+    decode_images: bool = True  # False: drawn images keep their codes only (reranked candidates)
 
 
 @dataclass
@@ -71,8 +72,8 @@ class GenerationResult:
 class RequestOutput:
     """Turns one request's tokens into events and document parts as they come."""
 
-    def __init__(self, index: int, engine: object, seed: int):
-        self.index, self.engine, self.seed = index, engine, seed
+    def __init__(self, index: int, engine: object, seed: int, decode_images: bool = True):
+        self.index, self.engine, self.seed, self.decode_images = index, engine, seed, decode_images
         self.ids: list[int] = []
         self.parts: list = []
         self.text_ids: list[int] = []
@@ -114,7 +115,7 @@ class RequestOutput:
         elif state_before == END and flags["ended"]:
             h, w = self.size
             grid = np.array(self.codes, dtype=np.int64).reshape(h, w)
-            pixels = e.decode_image(grid)
+            pixels = e.decode_image(grid) if self.decode_images else None
             self.parts.append(ImagePart(grid, pixels=pixels))
             events.append(ImageDone(self.index, grid, pixels))
         elif state_before not in (HEIGHT, WIDTH, CODES, END) and not flags["stopped"]:

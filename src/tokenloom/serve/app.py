@@ -357,7 +357,7 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
     if mode != "text":
         sampling.update(width=body.width, height=body.height)
     options = ChatOptions(messages=[], mode=mode, n=body.n, max_tokens=max_tokens, max_tokens_limit=limit,
-                          seed=_seed(body.seed), stream=body.stream, preview_every=settings.preview_rows,
+                          seed=_seed(body.seed), preview_every=settings.preview_rows if body.stream else 0,
                           sampling={k: v for k, v in sampling.items() if v is not None})
     return options, raw
 

@@ -20,7 +20,6 @@ import time
 
 from ..document import Document, TextPart
 from ..engine import GenerationRequest
-from ..scoring import best_candidate
 from .errors import APIError
 
 
@@ -75,8 +74,7 @@ class ChatOptions:
     max_tokens: int | None = None
     max_tokens_limit: int | None = None  # the server's bound (default max_tokens is clamped to it)
     seed: int | None = None
-    stream: bool = False
-    preview_every: int = 0  # rows between previews (stream only; 0: none)
+    preview_every: int = 0  # rows between previews (0: none; a plain answer has none)
     sampling: dict = dataclasses.field(default_factory=dict)  # Pipeline.chat_request keywords
 
 
@@ -120,7 +118,7 @@ class ChatJob(Job):
 
     def preview_rows(self, index: int, height: int) -> set[int]:
         k = self.options.preview_every
-        if not self.options.stream or k <= 0:
+        if k <= 0:
             return set()
         return set(range(k, height, k))
 
@@ -170,24 +168,17 @@ class ImagesJob(Job):
 
     def build(self, pipe) -> list[GenerationRequest]:
         o = self.options
-        h, w = o.grid
-        factor = pipe.factor
-        params = pipe.sampling("candidate" if o.candidates > 1 else "image", **o.sampling)
-        doc = pipe.image_prompt(o.prompt, w * factor, h * factor)
+        doc, requests = pipe.image_draws(o.prompt, o.grid, len(self.draws), seed=o.seed,
+                                         guidance_scale=o.guidance_scale, candidates=o.candidates, **o.sampling)
         self.prompt_text = doc.text
-        ids = pipe.format.encode(doc, generation_role="assistant").ids
-        self.prompt_tokens = len(ids)
-        scale = pipe.config.guidance_scale if o.guidance_scale is None else o.guidance_scale
-        uncond, max_new = pipe.unconditional_prompt(), pipe.format.image_length(h, w) + 1
-        context = pipe.model.config.max_position_embeddings
-        if len(ids) + max_new > context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens: with the {max_new} of a {w * factor}x{h * factor} "
-                                f"image that is more than the model's context of {context} tokens", "prompt",
+        self.prompt_tokens = prompt = len(requests[0].prompt_ids)
+        max_new, context = requests[0].max_new_tokens, pipe.model.config.max_position_embeddings
+        if prompt + max_new > context:
+            h, w = (side * pipe.factor for side in o.grid)
+            raise APIError(400, f"the prompt is {prompt} tokens: with the {max_new} of a {w}x{h} image that is "
+                                f"more than the model's context of {context} tokens", "prompt",
                            "context_length_exceeded")
-        return [GenerationRequest(ids, mode="image", image_size=(h, w), max_new_tokens=max_new, image=params,
-                                  guidance_scale=scale, uncond_prompt_ids=uncond,
-                                  seed=None if o.seed is None else o.seed + j)
-                for j in range(len(self.draws))]
+        return requests
 
     def preview_rows(self, index: int, height: int) -> set[int]:
         if index % self.options.candidates:  # previews follow the first draw of each image
@@ -204,9 +195,8 @@ class ImagesJob(Job):
         group = self.draws[k * c:(k + 1) * c]
         if all(r is not None for r in group):
             parts = [(r.image_parts or [None])[0] for r in group]
-            best = 0 if c == 1 else best_candidate(pipe, self.options.prompt, self.prompt_text, parts)
             tokens = sum(len(r.ids) for r in group)
             self.completion_tokens += tokens
-            self.post("image", k, None if parts[best] is None else parts[best].pixels, tokens)
+            self.post("image", k, pipe.best_drawn(self.options.prompt, self.prompt_text, parts), tokens)
             self.sent += 1
         return self.sent == self.options.n

@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.sampling import check_number
+from ..image_processing import decoded
 from .errors import APIError, bad_request
 
 
@@ -136,14 +137,13 @@ def _short(value) -> str:
 # -- checks of values (types are pydantic's) ----------------------------------------------------------------
 def check_range(value, name: str, low: float | None = None, high: float | None = None,
                 open_low: bool = False) -> None:
+    """`engine.sampling.check_number` for an optional request field, as a 400 naming it."""
     if value is None:
         return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise bad_request(f"{name} must be finite, got {value!r}", name)
-    if low is not None and (value <= low if open_low else value < low):
-        raise bad_request(f"{name} must be {'>' if open_low else '>='} {low:g}, got {value!r}", name)
-    if high is not None and value > high:
-        raise bad_request(f"{name} must be <= {high:g}, got {value!r}", name)
+    try:
+        check_number(value, name, low=low, high=high, open_low=open_low)
+    except ValueError as e:
+        raise bad_request(str(e), name) from None
 
 
 def modalities_mode(modalities: list[str] | None) -> str:
@@ -195,10 +195,7 @@ def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Im
             if img.width * img.height > max_pixels:
                 raise bad_request(f"the image is {img.width}x{img.height}: more than {max_pixels} pixels", param,
                                   "image_too_large")
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-            return img.convert("RGBA" if alpha else "RGB")
+            return decoded(img)
     except APIError:
         raise
     except Image.UnidentifiedImageError:

@@ -35,11 +35,11 @@ MAX_PENDING = 16  # messages waiting for a client above which previews are skipp
 class _Row:
     """One engine request of a job, and the image it is drawing (for previews)."""
 
-    __slots__ = ("job", "index", "height", "width", "rows", "previews", "sent")
+    __slots__ = ("job", "index", "height", "rows", "previews", "sent")
 
     def __init__(self, job: Job, index: int):
         self.job, self.index = job, index
-        self.height = self.width = 0
+        self.height = 0
         self.rows: list[np.ndarray] = []
         self.previews: set[int] = set()
         self.sent = 0
@@ -254,7 +254,7 @@ class EngineWorker:
             if isinstance(event, TextDelta):
                 job.on_text(row.index, event.text)
             elif isinstance(event, ImageStarted):
-                row.height, row.width, row.rows, row.sent = event.height, event.width, [], 0
+                row.height, row.rows, row.sent = event.height, [], 0
                 row.previews = job.preview_rows(row.index, event.height)
             elif isinstance(event, ImageRow):
                 row.rows.append(np.asarray(event.codes))
