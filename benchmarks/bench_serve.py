@@ -29,11 +29,7 @@ import io
 import json
 import os
 import platform
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from tokenloom.serve.runner import ServeProcess  # noqa: E402
 from tokenloom.world import random_scene, render  # noqa: E402
 
 from _results import write_result  # noqa: E402
@@ -53,69 +50,19 @@ IMAGE_PROMPTS = ["a large red circle in the center", "a small blue square at the
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
-class Server:
-    """`tokenloom serve` in a subprocess on 127.0.0.1 and a free port; stopped by stop() (or at exit)."""
+class Server(ServeProcess):
+    """`tokenloom serve` (this checkout's) with a run's settings, and the model id it serves."""
 
     def __init__(self, max_batch: int, max_queue: int, model: str | None, threads: int | None, timeout: float,
                  device: str | None = None):
-        cmd = [sys.executable, "-m", "tokenloom.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning"]
-        if model:
-            cmd += ["--model", model]
-        if device:
-            cmd += ["--device", device]
-        if threads:
-            cmd += ["--threads", str(threads)]
+        args = ["--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning"]
+        for flag, value in (("--model", model), ("--device", device), ("--threads", threads)):
+            if value:
+                args += [flag, str(value)]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.pop("TOKENLOOM_API_KEY", None)
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.log: list[str] = []
-        match = None
-        for _ in range(100):  # the address line comes first (after any import warnings)
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-            if match:
-                break
-        if not match:
-            self.stop()
-            raise RuntimeError("the server did not start: " + "".join(self.log[-5:]).strip())
-        # keep reading its stderr, so a chatty server never blocks on a full pipe
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.url = f"http://127.0.0.1:{match.group(1)}"
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.1)
+        super().__init__(args, timeout=timeout, env=env)
         self.model_id = httpx.get(self.url + "/v1/models", timeout=5).json()["data"][0]["id"]
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.log = (self.log + [line])[-200:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 # -- the workload -----------------------------------------------------------------------------------------------

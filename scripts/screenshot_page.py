@@ -9,29 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def shoot(url: str, out: Path, workdir: Path) -> None:
@@ -76,26 +58,10 @@ def main() -> None:
         if args.url:
             shoot(args.url.rstrip("/"), args.out, workdir)
         else:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            log = open(workdir / "serve.log", "wb")
-            proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", "--port", str(port)],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            try:
-                deadline = time.monotonic() + 180
-                while not healthy(url):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.flush()
-                        sys.exit("tokenloom serve did not start:\n" + (workdir / "serve.log").read_text()[-3000:])
-                    time.sleep(0.25)
-                shoot(url, args.out, workdir)
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                log.close()
+            from tokenloom.serve.runner import ServeProcess
+
+            with ServeProcess() as server:
+                shoot(server.url, args.out, workdir)
     print(args.out)
 
 

@@ -10,14 +10,11 @@ import base64
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tokenloom.serve.runner import ServeProcess
 
 CHROMIUM = shutil.which("chromium")
 try:
@@ -39,53 +36,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--
                  "--disable-background-networking", "--disable-component-update"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     """The base URL of a running `tokenloom serve` (embedded default model), stopped at the end."""
     given = os.environ.get("TOKENLOOM_WEB_TEST_URL")
     if given:
         yield given.rstrip("/")
         return
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tokenloom.cli", "serve", "--port", str(port),
-                                 # a preview after every row of codes; fewer reranked draws and one torch
-                                 # thread (as the suite's) keep it quick on two busy cores
-                                 "--preview-rows", "1", "--max-candidates", "2", "--threads", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"tokenloom serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"tokenloom serve did not answer /health in {STARTUP_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        # a preview after every row of codes; fewer reranked draws and one torch thread (as the suite's)
+        # keep it quick on two busy cores
+        server = ServeProcess(["--preview-rows", "1", "--max-candidates", "2", "--threads", "1"],
+                              timeout=STARTUP_TIMEOUT_S)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    with server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,16 @@
-"""Run the app with uvicorn: in the foreground (the CLI) or on a background thread (tests, benchmarks)."""
+"""Run the app with uvicorn: in the foreground (the CLI), on a background thread (tests), or as a
+`tokenloom serve` subprocess (load tests, the browser test, the screenshot script)."""
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -74,6 +80,69 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         return self if self.server.started else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServeProcess:
+    """`tokenloom serve ARGS` in a subprocess on 127.0.0.1 and a port it picks itself (no race for a
+    free port), ready once GET /health answers 200; stopped by stop() or on leaving a `with` block.
+
+        with ServeProcess(["--max-batch", "8"]) as server:
+            httpx.get(server.url + "/v1/models")
+    """
+
+    def __init__(self, args: list[str] = (), timeout: float = 180.0, env: dict | None = None):
+        cmd = [sys.executable, "-m", "tokenloom.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     text=True, env=env)
+        self.log: list[str] = []
+        match = None
+        for _ in range(100):  # the address line comes first (after any import warnings)
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if match:
+                break
+        if not match:
+            self.stop()
+            raise RuntimeError("tokenloom serve did not start:\n" + "".join(self.log[-20:]).strip())
+        # keep reading its stderr, so a chatty server never blocks on a full pipe
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tokenloom serve did not answer /health in {timeout:g} s:\n"
+                                   + "".join(self.log[-20:]).strip())
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log = (self.log + [line])[-200:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "ServeProcess":
+        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
