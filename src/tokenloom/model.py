@@ -233,12 +233,18 @@ class KVCache:
 
     def update(self, layer: int, cache_positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, Hkv, T, D] into slots cache_positions [T] (the same for every row), or, with
-        cache_positions [B, 1], one token per row into that row's own slot; return the layer cache."""
+        cache_positions [B, T], each row's tokens into that row's own slots; return the layer cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         if cache_positions.dim() == 2:
-            rows = torch.arange(k.shape[0], device=k.device)
-            k_cache[rows, :, cache_positions[:, 0]] = k[:, :, 0].to(k_cache.dtype)
-            v_cache[rows, :, cache_positions[:, 0]] = v[:, :, 0].to(v_cache.dtype)
+            if cache_positions.shape[1] == 1:
+                rows = torch.arange(k.shape[0], device=k.device)
+                k_cache[rows, :, cache_positions[:, 0]] = k[:, :, 0].to(k_cache.dtype)
+                v_cache[rows, :, cache_positions[:, 0]] = v[:, :, 0].to(v_cache.dtype)
+                return k_cache, v_cache
+            # Several tokens per row (speculative drafts): the indexed result is [B, T, Hkv, D].
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_cache[rows, :, cache_positions] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, cache_positions] = v.transpose(1, 2).to(v_cache.dtype)
             return k_cache, v_cache
         k_cache.index_copy_(2, cache_positions, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_positions, v.to(v_cache.dtype))
@@ -293,7 +299,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, cache_positions, k, v)
             if kv_length is not None:  # slots past kv_length hold nothing yet: skip them
                 k, v = k[:, :, :kv_length], v[:, :, :kv_length]
-        if T == 1 and mask is not None and not self.training:
+        per_row = cache_positions is not None and cache_positions.dim() == 2  # decode steps, not prefills
+        if (T == 1 or per_row and T <= DECODE_QUERIES) and mask is not None and not self.training:
             y = decode_attention(q, k, v, mask)
             return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if self.num_kv_heads != self.num_heads:
@@ -307,18 +314,24 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
+DECODE_QUERIES = 64  # decode steps of up to this many new tokens per row use decode_attention
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one new query per row over the cache: q [B, H, 1, D], k/v [B, KV, S, D], mask
-    [B|1, 1, 1, S] (True = attend). Two batched matmuls, with the q heads of a kv head stacked as
+    """Attention of a few new queries per row over the cache: q [B, H, T, D], k/v [B, KV, S, D], mask
+    [B|1, 1, T, S] (True = attend). Two batched matmuls, with the q heads of a kv head stacked as
     rows, so grouped-query caches are never copied; on CPUs this is several times faster than SDPA's
-    kernels for a single query. Same math as `F.scaled_dot_product_attention`."""
-    B, H, _, D = q.shape
+    kernels for one query (a decode step) or a few (a window of speculative drafts). Same math as
+    `F.scaled_dot_product_attention`."""
+    B, H, T, D = q.shape
     kv = k.shape[1]
-    q = q.reshape(B, kv, H // kv, D)  # q head h -> kv head h // rep, as repeat_interleave would
-    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # [B, KV, rep, S]
-    scores = scores.float().masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, H, 1, D)
+    rep = H // kv
+    q = q.reshape(B, kv, rep * T, D)  # q head h -> kv head h // rep, as repeat_interleave would
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # [B, KV, rep * T, S]
+    scores = scores.float().view(B, kv, rep, T, -1).masked_fill(~mask.reshape(mask.shape[0], 1, 1, T, -1),
+                                                                 float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, kv, rep * T, -1)
+    return torch.matmul(probs, v).reshape(B, H, T, D)
 
 
 class FeedForward(nn.Module):
@@ -443,9 +456,9 @@ class Transformer(nn.Module):
                 raise ValueError("cache_positions is required with kv_cache")
             if document_ids is not None:
                 raise ValueError("document_ids is not supported with kv_cache")
-            if cache_positions.shape != (T,) and not (T == 1 and cache_positions.shape == (B, 1)):
-                raise ValueError(f"cache_positions must have shape [{T}] (or [{B}, 1] for one token per row "
-                                 f"at its own slot), got {tuple(cache_positions.shape)}")
+            if cache_positions.shape not in ((T,), (B, T)):
+                raise ValueError(f"cache_positions must have shape [{T}] (or [{B}, {T}] for rows writing at "
+                                 f"their own slots), got {tuple(cache_positions.shape)}")
             slots = torch.arange(kv_length or kv_cache.max_length, device=device)
             per_row = cache_positions if cache_positions.dim() == 2 else cache_positions[None]  # [B|1, T]
             is_self = slots == per_row[..., None]  # [B|1, T, S]
@@ -493,9 +506,9 @@ class Transformer(nn.Module):
         - packed: ``document_ids`` [B, T] restricts attention to equal ids; positions restart per document;
         - cached: ``kv_cache`` + ``cache_positions`` [T] (slots written, shared by all rows); queries read
           slots <= their own that ``key_mask`` [B, S] marks valid; ``positions`` [B, T] defaults to
-          cache_positions (pass per-row positions for left-padded batches). For one new token per row,
-          ``cache_positions`` [B, 1] writes each row at its own slot (rows of different lengths: continuous
-          batching).
+          cache_positions (pass per-row positions for left-padded batches). ``cache_positions`` [B, T]
+          writes each row at its own slots (rows of different lengths: continuous batching; T > 1:
+          a window of speculative drafts after each row's token).
         ``key_mask`` without a cache is [B, T] (padding keys in a plain forward).
         ``kv_length`` (cached only): attend to the first kv_length slots, which must hold every slot
         written so far; a decode loop passes the filled length to skip the empty tail of the cache.

@@ -25,14 +25,15 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .events import Event
-from .grammar import END, HEIGHT, Grammar
+from .grammar import AHEAD_CODE, AHEAD_END, AHEAD_EOL, AHEAD_NONE, CODES, END, HEIGHT, Grammar
 from .request import GenerationRequest, RequestOutput, fresh_seed
-from .sampling import apply_repetition_penalty, sample
+from .sampling import apply_repetition_penalty, probabilities, sample
+from .speculative import accepted_lengths, draw, next_distribution, next_window
 
 COND, UNCOND, IMAGE_ONLY = 0, 1, 2
 
@@ -45,6 +46,9 @@ class _Running:
     request: GenerationRequest
     generator: torch.Generator
     output: RequestOutput
+    feed: list[int] = field(default_factory=list)  # tokens its rows take in the next forward
+    drafts: list[int] = field(default_factory=list)  # speculative codes after its token in the last forward
+    proposals: torch.Tensor | None = None  # [len(drafts), V]: what each draft was drawn from
 
 
 def request_rows(request) -> list[tuple[int, list[int]]]:
@@ -89,6 +93,10 @@ class ContinuousBatcher:
         self._text_mask = engine.vocab.text_mask.to(dev)
         self._params = None
         self._guide = None
+        self._drafted = False  # the last forward fed speculative drafts
+        codes = engine.tables.code_ids
+        self._code_ids = codes.tolist()
+        self._uniform_codes = engine.tables.code_mask.float() / len(self._code_ids)
 
     # -- any thread ---------------------------------------------------------------------------
     def add(self, request: GenerationRequest, validated: bool = False) -> int:
@@ -209,7 +217,10 @@ class ContinuousBatcher:
         self._next_pos = torch.cat([self._next_pos, next_pos])
         self._aux_start = torch.cat([self._aux_start, next_pos.clone()])
         self._aux_len = torch.cat([self._aux_len, torch.full((k,), prompt_len, dtype=torch.long, device=dev)])
-        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        logits = logits[:, None]  # [rows, tokens fed, V]: a new row has fed one (the prompt's last)
+        if self._logits is not None:
+            logits = torch.cat([self._logits, logits.expand(-1, self._logits.shape[1], -1)])
+        self._logits = logits
 
         for rid, r in new:
             seed = fresh_seed() if r.seed is None else r.seed
@@ -229,17 +240,28 @@ class ContinuousBatcher:
 
     def _decode(self) -> list[Event]:
         e, dev = self.engine, self._device
-        b = len(self._running)
+        running = self._running
+        b = len(running)
         grammar, logits = self._grammar, self._logits
         state = grammar.state
-        cond = self._guide.combine(logits.float(), grammar)
+        cond = self._guide.combine(logits[:, 0].float(), grammar)
         cond = cond.masked_fill(~grammar.allowed(), float("-inf"))
         image_state = (state >= HEIGHT) & (state <= END)
         params = self._params
         cond = apply_repetition_penalty(cond, self._seen & ~image_state[:, None],
                                         params.pick("repetition_penalty", image_state))
+        # A request verifying drafts draws in _verify instead (its generator is not used here).
+        verifying = [i for i, run in enumerate(running) if run.drafts]
         tokens = sample(cond, params.pick("temperature", image_state), params.pick("top_k", image_state),
-                        params.pick("top_p", image_state), [run.generator for run in self._running])
+                        params.pick("top_p", image_state),
+                        [None if run.drafts else run.generator for run in running])
+        emitted = [[t] for t in tokens.tolist()]
+        accepted = torch.zeros(b, dtype=torch.long, device=dev)
+        carry: dict[int, torch.Tensor] = {}
+        kinds = None
+        if verifying:
+            kinds = self._verify(verifying, logits, emitted, accepted, carry)
+            tokens = torch.tensor([x[0] for x in emitted], device=dev)
         self._seen[torch.arange(b, device=dev), tokens] |= ~image_state & self._text_mask[tokens]
         flags = grammar.advance(tokens)
 
@@ -247,23 +269,32 @@ class ContinuousBatcher:
         host = {k: v.tolist() for k, v in flags.items()}
         tok_list, state_list = tokens.tolist(), state.tolist()
         h_list, w_list = grammar.h.tolist(), grammar.w.tolist()
-        for i, run in enumerate(self._running):
+        for i, run in enumerate(running):
             if host["active"][i]:
                 row_flags = {k: host[k][i] for k in host}
                 events += run.output.feed(tok_list[i], state_list[i], row_flags, (h_list[i], w_list[i]))
+        if verifying:
+            events += self._feed_accepted(verifying, emitted, kinds, accepted)
+        self._next_windows(emitted, carry)
         finished = [i for i, done in enumerate(grammar.done().tolist()) if done]
 
-        # Feed the sampled tokens to the rows that go on (guidance rows follow their request's token).
-        row_tokens = tokens[self._owner]
+        # Rows go on from their request's last token (guidance rows follow their request); a request's
+        # accepted drafts are already in its rows' cache, so its next slot moves past them.
+        row_tokens = torch.tensor([x[-1] for x in emitted], device=dev)[self._owner]
         started = flags["started"][self._owner] & (self._kind != COND)
         in_image = flags["in_image"][self._owner]
+        if verifying:
+            self._length = self._length + accepted[self._owner]
+            self._next_pos = self._next_pos + accepted[self._owner]
         if finished:
             keep = self._remove(finished)
             row_tokens, started, in_image = row_tokens[keep], started[keep], in_image[keep]
         n = self.running_rows
         if n:
+            feeds = [run.feed for run in self._running]
+            width = max(len(f) for f in feeds)
             slot = self._length
-            self._ensure_cache(n, int(slot.max()) + 1)
+            self._ensure_cache(n, int(slot.max()) + width)
             mask = self._key_mask_full[:n]
             rows = torch.arange(n, device=dev)
             if bool(started.any()):
@@ -271,11 +302,24 @@ class ContinuousBatcher:
                 after = torch.arange(mask.shape[1], device=dev)[None] >= self._aux_len[:, None]
                 mask &= ~(started[:, None] & after)
                 self._next_pos = torch.where(started, self._aux_start, self._next_pos)
-            mask[rows, slot] = True  # every query sees its own slot during this forward
-            kv_length = int(slot.max()) + 1
-            self._logits = e.forward(row_tokens[:, None], positions=self._next_pos[:, None],
-                                     kv_cache=self._cache.rows(n), cache_positions=slot[:, None],
-                                     key_mask=mask, kv_length=kv_length)[:, -1, :e.vocab.size]
+            kv_length = int(slot.max()) + width
+            if width == 1 and not self._drafted:
+                mask[rows, slot] = True  # every query sees its own slot during this forward
+                ids, offsets = row_tokens[:, None], torch.zeros(1, dtype=torch.long, device=dev)
+            else:
+                # Speculative rows feed their token and drafts; the others pad. Slots from a row's next
+                # one on hold nothing valid: rejected drafts of the last step are forgotten here.
+                offsets = torch.arange(width, device=dev)
+                mask &= torch.arange(mask.shape[1], device=dev)[None] < slot[:, None]
+                owner = self._owner.tolist()
+                lens = torch.tensor([len(feeds[o]) for o in owner], device=dev)
+                ids = torch.tensor([feeds[o] + [e.tables.idle] * (width - len(feeds[o])) for o in owner],
+                                   dtype=torch.long, device=dev)
+                mask.scatter_(1, slot[:, None] + offsets, offsets[None] < lens[:, None])
+            self._drafted = width > 1
+            self._logits = e.forward(ids, positions=self._next_pos[:, None] + offsets, kv_cache=self._cache.rows(n),
+                                     cache_positions=slot[:, None] + offsets, key_mask=mask,
+                                     kv_length=kv_length)[:, :, :e.vocab.size]
             visible = (self._kind == COND) | in_image
             mask[rows, slot] = visible
             self._length = self._length + 1
@@ -285,6 +329,106 @@ class ContinuousBatcher:
         with self._lock:
             cancelled = set(self._cancelled)
         return [ev for ev in events if ev.row not in cancelled]
+
+    # -- speculative decoding (engine.speculative) ---------------------------------------------
+    def _verify(self, verifying: list[int], logits: torch.Tensor, emitted: list[list[int]],
+                accepted: torch.Tensor, carry: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Accept or reject the drafts of the requests `verifying`: emitted[i] becomes request i's
+        accepted drafts and the code drawn after them, accepted[i] their number, carry[i] the
+        distributions of the window past its first rejection. Returns the kinds [S, K+1] of the
+        positions verified."""
+        dev = self._device
+        runs = [self._running[i] for i in verifying]
+        idx = torch.tensor(verifying, device=dev)
+        n = torch.tensor([len(run.drafts) for run in runs], device=dev)
+        k = int(n.max())
+        kinds, progress = self._grammar.lookahead(k + 1)
+        guided = self._guide.mix(logits[:, :k + 1].float(), kinds <= AHEAD_EOL, progress)[idx]
+        kinds = kinds[idx]
+        guided = guided.masked_fill(~self._ahead_allowed(kinds), float("-inf"))
+        s, v = guided.shape[0], guided.shape[-1]
+        image = [col[idx].repeat_interleave(k + 1) for col in
+                 (self._params.table[a][1] for a in ("temperature", "top_k", "top_p"))]
+        p = probabilities(guided.view(-1, v), *image).view(s, k + 1, v)
+        drafts = torch.zeros((s, k), dtype=torch.long, device=dev)
+        q = torch.zeros((s, k, v), device=dev)
+        u = torch.ones((s, k), device=dev)
+        for j, run in enumerate(runs):
+            m = len(run.drafts)
+            drafts[j, :m] = torch.tensor(run.drafts, device=dev)
+            q[j, :m] = run.proposals
+            u[j, :m] = torch.rand(m, generator=run.generator, device=dev)
+        a = accepted_lengths(p, drafts, q, n, u)
+        after = next_distribution(p, q, a, n)
+        for j, (i, run) in enumerate(zip(verifying, runs)):
+            aj, m = int(a[j]), len(run.drafts)
+            emitted[i] = run.drafts[:aj] + [int(draw(after[j:j + 1], run.generator))]
+            accepted[i] = aj
+            if aj < m:
+                carry[i] = p[j, aj + 1:m + 1]
+        return kinds
+
+    def _ahead_allowed(self, kinds: torch.Tensor) -> torch.Tensor:
+        """[..., V]: what the grammar allows at positions of these kinds (free codes past the image too,
+        so that padding positions never have nothing)."""
+        t = self.engine.tables
+        allowed = ((kinds == AHEAD_CODE) | (kinds == AHEAD_NONE))[..., None] & t.code_mask
+        if t.end_of_line is not None:
+            allowed[..., t.end_of_line] |= kinds == AHEAD_EOL
+        allowed[..., t.image_end] |= kinds == AHEAD_END
+        return allowed
+
+    def _feed_accepted(self, verifying: list[int], emitted: list[list[int]], kinds: torch.Tensor,
+                       accepted: torch.Tensor) -> list[Event]:
+        """Events of the tokens after each verifying request's first (those the grammar took in one
+        `skip`): codes, end-of-lines and the image end of its fixed walk."""
+        e = self.engine
+        t = e.tables
+        before = self._grammar.state.tolist()
+        hw = list(zip(self._grammar.h.tolist(), self._grammar.w.tolist()))
+        extra = torch.zeros_like(accepted)
+        idx = torch.tensor(verifying, device=accepted.device)
+        extra[idx] = torch.where(torch.tensor([before[i] in (CODES, END) for i in verifying], device=idx.device),
+                                 accepted[idx], 0)
+        self._grammar.skip(extra)
+        events: list[Event] = []
+        kind_rows = kinds.tolist()
+        for j, i in enumerate(verifying):
+            run = self._running[i]
+            for m, token in enumerate(emitted[i][1:], start=1):
+                kind = kind_rows[j][m]
+                h, w = hw[i]
+                row_done = kind == AHEAD_EOL if t.layout == "unirep" else (
+                    kind == AHEAD_CODE and (len(run.output.codes) + 1) % w == 0)
+                ended = kind == AHEAD_END
+                row_flags = {"active": True, "started": False, "row_done": row_done, "ended": ended,
+                             "stopped": False, "truncated": False, "in_image": True}
+                events += run.output.feed(token, END if ended else CODES, row_flags, (h, w))
+        return events
+
+    def _next_windows(self, emitted: list[list[int]], carry: dict[int, torch.Tensor]) -> None:
+        """Each request's tokens for the next forward: its last token, then, for a speculative request
+        drawing codes, a window of drafts up to the image end (at most its speculative_window)."""
+        t = self.engine.tables
+        windows = [run.request.speculative_window if run.request.speculative else 0 for run in self._running]
+        room = max(windows)
+        lead = torch.zeros(len(windows), dtype=torch.long)
+        eol = None
+        if room:
+            kinds, _ = self._grammar.lookahead(room)
+            eol = (kinds == AHEAD_EOL).tolist()
+            lead = (kinds <= AHEAD_EOL).long().cumprod(-1).sum(-1).cpu()
+        for i, run in enumerate(self._running):
+            last = emitted[i][-1]
+            k = min(windows[i], int(lead[i]))
+            if k == 0:
+                run.feed, run.drafts, run.proposals = [last], [], None
+                continue
+            codes = [self._code_ids[c] for c in run.output.codes]
+            run.drafts, run.proposals = next_window(carry.get(i), eol[i][:k], codes, int(self._grammar.w[i]),
+                                                    run.request.speculative_init, self._uniform_codes, t.code_ids,
+                                                    t.end_of_line, run.generator)
+            run.feed = [last] + run.drafts
 
     def _remove(self, gone: list[int]) -> torch.Tensor:
         """Drop requests (indices into _running) and their rows. The rows that stay fill the first
@@ -361,15 +505,27 @@ class Guidance:
 
     def combine(self, logits: torch.Tensor, grammar: Grammar) -> torch.Tensor:
         """[rows, V] logits -> [requests, V]: each request's own, guided inside its image's codes."""
+        if not self.any:
+            return logits[self.cond]
+        return self.mix(logits, grammar.in_codes(), grammar.image_progress())
+
+    def mix(self, logits: torch.Tensor, in_codes: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+        """[rows, ..., V] logits -> [requests, ..., V], guided where in_codes [requests, ...] and the
+        image progress there is inside the request's guidance interval."""
         cond = logits[self.cond]
         if not self.any:
             return cond
-        progress = grammar.image_progress()
-        active = self.guided & grammar.in_codes() & (progress >= self.lo) & (progress < self.hi)
+        shape = (-1,) + (1,) * (in_codes.dim() - 1)
+
+        def per_request(x):
+            return x.view(shape)
+
+        active = per_request(self.guided) & in_codes & (progress >= per_request(self.lo)) & (
+            progress < per_request(self.hi))
         u = logits[self.uncond]
         m = logits[self.image_only]
-        s = self.scale[:, None]
+        s = per_request(self.scale)[..., None]
         two_way = u + s * (cond - u)
-        three = u + self.image_scale[:, None] * (m - u) + s * (cond - m)
-        guided = torch.where(self.three_way[:, None], three, two_way)
-        return torch.where(active[:, None], guided, cond)
+        three = u + per_request(self.image_scale)[..., None] * (m - u) + s * (cond - m)
+        guided = torch.where(per_request(self.three_way)[..., None], three, two_way)
+        return torch.where(active[..., None], guided, cond)

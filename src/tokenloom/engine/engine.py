@@ -21,6 +21,7 @@ from .events import Event, Finished
 from .grammar import MODES, GrammarTables
 from .request import GenerationRequest, GenerationResult, check_guidance_scale
 from .sampling import check_integer
+from .speculative import check_speculative
 
 
 class Engine:
@@ -97,6 +98,7 @@ class Engine:
                     raise ValueError(f"request {i}: a {h}x{w} image needs {self.tables.image_length(h, w)} tokens, "
                                      f"more than max_new_tokens={r.max_new_tokens}")
             check_guidance_scale(r.guidance_scale, f"request {i}: guidance_scale")
+            check_speculative(r.speculative, r.speculative_window, r.speculative_init, f"request {i}")
             if r.image_guidance_scale is not None:
                 check_guidance_scale(r.image_guidance_scale, f"request {i}: image_guidance_scale")
             if r.image_guidance_scale is not None and r.image_cond_prompt_ids is None:

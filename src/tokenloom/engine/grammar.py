@@ -24,6 +24,9 @@ from ..vocab import Vocabulary
 
 TEXT, HEIGHT, WIDTH, CODES, END, DONE = range(6)
 MODES = ("text", "image", "any")
+# What the grammar forces at a position ahead inside an image (`Grammar.lookahead`): a free code, an
+# end-of-line, the image end, or nothing known (past the image, or not in one).
+AHEAD_CODE, AHEAD_EOL, AHEAD_END, AHEAD_NONE = range(4)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class GrammarTables:
     end_of_line: int | None
     final_stop: int  # what a row in "image" mode emits after its image
     idle: int  # fed to finished rows
+    code_ids: torch.Tensor  # [C] token id of each code
 
     @classmethod
     def build(cls, vocab: Vocabulary, layout: str, flat_grid: tuple[int, int] | None, device) -> "GrammarTables":
@@ -67,7 +71,7 @@ class GrammarTables:
         return cls(layout, tuple(flat_grid) if flat_grid else None, vocab.size, text_mask.to(device),
                    vocab.code_mask.to(device), size_ids.to(device), size_value.to(device),
                    unit, torch.tensor(stops, dtype=torch.long, device=device), vocab.image_begin, vocab.image_end,
-                   vocab.end_of_line, stops[0], idle)
+                   vocab.end_of_line, stops[0], idle, torch.as_tensor(vocab.code_ids, dtype=torch.long, device=device))
 
     @property
     def max_grid(self) -> int:
@@ -187,9 +191,40 @@ class Grammar:
         done = self.row * self.w + self.col.clamp(max=self.w)
         return done.float() / (self.h * self.w).clamp(min=1).float()
 
+    def lookahead(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the next n tokens of each row drawing an image are: kinds [B, n] (AHEAD_*) and the
+        image progress [B, n] before each (as `image_progress` will say then). Inside an image the
+        grammar is a fixed walk over the grid, so this needs no advancing."""
+        j = torch.arange(n, device=self.state.device)[None]
+        h, w = self.h[:, None], self.w[:, None]
+        if self.t.layout == "unirep":  # each code row is w codes and an end-of-line
+            flat = self.row[:, None] * (w + 1) + self.col[:, None] + j
+            r, c = flat // (w + 1), flat % (w + 1)
+            kind = torch.where(c == w, AHEAD_EOL, AHEAD_CODE)
+            area = h * (w + 1)
+            done = r * w + c.clamp(max=w)
+        else:
+            flat = self.row[:, None] * w + self.col[:, None] + j
+            kind = torch.full_like(flat, AHEAD_CODE)
+            area = h * w
+            done = flat
+        kind = torch.where(flat < area, kind, torch.where(flat == area, AHEAD_END, AHEAD_NONE))
+        kind = torch.where((self.state == CODES)[:, None], kind, AHEAD_NONE)
+        kind[:, 0] = torch.where(self.state == END, AHEAD_END, kind[:, 0])
+        progress = torch.minimum(done, h * w).float() / (h * w).clamp(min=1).float()
+        return kind, progress
+
     # -- advancing --------------------------------------------------------------------------
-    def advance(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Consume one token per row; returns per-row flags describing what happened."""
+    def advance(self, tokens: torch.Tensor, where: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Consume one token per row (only rows where `where` is True, if given: the others keep their
+        state, as for rows with fewer speculative tokens accepted); returns per-row flags describing
+        what happened."""
+        if where is not None:
+            before = {name: getattr(self, name) for name in self.ROW_STATE}
+            flags = self.advance(tokens)
+            for name, old in before.items():
+                setattr(self, name, torch.where(where, getattr(self, name), old))
+            return {k: v & where for k, v in flags.items()}
         t, s = self.t, self.state
         active = s != DONE
         new = s.clone()
@@ -233,6 +268,22 @@ class Grammar:
         return {"active": active, "started": started & active, "row_done": row_done & active,
                 "ended": ended & active, "stopped": stopped & active, "truncated": truncated,
                 "in_image": in_image | (ended & active)}
+
+    def skip(self, n: torch.Tensor) -> None:
+        """Advance rows drawing an image by n [B] tokens of its fixed walk (codes, end-of-lines, the image
+        end) at once: the tokens a row accepted in a speculative step, all of which the grammar allowed."""
+        go = n > 0
+        h, w = self.h, self.w
+        row_len = w + 1 if self.t.layout == "unirep" else w
+        area = h * row_len
+        flat = self.row * row_len + self.col + n
+        at = torch.minimum(flat, area)
+        state = torch.where(flat < area, CODES, torch.where(flat == area, END, TEXT))
+        self.state = torch.where(go, state, self.state)
+        self.row = torch.where(go, at // row_len.clamp(min=1), self.row)
+        self.col = torch.where(go, at % row_len.clamp(min=1), self.col)
+        self.images_done = self.images_done + (go & (flat > area)).long()
+        self.remaining = self.remaining - n
 
     def done(self) -> torch.Tensor:
         return self.state == DONE

@@ -47,6 +47,9 @@ class GenerationRequest:
     image_cond_prompt_ids: list[int] | None = None
     seed: int | None = None  # None: fresh randomness (the seed drawn is kept in the result)
     decode_images: bool = True  # False: drawn images keep their codes only (reranked candidates)
+    speculative: str | None = None  # "jacobi": speculative Jacobi decoding of image codes (engine.speculative)
+    speculative_window: int = 16  # draft codes per step
+    speculative_init: str = "above"  # how positions new to the window are drafted
 
 
 @dataclass

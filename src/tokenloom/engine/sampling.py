@@ -118,6 +118,17 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32: the distribution `sample` draws from (softmax of the filtered, scaled logits;
+    one-hot at the argmax for temperature 0). Speculative decoding verifies drafts against it."""
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
+    scaled = filter_logits(scaled, top_k, top_p)
+    one_hot = torch.zeros_like(scaled).scatter_(-1, scaled.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, torch.softmax(scaled, dim=-1))
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """Temperature, then top-k/top-p, then Gumbel-max with one generator per row (the Hugging Face order).
