@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenloom"
 LAYERS = [
     # the pieces, and the shapes world (a domain: it knows nothing of models)
     {"document", "vocab", "text_tokenizer", "formats", "model", "vqgan", "image_processing", "checkpoint",
-     "precision", "report", "world"},
+     "precision", "report", "world", "adapters"},
     {"engine", "scoring"},  # generation
     {"pipeline"},
     {"data", "train", "convert", "evaluation", "serve"},  # what is built on the pipeline

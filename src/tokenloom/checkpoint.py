@@ -1,4 +1,4 @@
-"""Safetensors weights in the Hugging Face directory layout, and atomic file writes.
+"""Safetensors weights in the Hugging Face directory layout, and atomic file (and directory) writes.
 
 `model.safetensors`, or shards `model-00001-of-0000N.safetensors` with a
 `model.safetensors.index.json` weight map once the weights pass `max_shard_bytes`.
@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,6 +87,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `path`, renamed to `path` when the block ends
+    without error. An existing `path` is renamed aside first and deleted once the new one is in
+    place; on an error the temporary directory is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(6)
+    tmp = path.with_name(f".{path.name}.{token}.tmp")
+    aside = path.with_name(f".{path.name}.{token}.old.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, aside)
+        os.replace(tmp, path)
+    except BaseException:
+        if aside.exists() and not path.exists():
+            os.replace(aside, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _chmod(fd: int, path: Path, mode: int) -> None:

@@ -41,7 +41,8 @@ VERBS = {
                   f"{_T}:train_arguments", f"{_T}:run_train"),
     "train-vq": Verb("train a VQGAN image tokenizer on shapes-world renders from a YAML/TOML config",
                      f"{_T}:train_vq_arguments", f"{_T}:run_train_vq"),
-    "pretokenize": Verb("raw JSONL -> Parquet token shards (resumable)", f"{_T}:pretokenize_arguments",
+    "pretokenize": Verb("raw JSONL or imagefolder directories -> Parquet token shards (resumable)",
+                        f"{_T}:pretokenize_arguments",
                         f"{_T}:run_pretokenize"),
     "eval": Verb("score a model on held-out shapes-world samples (exact matches)", f"{_T}:eval_arguments",
                  f"{_T}:run_eval"),
@@ -51,6 +52,8 @@ VERBS = {
                    f"{_C}:run_expand"),
     "export": Verb("export a model to the Hugging Face Chameleon layout", f"{_C}:export_arguments",
                    f"{_C}:run_export"),
+    "merge-adapter": Verb("merge a LoRA adapter into its base model: a plain model directory (BASE ADAPTER OUT)",
+                          f"{_C}:merge_adapter_arguments", f"{_C}:run_merge_adapter"),
     "serve": Verb("an OpenAI-compatible HTTP server with a web page", "tokenloom.cli.serving:serve_arguments",
                   "tokenloom.cli.serving:run_serve"),
 }

@@ -1,4 +1,4 @@
-"""The converter verbs: convert, expand, export."""
+"""The converter verbs: convert, expand, export, merge-adapter."""
 
 from __future__ import annotations
 
@@ -83,3 +83,21 @@ def run_export(a) -> int:
     from ..convert import export
 
     return _wrote(export(a.src, a.dst, **_options(dtype=a.dtype, overwrite=a.overwrite)))
+
+
+def merge_adapter_arguments(p) -> None:
+    p.description = ("Merge a LoRA adapter (a train.trainable: lora run's final/) into the weights of the base model "
+                     "it was made for, and write a plain model directory (merged weights, tokenizers, image "
+                     "tokenizer) that loads without peft. OUT is written under a temporary name and renamed into "
+                     "place.")
+    p.add_argument("base", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", help="the adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def run_merge_adapter(a) -> int:
+    from ..convert import merge_adapter
+
+    return _wrote(merge_adapter(a.base, a.adapter, a.out, overwrite=a.overwrite, dtype=a.dtype))

@@ -11,13 +11,32 @@ from ..engine.sampling import check_integer
 from . import check_at_least
 
 MAX_PROMPTS = 10_000  # bound on --prompts-file lines
+ADAPTER_HELP = ("a LoRA adapter directory (a train.trainable: lora run's final/) made for the model, merged into "
+                "its weights")
 
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
+    p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on GPUs)")
+    speculative_args(p)
+
+
+def speculative_args(p) -> None:
+    p.add_argument("--speculative", choices=["jacobi", "off"], default=None,
+                   help="draw image codes with speculative Jacobi decoding (the same distribution in fewer "
+                        "forwards), or off (default: the model's setting)")
+    p.add_argument("--speculative-window", type=int, default=None,
+                   help="draft codes per step with --speculative jacobi (default: the model's, 16)")
+
+
+def apply_speculative(pipe, args):
+    """The model's speculative-decoding setting, overridden by --speculative / --speculative-window."""
+    fields = pipe.speculation(args.speculative, args.speculative_window)
+    pipe.config.speculative, pipe.config.speculative_window = fields["speculative"], fields["speculative_window"]
+    return pipe
 
 
 def _sampling_args(p, image: bool = False) -> None:
@@ -33,7 +52,8 @@ def _sampling_args(p, image: bool = False) -> None:
 def _load(args):
     from ..pipeline import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+    return apply_speculative(load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                                  adapter=args.adapter), args)
 
 
 def _seed(args) -> int:
@@ -59,10 +79,22 @@ def run_info(args) -> int:
     print(json.dumps({"model": {**m.to_dict(), "parameters": pipe.model.num_parameters()},
                       "vocab": {"size": pipe.vocab.size, "codebook_size": pipe.vocab.codebook_size,
                                 "max_grid_size": pipe.vocab.max_grid_size, "specials": pipe.vocab.specials},
-                      "pipeline": pipe.config.to_dict(),
+                      "pipeline": pipe.config.to_dict(), **_adapter_info(args.adapter, args.model),
                       "image_tokenizer": None if pipe.image_tokenizer is None else
                       {"downsample_factor": pipe.image_tokenizer.factor}}, indent=2, default=str))
     return 0
+
+
+def _adapter_info(adapter: str | None, model: str | None) -> dict:
+    from ..adapters import is_adapter_dir
+
+    if adapter is None and model is not None and is_adapter_dir(model):
+        adapter = model  # an adapter directory as --model: its base, with it
+    if adapter is None:
+        return {}
+    settings = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return {"adapter": {"path": str(adapter), **{k: settings.get(k) for k in ("r", "lora_alpha", "target_modules",
+                                                                           "modules_to_save")}}}
 
 
 def init_random_arguments(p) -> None:

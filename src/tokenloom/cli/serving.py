@@ -13,8 +13,11 @@ from . import check_at_least
 def serve_arguments(p) -> None:
     from ..serve.settings import ServeSettings
 
+    from .generation import ADAPTER_HELP, speculative_args
+
     d = ServeSettings()
     p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
+    p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--model-id", default=None, help="the name clients use (default: the directory's name)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
@@ -38,6 +41,7 @@ def serve_arguments(p) -> None:
                    help=f"largest request body (default: {d.max_body_bytes})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    speculative_args(p)
 
 
 def _settings(args):
@@ -47,12 +51,17 @@ def _settings(args):
     check_at_least(args, "max_queue", "preview_rows", low=0)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.speculative_window is not None:
+        from ..engine.speculative import check_speculative
+
+        check_speculative("jacobi", args.speculative_window, "above", "--speculative-window")
     if args.api_key is not None and not args.api_key.strip():
         args.api_key = None
-    return ServeSettings(model=args.model, model_id=args.model_id, device=args.device, dtype=args.dtype,
-                         max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+    return ServeSettings(model=args.model, adapter=args.adapter, model_id=args.model_id, device=args.device,
+                         dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                          preview_rows=args.preview_rows, max_candidates=args.max_candidates,
-                         max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+                         max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+                         speculative=args.speculative, speculative_window=args.speculative_window)
 
 
 def _loopback(host: str) -> bool:
@@ -65,6 +74,7 @@ def _loopback(host: str) -> bool:
 
 
 def run_serve(args) -> int:
+    from ..adapters import ADAPTER_CONFIG, is_adapter_dir
     from ..pipeline import CONFIG_NAME, torch_device, torch_dtype
     from ..serve import create_app
     from ..serve.runner import bind_socket, uvicorn_server
@@ -77,8 +87,10 @@ def run_serve(args) -> int:
         path = Path(settings.model)
         if not path.is_dir():
             raise FileNotFoundError(f"no model directory at {path}")
-        if not (path / CONFIG_NAME).exists():
+        if not (path / CONFIG_NAME).exists() and not is_adapter_dir(path):
             raise FileNotFoundError(f"{path / CONFIG_NAME} is missing: not a tokenloom model directory")
+    if settings.adapter is not None and not (Path(settings.adapter) / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{Path(settings.adapter) / ADAPTER_CONFIG} is missing: not a LoRA adapter directory")
     if args.threads is not None:
         import torch
 

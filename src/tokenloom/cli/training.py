@@ -12,11 +12,33 @@ from . import check_at_least
 
 
 # -- pretokenize ---------------------------------------------------------------------------------------------
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        sizes = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N or WxH pixels (128, 96x64), got {text!r}")
+    return sizes[0], sizes[1]
+
+
 def pretokenize_arguments(p) -> None:
-    p.description = "Raw JSONL -> Parquet shards of token ids; resumes an interrupted run."
+    p.description = ("Raw JSONL, or Hugging Face imagefolder directories of image-text pairs (metadata.jsonl "
+                     "with file_name and a text column) -> Parquet shards of token ids; resumes an interrupted run.")
     p.add_argument("model", help="pipeline directory whose tokenizers and layout to use")
     p.add_argument("out_dir", help="output directory for shards and manifest.json")
-    p.add_argument("inputs", nargs="+", help="JSONL files")
+    p.add_argument("inputs", nargs="+", help="JSONL files and imagefolder directories")
+    p.add_argument("--task", choices=("caption", "t2i", "both"), default="both",
+                   help="imagefolders: documents each image-text pair makes (caption: image -> text; t2i: text -> "
+                        "image; both, the default)")
+    p.add_argument("--text-column", default=None,
+                   help="imagefolders: the metadata column of texts (default: text, else caption)")
+    p.add_argument("--split", default=None, help="imagefolders: read this split folder (train, test, ...)")
+    p.add_argument("--image-size", type=_image_size, default=None,
+                   help="N or WxH pixels of every image without a size of its own (JSONL parts without width/height, "
+                        "imagefolder images); default: the model's image size")
     p.add_argument("--shard-size", type=int, default=10_000, help="documents per shard")
     p.add_argument("--image-batch-size", type=int, default=32, help="images loaded and encoded together")
     p.add_argument("--skip-errors", action="store_true", help="warn about and count malformed lines")
@@ -34,7 +56,8 @@ def run_pretokenize(args) -> int:
     pipeline = Pipeline.from_pretrained(args.model, device=args.device)
     summary = pretokenize(args.inputs, pipeline, args.out_dir, shard_size=args.shard_size,
                           image_batch_size=args.image_batch_size, on_error="skip" if args.skip_errors else "raise",
-                          max_length=args.max_length, truncate=args.truncate, overwrite=args.overwrite)
+                          max_length=args.max_length, truncate=args.truncate, overwrite=args.overwrite,
+                          task=args.task, text_column=args.text_column, split=args.split, image_size=args.image_size)
     print(json.dumps({k: v for k, v in summary.items() if k != "errors"}, indent=2))
     return 0
 
@@ -50,7 +73,8 @@ def train_arguments(p) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in the output directory (default: yes)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop at this step (checkpointed; the schedule still spans train.max_steps)")
+                   help="stop at this step (checkpointed; the schedule still spans train.max_steps); with a "
+                        "'schedule' of stages, the steps of all stages together")
 
 
 def run_train(args) -> int:
@@ -143,9 +167,11 @@ def run_train_vq(args) -> int:
 # -- eval -----------------------------------------------------------------------------------------------------
 def eval_arguments(p) -> None:
     from ..world.tasks import TASKS
+    from .generation import ADAPTER_HELP, speculative_args
 
     p.description = "Score a model on held-out shapes-world samples: exact scene matches, exact text matches."
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--out", required=True, help="output directory for report.json, summary.md, samples.png, edits.png")
     p.add_argument("--n", type=int, default=200, help="samples per task (default 200)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
@@ -160,19 +186,21 @@ def eval_arguments(p) -> None:
                    help="text-to-image top-k, of single draws and of reranked candidates (default: the model's)")
     p.add_argument("--candidates", type=int, default=None,
                    help="text-to-image candidates per prompt, best kept (default: the model's; 1: no reranking)")
+    speculative_args(p)
 
 
 def run_eval(args) -> int:
     from ..engine import check_guidance_scale
     from ..evaluation import evaluate
     from ..pipeline import check_candidates, load
+    from .generation import apply_speculative
 
     check_at_least(args, "batch_size")
     if args.guidance_scale is not None:
         check_guidance_scale(args.guidance_scale, "--guidance-scale")
     if args.candidates is not None:
         check_candidates(args.candidates, "--candidates")
-    pipe = load(args.model, device=args.device)
+    pipe = apply_speculative(load(args.model, device=args.device, adapter=args.adapter), args)
     if args.guidance_scale is not None:
         pipe.config.guidance_scale = args.guidance_scale
     if args.candidates is not None:

@@ -4,6 +4,7 @@ expansion of a Hugging Face LLM, and export back to the Hugging Face Chameleon l
     convert(kind, src, dst, **options)      kind: "chameleon-meta", "chameleon-hf", "lumina-mgpt"
     expand(base, dst, codebook_size=None, vq=None, **options)
     export(src, dst, **options)             tokenloom pipeline -> HF ChameleonForConditionalGeneration
+    merge_adapter(base, adapter, dst)       a LoRA adapter merged into its base: a plain model directory
 
 Conversions stream: weights are read one tensor at a time from memory-mapped files into a model
 built on the meta device, so the peak host memory stays near one copy of the weights. Each
@@ -22,9 +23,10 @@ from .export import export_hf_chameleon
 from .liquid import expand as _expand
 from .liquid import expand_pipeline
 from .lumina import convert_lumina_mgpt, load_lumina_mgpt
+from .merge import merge_adapter
 from .profiles import PROFILES, anole_profile, chameleon_profile, liquid_profile, lumina_mgpt_profile, profile_config
 
-__all__ = ["convert", "expand", "export", "KINDS", "ConversionError", "ConversionWarning", "load_chameleon_hf",
+__all__ = ["convert", "expand", "export", "merge_adapter", "KINDS", "ConversionError", "ConversionWarning", "load_chameleon_hf",
            "load_chameleon_meta", "load_lumina_mgpt", "expand_pipeline", "export_hf_chameleon", "PROFILES",
            "profile_config", "chameleon_profile", "anole_profile", "lumina_mgpt_profile", "liquid_profile"]
 

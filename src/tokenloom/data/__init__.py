@@ -5,6 +5,7 @@ from .packing import (
     PAD_DOCUMENT,
     BatchLoader,
     LengthBucketSampler,
+    MixtureSampler,
     ShardDataset,
     collate,
     context_dropout,
@@ -16,7 +17,7 @@ from .pretokenize import pretokenize, read_manifest
 from .raw import DataError, DataSummary, DataWarning, RawDocument, RawImage, RawTurn, read_jsonl
 
 __all__ = [
-    "IGNORE_INDEX", "PAD_DOCUMENT", "BatchLoader", "LengthBucketSampler", "ShardDataset", "collate",
+    "IGNORE_INDEX", "PAD_DOCUMENT", "BatchLoader", "LengthBucketSampler", "MixtureSampler", "ShardDataset", "collate",
     "context_dropout", "non_pad_fraction", "pack", "plan_rows", "pretokenize", "read_manifest", "DataError",
     "DataSummary", "DataWarning", "RawDocument", "RawImage", "RawTurn", "read_jsonl",
 ]

@@ -13,6 +13,8 @@ Order is a pure function of (seed, epoch): each epoch permutes the documents, cu
 into windows of `window` documents, sorts each window by length (the bucketing) and packs it
 first-fit decreasing, then shuffles the window's rows. The sampler's position (epoch, window, row)
 is all the state there is, so a run resumed from `state_dict()` sees the same batches.
+`MixtureSampler` draws rows from several sources (shard directories) in given proportions, each
+source in that order of its own.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ShardDataset:
         self.vocab: str | None = None
         counts = []
         lengths = []
+        self.dir_starts = [0]  # document offset of each directory's first document, then the total
         for d in self.dirs:
             manifest = read_manifest(d)
             if not manifest["complete"]:
@@ -77,6 +80,7 @@ class ShardDataset:
                 lengths.append(column.to_numpy())
                 counts.append(len(column))
                 self.files.append(path)
+            self.dir_starts.append(int(sum(counts)))
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._loaded: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -272,6 +276,13 @@ class LengthBucketSampler:
                 return
             epoch, w, r = epoch + 1, 0, 0
 
+    def iter_rows(self) -> Iterator[list[int]]:
+        """Rows one at a time, the position moving past each row as it is handed out (how
+        `MixtureSampler` draws from one source while the others wait)."""
+        for position, row in self._rows():
+            self.epoch, self.window_index, self.row = position
+            yield row
+
     def __iter__(self) -> Iterator[list[list[int]]]:
         """Batches of `batch_size` rows (the last one of a non-looping pass may be smaller)."""
         batch: list[list[int]] = []
@@ -303,6 +314,95 @@ class LengthBucketSampler:
         self.epoch, self.window_index, self.row = state["epoch"], state["window"], state["row"]
 
 
+# --------------------------------------------------------------------------- mixing
+
+SOURCE_BLOCK = 1024  # row sources drawn per generator: reaching any position costs one block
+
+
+class MixtureSampler:
+    """Rows drawn from several sources in given proportions: data mixing.
+
+    `starts` are the document offsets of the sources in `lengths` (K + 1 numbers, as
+    `ShardDataset.dir_starts` gives them for one directory per source). Row r of the run comes from
+    source k with probability weights[k] / sum(weights), drawn by a generator keyed by
+    (seed, 3, r // SOURCE_BLOCK); each source's rows follow their own `LengthBucketSampler` order
+    (seeded, windowed, packed within the source: a row never mixes sources). The state is the number
+    of rows drawn and each source's position, so a resumed run draws the same rows. Weights are shares
+    of rows; with packing the rows are about equally full, so they are about shares of tokens too.
+    A source of weight 0 is never read.
+    """
+
+    def __init__(self, lengths: Sequence[int] | np.ndarray, starts: Sequence[int], weights: Sequence[float], *,
+                 seq_len: int, batch_size: int, seed: int = 0, window: int = 2048, packing: bool = True,
+                 names: Sequence[str] | None = None):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = [int(x) for x in starts]
+        weights = [float(w) for w in weights]
+        if len(starts) != len(weights) + 1 or starts[0] != 0 or starts[-1] != len(lengths):
+            raise ValueError(f"need {len(weights) + 1} source offsets from 0 to {len(lengths)}, got {starts}")
+        if any(not np.isfinite(w) or w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"weights must be >= 0 and not all 0, got {weights}")
+        self.names = list(names) if names is not None else [f"source-{k}" for k in range(len(weights))]
+        self.lengths, self.starts, self.weights = lengths, starts, weights
+        self.seq_len, self.batch_size, self.seed, self.window, self.packing = seq_len, batch_size, seed, window, packing
+        self.samplers: list[LengthBucketSampler | None] = []
+        for k, w in enumerate(weights):
+            if w == 0:
+                self.samplers.append(None)
+                continue
+            try:
+                self.samplers.append(LengthBucketSampler(lengths[starts[k]:starts[k + 1]], seq_len=seq_len,
+                                                         batch_size=batch_size, seed=seed, window=window,
+                                                         packing=packing))
+            except DataError as e:
+                raise DataError(f"source {self.names[k]!r}: {e}") from None
+        self.too_long = sum(s.too_long for s in self.samplers if s is not None)
+        self.cumulative = np.cumsum(np.asarray(weights) / sum(weights))
+        self.rows = 0  # rows drawn so far
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def source_of_row(self, r: int) -> int:
+        """The source row `r` of the run (0-based) is drawn from."""
+        block, at = divmod(r, SOURCE_BLOCK)
+        if self._block is None or self._block[0] != block:
+            u = np.random.default_rng([self.seed, 3, block]).random(SOURCE_BLOCK)
+            picks = np.minimum(np.searchsorted(self.cumulative, u, side="right"), len(self.weights) - 1)
+            self._block = (block, picks)
+        return int(self._block[1][at])
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        """Batches of `batch_size` rows of document indices into `lengths`, forever."""
+        streams = [s.iter_rows() if s is not None else None for s in self.samplers]
+        batch: list[list[int]] = []
+        while True:
+            k = self.source_of_row(self.rows)
+            row = next(streams[k])  # type: ignore[arg-type]  # a chosen source has weight > 0
+            self.rows += 1
+            batch.append([self.starts[k] + i for i in row])
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+    def _identity(self) -> dict[str, Any]:
+        return {"sources": self.names, "weights": self.weights, "documents": self.starts,
+                "tokens": int(self.lengths.sum()), "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "seed": self.seed, "window": self.window, "packing": self.packing}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "sources": [s.state_dict() if s is not None else None for s in self.samplers],
+                "identity": self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("identity") != self._identity():
+            raise DataError(f"the saved data position belongs to another data mix or sampler setting: "
+                            f"{json.dumps(state.get('identity'), sort_keys=True)} != "
+                            f"{json.dumps(self._identity(), sort_keys=True)}")
+        for sampler, saved in zip(self.samplers, state["sources"]):
+            if sampler is not None:
+                sampler.load_state_dict(saved)
+        self.rows = state["rows"]
+
+
 # --------------------------------------------------------------------------- loader
 
 
@@ -314,8 +414,9 @@ class BatchLoader:
     document (rounded up to a multiple of 8).
     """
 
-    def __init__(self, dataset: ShardDataset, sampler: LengthBucketSampler, *, pad_id: int,
-                 image_begin: int | None = None, uncond_prefix: Sequence[int] = (), context_dropout: float = 0.0):
+    def __init__(self, dataset: ShardDataset, sampler: LengthBucketSampler | MixtureSampler, *, pad_id: int,
+                 image_begin: int | None = None, uncond_prefix: Sequence[int] = (), context_dropout: float = 0.0,
+                 sources: Sequence[int] | None = None):
         if not 0.0 <= context_dropout <= 1.0:
             raise ValueError(f"context_dropout must be in [0, 1], got {context_dropout}")
         if context_dropout > 0 and image_begin is None:
@@ -323,6 +424,9 @@ class BatchLoader:
         self.dataset, self.sampler, self.pad_id = dataset, sampler, pad_id
         self.image_begin, self.uncond_prefix, self.p = image_begin, list(uncond_prefix), context_dropout
         self.batches = 0  # served so far (part of the state: it keys the dropout generator)
+        # Document offsets of the sources (K + 1): batches then carry "sources", each position's source
+        # (-1 on padding), for losses per source.
+        self.sources = None if sources is None else np.asarray(sources, dtype=np.int64)
         if sampler.too_long:
             warnings.warn(f"{sampler.too_long} of {len(dataset)} documents are longer than seq_len "
                           f"{sampler.seq_len} and are left out", stacklevel=2)
@@ -344,7 +448,17 @@ class BatchLoader:
                 longest = max(len(ids) for row in docs for ids, _ in row)
                 width = min(width, -(-longest // 8) * 8)
             self.batches += 1
-            yield collate(docs, width, self.pad_id)
+            batch = collate(docs, width, self.pad_id)
+            if self.sources is not None:
+                batch["sources"] = self._position_sources(rows, batch["document_ids"])
+            yield batch
+
+    def _position_sources(self, rows: list[list[int]], document_ids: torch.Tensor) -> torch.Tensor:
+        doc = document_ids.numpy()
+        table = np.full((len(rows), int(doc.max(initial=0)) + 1), -1, dtype=np.int64)  # [row, document] -> source
+        for b, row in enumerate(rows):
+            table[b, 1:len(row) + 1] = np.searchsorted(self.sources, row, side="right") - 1
+        return torch.from_numpy(np.take_along_axis(table, doc, axis=1))
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "batches": self.batches}

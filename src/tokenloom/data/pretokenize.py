@@ -1,4 +1,5 @@
-"""Pre-tokenization: raw JSONL -> Parquet shards of token ids and loss masks.
+"""Pre-tokenization: raw JSONL (and image-text pairs: imagefolder directories, `datasets.Dataset`
+objects, see `tokenloom.data.pairs`) -> Parquet shards of token ids and loss masks.
 
 Output directory::
 
@@ -14,7 +15,10 @@ would have. The manifest's ``complete`` flag says the whole input is done.
 
 "The same inputs" means the same bytes: the manifest records each input's path, size and SHA-256,
 so an input edited in place, even to the same size, is refused rather than continued (which would
-mix shards of the old and the new text).
+mix shards of the old and the new text). For pairs it records a fingerprint of the metadata, texts and
+image bytes, and how they were read (task, text column, image size).
+
+The manifest's counts include ``image_sizes``: how many kept images there are of each size ("WxH").
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_json
 from ..document import Document, ImagePart, TextPart, Turn
+from ..formats import resolution_prompt
 from ..image_processing import ImageLoadError, load_image
+from .pairs import PairSource, check_task, pair_documents, read_dataset, read_imagefolder
 from .raw import DataError, DataSummary, RawDocument, RawImage, check_on_error, iter_lines, parse_line, report_error
 
 MANIFEST_NAME = "manifest.json"
@@ -125,6 +131,10 @@ class _Run:
         c = manifest["counts"]
         self.summary = DataSummary(c["lines"], c["documents"], c["skipped"], list(c["errors"]))
         self.too_long, self.truncated, self.tokens = c["too_long"], c["truncated"], c["tokens"]
+        # "WxH" -> images kept at that size (what a training stage's image_size is checked against); None
+        # when a run begun by an older tokenloom, which did not count them, is resumed
+        self.image_sizes: dict[str, int] | None = c.get("image_sizes", None if manifest["shards"] else {})
+        self.default_size = s.get("image_size")  # [W, H] for images without their own size (None: the model's)
         self.pending: list[_Pending] = []
         self.pending_images = 0
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
@@ -132,8 +142,11 @@ class _Run:
     # -- counts and manifest -----------------------------------------------------------
 
     def counts(self) -> dict[str, Any]:
-        return {**self.summary.to_dict(), "too_long": self.too_long, "truncated": self.truncated,
-                "tokens": self.tokens}
+        counts = {**self.summary.to_dict(), "too_long": self.too_long, "truncated": self.truncated,
+                  "tokens": self.tokens}
+        if self.image_sizes is not None:
+            counts["image_sizes"] = dict(sorted(self.image_sizes.items()))
+        return counts
 
     def save_manifest(self, cursor: dict[str, int], complete: bool = False) -> None:
         self.manifest.update(cursor=cursor, counts=self.counts(), complete=complete)
@@ -165,7 +178,10 @@ class _Run:
             for k, raw in enumerate(item.doc.images):
                 try:
                     size = self._pixel_size(raw)
-                    pil = load_image(raw.path)
+                    if raw.path is not None:
+                        pil = load_image(raw.path)
+                    else:
+                        pil = raw.pixels() if callable(raw.pixels) else raw.pixels
                 except (ImageLoadError, ValueError) as e:
                     self._error(f"{item.where}: {e}")
                     ok[d] = False
@@ -186,7 +202,11 @@ class _Run:
     def _pixel_size(self, raw: RawImage) -> tuple[int, int]:
         if self.pipeline.image_tokenizer is None:
             raise ValueError("the pipeline has no image tokenizer, so it cannot read images")
-        h, w = self.pipeline.grid_size(raw.width, raw.height)  # validates against the layout
+        width, height = raw.width, raw.height
+        if self.default_size is not None:
+            width = self.default_size[0] if width is None else width
+            height = self.default_size[1] if height is None else height
+        h, w = self.pipeline.grid_size(width, height)  # validates against the layout
         f = self.pipeline.factor
         return w * f, h * f
 
@@ -212,6 +232,11 @@ class _Run:
         self.buffer.append((ids, mask))
         self.summary.documents += 1
         self.tokens += len(ids)
+        if self.image_sizes is not None:
+            f = self.pipeline.factor if grids else 1
+            for grid in grids:
+                key = f"{grid.shape[1] * f}x{grid.shape[0] * f}"
+                self.image_sizes[key] = self.image_sizes.get(key, 0) + 1
 
     def write_shard(self, cursor: dict[str, int], complete: bool = False) -> None:
         shards = self.manifest["shards"]
@@ -227,10 +252,10 @@ class _Run:
 _write_shard = write_shard
 
 
-def _settings(paths: list[Path], pipeline, shard_size: int, image_batch_size: int, max_length: int | None,
-              truncate: bool) -> dict[str, Any]:
-    return {
-        "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths],
+def _settings(inputs: list[_JsonlInput | _PairInput], pipeline, shard_size: int, image_batch_size: int,
+              max_length: int | None, truncate: bool, image_size: tuple[int, int] | None) -> dict[str, Any]:
+    settings = {
+        "inputs": [x.identity() for x in inputs],
         "pipeline": pipeline_fingerprint(pipeline),
         "vocab": vocab_fingerprint(pipeline.vocab),
         "vocab_size": pipeline.vocab.size,
@@ -239,6 +264,9 @@ def _settings(paths: list[Path], pipeline, shard_size: int, image_batch_size: in
         "max_length": max_length,
         "truncate": truncate,
     }
+    if image_size is not None:  # only when given, so that directories made before it existed still resume
+        settings["image_size"] = list(image_size)
+    return settings
 
 
 def _input_changes(old: Any, new: list[dict[str, Any]]) -> list[str]:
@@ -249,6 +277,12 @@ def _input_changes(old: Any, new: list[dict[str, Any]]) -> list[str]:
     for then, now in zip(old, new):
         if then.get("path") != now["path"]:
             changes.append(f"{then.get('path')} is now {now['path']}")
+        elif then.get("kind") is not None and then.get("sha256") == now.get("sha256") and then != now:
+            keys = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            changes.append(f"{now['path']} is read otherwise ({', '.join(keys)})")
+        elif then.get("kind") is not None and then != now:
+            changes.append(f"{now['path']} changed content (sha256 {str(then.get('sha256'))[:12]}... -> "
+                           f"{now['sha256'][:12]}...)")
         elif then.get("bytes") != now["bytes"]:
             changes.append(f"{now['path']} changed size ({then.get('bytes')} -> {now['bytes']} bytes)")
         elif "sha256" not in then:
@@ -282,7 +316,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def pretokenize(
-    jsonl_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    inputs: Any,
     pipeline,
     out_dir: str | os.PathLike,
     *,
@@ -293,40 +327,61 @@ def pretokenize(
     truncate: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    task: str = "both",
+    image_size: int | Sequence[int] | None = None,
+    text_column: str | None = None,
+    image_column: str = "image",
+    split: str | None = None,
 ) -> dict[str, Any]:
-    """Pre-tokenize JSONL files with `pipeline` into Parquet shards under `out_dir`.
+    """Pre-tokenize inputs with `pipeline` into Parquet shards under `out_dir`.
 
+    inputs: one or a list of JSONL files, Hugging Face imagefolder directories and `datasets.Dataset`
+    objects (`tokenloom.data.pairs`). An imagefolder or Dataset is a set of image-text pairs: `task`
+    ("caption", "t2i" or "both") says which documents each pair makes; `text_column` names the column
+    of texts (default: text, else caption), `image_column` a Dataset's column of images, `split` the
+    split folder of an imagefolder that has several. They are read and checked whole (every image
+    decoded) before anything is written.
     shard_size: documents per shard. image_batch_size: images loaded and VQ-encoded together.
     on_error: "raise" a `DataError` at the first malformed line or unreadable image, or "skip" it
     (warned and counted). max_length: longest document kept, in tokens (default: the model's
     max_position_embeddings); longer ones are skipped and counted, or cut when `truncate`.
+    image_size: N or (W, H) pixels for every image without a size of its own (JSONL parts without
+    width/height, every image of pairs); default: the pipeline's image size. The manifest counts the
+    images kept per size (``counts.image_sizes``), which a training stage's ``image_size`` is checked
+    against.
     A directory left by an interrupted run with the same inputs (the same bytes: each input's SHA-256
     is checked) and settings is resumed; one made from other inputs or settings is refused unless
     `overwrite`, which starts it over. Returns the summary of counts.
     """
     check_on_error(on_error)
-    if isinstance(jsonl_paths, (str, os.PathLike)):
-        jsonl_paths = [jsonl_paths]
-    paths = [Path(p) for p in jsonl_paths]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: no such file")
+    check_task(task)
+    if isinstance(inputs, (str, os.PathLike)) or _is_dataset(inputs):
+        inputs = [inputs]
+    inputs = list(inputs)
+    for x in inputs:
+        if not _is_dataset(x) and not Path(x).exists():
+            raise DataError(f"{x}: no such file")
     for name, value in (("shard_size", shard_size), ("image_batch_size", image_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    size = None if image_size is None else _check_image_size(pipeline, image_size)
+    # Every input is read (and an imagefolder or Dataset checked whole) before anything is written.
+    readers = [_open_input(x, fi, pipeline, on_error=on_error, task=task, size=size, text_column=text_column,
+                           image_column=image_column, split=split) for fi, x in enumerate(inputs)]
     if max_length is None:
         max_length = pipeline.model.config.max_position_embeddings
+    settings = _settings(readers, pipeline, shard_size, image_batch_size, max_length, truncate, size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp"):  # left by a run killed mid-write
         stale.unlink()
 
-    settings = _settings(paths, pipeline, shard_size, image_batch_size, max_length, truncate)
     manifest = None
     if (out_dir / MANIFEST_NAME).exists() and not overwrite:
         manifest = read_manifest(out_dir)
         if manifest["settings"] != settings:
-            changed = sorted(k for k in settings if manifest["settings"].get(k) != settings[k])
+            changed = sorted(k for k in settings.keys() | manifest["settings"].keys()
+                             if manifest["settings"].get(k) != settings.get(k))
             details = "; ".join(_input_changes(manifest["settings"].get("inputs"), settings["inputs"])
                                 if "inputs" in changed else [])
             raise DataError(f"{out_dir} holds shards made from other inputs or settings (differing: "
@@ -341,35 +396,143 @@ def pretokenize(
     # Shards past the manifest's list were written after its last save: they will be rewritten.
     run = _Run(pipeline, out_dir, manifest, on_error, image_batch_size)
     cursor = dict(manifest["cursor"])
-    sizes = [p.stat().st_size for p in paths]
-    done = sum(sizes[: cursor["file"]]) + cursor["byte"]
-    with tqdm(total=sum(sizes), initial=done, unit="B", unit_scale=True, desc="pretokenize",
+    done = sum(r.size for r in readers[: cursor["file"]])
+    if cursor["file"] < len(readers):
+        done += readers[cursor["file"]].done(cursor)
+    unit = "B" if all(isinstance(r, _JsonlInput) for r in readers) else "it"
+    with tqdm(total=sum(r.size for r in readers), initial=done, unit=unit, unit_scale=True, desc="pretokenize",
               disable=not progress) as bar:
-        for fi in range(cursor["file"], len(paths)):
-            path = paths[fi]
-            line, byte = (cursor["line"], cursor["byte"]) if fi == cursor["file"] else (0, 0)
-            for number, nbytes, raw in iter_lines(path, line, byte):
-                byte += nbytes
-                bar.update(nbytes)
-                try:
-                    doc = parse_line(raw, path, number)
-                except DataError as e:
+        for fi in range(cursor["file"], len(readers)):
+            at = (cursor["line"], cursor["byte"], cursor.get("part", 0)) if fi == cursor["file"] else (0, 0, 0)
+            for item in readers[fi].items(*at):
+                bar.update(item.progress)
+                if item.error is not None:
                     run.summary.lines += 1
-                    report_error(str(e), on_error, run.summary)
+                    report_error(item.error, on_error, run.summary)
                     continue
-                if doc is None:
+                if item.doc is None:
                     continue
-                run.summary.lines += 1
-                run.add(f"{path}:{number}", doc)
+                if item.new_line:
+                    run.summary.lines += 1
+                run.add(item.where, item.doc)
                 if run.ready():
                     run.flush()
                     if run.room() == 0:
-                        run.write_shard({"file": fi, "line": number, "byte": byte})
+                        run.write_shard(item.cursor)
                         bar.set_postfix(documents=run.summary.documents, refresh=False)
         run.flush()
-        end = {"file": len(paths), "line": 0, "byte": 0}
+        end = {"file": len(readers), "line": 0, "byte": 0}
         if run.buffer:
             run.write_shard(end, complete=True)
         else:
             run.save_manifest(end, complete=True)
     return _summary(out_dir, run.manifest)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Item:
+    """One step through an input: the progress it makes, and a document (where it is from, and the
+    cursor just past it, which a shard ending with it saves) or a malformed record's message."""
+
+    progress: int
+    where: str = ""
+    doc: RawDocument | None = None
+    cursor: dict[str, int] | None = None
+    error: str | None = None
+    new_line: bool = True  # its line's first document (a line of pairs may make two): lines count once
+
+
+class _JsonlInput:
+    """A JSONL file; the cursor is (line, byte) just past the last line done."""
+
+    def __init__(self, path: Path, index: int):
+        self.path, self.index = path, index
+        self.size = path.stat().st_size
+
+    def identity(self) -> dict[str, Any]:
+        return {"path": str(self.path.resolve()), "bytes": self.path.stat().st_size, "sha256": file_sha256(self.path)}
+
+    def done(self, cursor: dict[str, int]) -> int:
+        return cursor["byte"]
+
+    def items(self, line: int, byte: int, part: int):
+        for number, nbytes, raw in iter_lines(self.path, line, byte):
+            byte += nbytes
+            try:
+                doc = parse_line(raw, self.path, number)
+            except DataError as e:
+                yield _Item(nbytes, error=str(e))
+                continue
+            yield _Item(nbytes, f"{self.path}:{number}", doc, {"file": self.index, "line": number, "byte": byte})
+
+
+class _PairInput:
+    """Checked image-text pairs (an imagefolder or a Dataset); the cursor is (records done, documents
+    done of the next record): with task "both" a shard may end between a pair's two documents."""
+
+    def __init__(self, source: PairSource, index: int, task: str, size: tuple[int, int], caption_prompt: str,
+                 t2i_prompt: bool):
+        self.source, self.index, self.task, self.size_px = source, index, task, size
+        self.caption_prompt, self.t2i_prompt = caption_prompt, t2i_prompt
+        self.size = len(source.records)
+
+    def t2i_text(self, text: str) -> str:
+        return resolution_prompt(text, *self.size_px) if self.t2i_prompt else text
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.source.identity, "task": self.task, "image_size": list(self.size_px),
+                "caption_prompt": self.caption_prompt, "t2i_prompt": self.t2i_text("{text}")}
+
+    def done(self, cursor: dict[str, int]) -> int:
+        return cursor["line"]
+
+    def items(self, line: int, byte: int, part: int):
+        for index in range(line, len(self.source.records)):
+            pair = self.source.records[index]
+            if pair.error is not None:
+                yield _Item(1, error=pair.error)
+                part = 0
+                continue
+            docs = pair_documents(pair, self.task, size=self.size_px, caption_prompt=self.caption_prompt,
+                                  t2i_text=self.t2i_text)
+            for k in range(part, len(docs)):
+                last = k == len(docs) - 1
+                cursor = ({"file": self.index, "line": index + 1, "byte": 0} if last
+                          else {"file": self.index, "line": index, "byte": 0, "part": k + 1})
+                yield _Item(int(last), pair.where, docs[k], cursor, new_line=k == 0)
+            part = 0
+
+
+def _is_dataset(x: Any) -> bool:
+    """A `datasets.Dataset` (or DatasetDict), told apart by its columns: the library is not imported."""
+    return hasattr(x, "column_names") and not isinstance(x, (str, os.PathLike))
+
+
+def _check_image_size(pipeline, image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if (isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)):
+        raise ValueError(f"image_size must be N or (W, H) pixels, got {image_size!r}")
+    width, height = image_size
+    try:
+        pipeline.grid_size(width, height)
+    except ValueError as e:
+        raise ValueError(f"image_size {width}x{height}: {e}") from None
+    return int(width), int(height)
+
+
+def _open_input(x: Any, index: int, pipeline, *, on_error: str, task: str, size: tuple[int, int] | None,
+                text_column: str | None, image_column: str, split: str | None) -> _JsonlInput | _PairInput:
+    if not _is_dataset(x) and Path(x).is_file():
+        return _JsonlInput(Path(x), index)
+    if _is_dataset(x):
+        source = read_dataset(x, image_column=image_column, text_column=text_column, on_error=on_error)
+    else:
+        source = read_imagefolder(x, text_column=text_column, split=split, on_error=on_error)
+    if size is None:  # the model's own size, checked like a given one
+        size = _check_image_size(pipeline, (pipeline.config.image_width, pipeline.config.image_height))
+    return _PairInput(source, index, task, size, pipeline.config.caption_prompt, pipeline.config.resolution_prompt)

@@ -46,9 +46,12 @@ class DataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class RawImage:
-    path: Path  # absolute (resolved against the JSONL file's folder)
+    path: Path | None  # absolute (resolved against the JSONL file's folder); None for an image held in memory
     width: int | None = None
     height: int | None = None
+    # An image held in memory instead of a file (a `datasets.Dataset` row's): a PIL image, or a
+    # function returning one (read when the image is encoded).
+    pixels: Any = field(default=None, compare=False, repr=False)
 
 
 RawPart = TextPart | RawImage

@@ -12,9 +12,12 @@ class ServeSettings:
     """Limits and switches of `tokenloom serve` (the CLI's flags; defaults in brackets there)."""
 
     model: str | None = None  # model directory; None: the embedded default
+    adapter: str | None = None  # a LoRA adapter directory merged into the model's weights at load
     model_id: str | None = None  # name in /v1/models (default: the directory's name)
     device: str | None = None
     dtype: str | None = None
+    speculative: str | None = None  # "jacobi" or "off": override the model's speculative decoding
+    speculative_window: int | None = None
     max_batch: int = 16  # engine requests decoded together
     max_queue: int = 64  # HTTP requests admitted beyond max_batch; past it: 429
     api_key: str | None = None  # every endpoint but /health, / and /static/* needs "Authorization: Bearer KEY"

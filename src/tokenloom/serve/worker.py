@@ -48,6 +48,10 @@ class _Row:
 def model_id_for(settings: ServeSettings) -> str:
     if settings.model_id:
         return settings.model_id
+    if settings.adapter is not None:  # "base+run" for runs/x/final
+        adapter = Path(settings.adapter).resolve()
+        base = Path(settings.model).resolve().name if settings.model is not None else "default"
+        return f"{base}+{adapter.parent.name if adapter.name == 'final' else adapter.name}"
     if settings.model is not None:
         return Path(settings.model).resolve().name or "model"
     from ..pipeline import default_model_path
@@ -127,9 +131,13 @@ class EngineWorker:
             if self.pipe is None:
                 from ..pipeline import load
 
-                self.pipe = load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+                self.pipe = load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype,
+                                 adapter=self.settings.adapter)
             elif callable(self.pipe):  # a loader
                 self.pipe = self.pipe()
+            fast = self.pipe.speculation(self.settings.speculative, self.settings.speculative_window)
+            self.pipe.config.speculative, self.pipe.config.speculative_window = (fast["speculative"],
+                                                                                 fast["speculative_window"])
             self.batcher = ContinuousBatcher(self.pipe.engine, self.settings.max_batch)
         except BaseException as e:  # noqa: BLE001 - reported by /health and the CLI
             with self._lock:

@@ -251,11 +251,14 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], state
 
 def save_training_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict[str, Any], keep: int,
-                             extra: Callable[[Path], None] | None = None) -> Path:
+                             extra: Callable[[Path], None] | None = None,
+                             weights: Mapping[str, torch.Tensor] | None = None) -> Path:
     """write_checkpoint of the weights, optimizer and RNG state (and what `extra(directory)` adds).
-    Weights holding NaN or inf are a TrainError naming the step and the tensor: nothing is written."""
+    `weights`: the tensors to save as the model's (default: its whole state dict; a LoRA run saves
+    its adapter only). Weights holding NaN or inf are a TrainError naming the step and the tensor:
+    nothing is written."""
     def write(directory: Path) -> None:
-        save_weights(model.state_dict(), directory)
+        save_weights(model.state_dict() if weights is None else dict(weights), directory)
         save_optimizer(optimizer, directory)
         save_rng(directory)
         if extra is not None:

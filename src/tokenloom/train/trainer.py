@@ -3,13 +3,19 @@
 Output directory::
 
     config.json                  the resolved training config (a resumed run must match it)
-    metrics.jsonl                one JSON object per logged step ({"step", "loss", "lr", ...}) and per
-                                 evaluation ({"step", "eval_loss", ...})
+    metrics.jsonl                one JSON object per logged step ({"step", "loss", "lr", ...}; with
+                                 several training sources also "loss/<source>" and "tokens/<source>")
+                                 and per evaluation ({"step", "eval_loss", ...})
     loss.png                     train and eval loss against the step
     checkpoints/step-00000200/   model.safetensors, optimizer.safetensors + optimizer.json,
                                  rng.safetensors, state.json (written last, listing the others; the
                                  whole directory is written under a temporary name and renamed)
-    final/                       the trained pipeline (`tokenloom.load` reads it)
+    final/                       the trained pipeline (`tokenloom.load` reads it); for a LoRA run
+                                 (train.trainable: lora) a peft adapter directory instead, whose
+                                 tokenloom_adapter.json names the base (`tokenloom.adapters`)
+
+A LoRA run's checkpoints hold the adapter's weights only (the base is read again from
+model.pipeline, and resume checks that its weights are unchanged).
 
 A run is a pure function of its config: batches come from a seeded sampler whose position is
 checkpointed, the learning rate is a function of the step, and RNG states are restored, so a
@@ -34,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,14 +48,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import LoraTargetError, add_lora, base_record, is_adapter_dir, save_adapter
 from ..checkpoint import load_weights
-from ..data.packing import IGNORE_INDEX, BatchLoader, LengthBucketSampler, ShardDataset
-from ..data.pretokenize import vocab_fingerprint
+from ..data.packing import IGNORE_INDEX, BatchLoader, LengthBucketSampler, MixtureSampler, ShardDataset
+from ..data.pretokenize import MANIFEST_NAME, read_manifest, vocab_fingerprint
 from ..data.raw import DataError
 from ..model import ModelConfig, Transformer
 from ..pipeline import Pipeline, torch_dtype
@@ -56,7 +65,7 @@ from ..precision import resolve_precision
 from .common import (CHECKPOINTS, CONFIG_NAME, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable,
                      check_step, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
                      save_training_checkpoint, start_run, stopped)
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, TrainSource, config_error, load_config, train_sources
 from .plot import plot_losses
 
 __all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "param_groups",
@@ -108,11 +117,13 @@ def train_image_head_only(model: Transformer, code_mask: torch.Tensor) -> torch.
                                                                                  device=grad.device)))
 
 
-def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device,
+                 by_source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and summed z-loss (logsumexp^2) over the batch's trained positions.
 
     The output projection runs only on positions with a target: prompts, padding and document
-    ends cost no vocabulary-sized logits.
+    ends cost no vocabulary-sized logits. by_source: where the batch has "sources" (data mixing),
+    each source's summed cross-entropy is added into it (detached: logging only).
     """
     labels = batch["labels"].to(device)
     hidden = model(batch["input_ids"].to(device), document_ids=batch["document_ids"].to(device), return_hidden=True)
@@ -120,8 +131,33 @@ def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device
     logits = F.linear(hidden[keep], model.output_weight).float()  # softmax statistics in float32
     targets = labels[keep]
     lse = torch.logsumexp(logits, dim=-1)
-    ce = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-    return ce, lse.pow(2).sum()
+    per_token = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    if by_source is not None and "sources" in batch:
+        by_source.index_add_(0, batch["sources"].to(device)[keep], per_token.detach().to(by_source.dtype))
+    return per_token.sum(), lse.pow(2).sum()
+
+
+def check_sources(config: TrainConfig, prefix: str = "", label: str = "") -> list[TrainSource]:
+    """The config's training sources, each a finished shard directory, else a ConfigError naming its
+    key (with `prefix`: a schedule stage's, 'schedule[1].') and line (`label`: what to say first)."""
+    sources = train_sources(config)
+    for source, entry in zip(sources, config.data.train):
+        key = prefix + source.key + (".path" if isinstance(entry, dict) else "")
+        path = Path(source.path)
+        if not path.exists():
+            problem = "does not exist"
+        elif not path.is_dir():
+            problem = "is not a directory"
+        elif not (path / MANIFEST_NAME).is_file():
+            problem = f"is not a shard directory (no {MANIFEST_NAME}: pre-tokenize into it first)"
+        else:
+            try:
+                problem = None if read_manifest(path)["complete"] else "holds an unfinished pre-tokenization (rerun it)"
+            except (DataError, ValueError) as e:
+                problem = f"is unreadable ({e})"
+        if problem is not None:
+            raise config_error(config, key, f"{label + ': ' if label else ''}'{key}': {path} {problem}")
+    return sources
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -139,6 +175,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True):
+        if config.schedule:
+            raise ValueError("a config with a schedule runs its stages one Trainer each: use train(config)")
         self.config = config
         self.out_dir = Path(out_dir)
         c = config
@@ -147,27 +185,50 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         vocab = self.pipeline.vocab
 
-        self.train_data = ShardDataset(c.data.train)
+        self.train_sources = check_sources(c)
+        self.train_data = ShardDataset([s.path for s in self.train_sources])
         self.eval_data = ShardDataset(c.data.eval) if c.data.eval else None
         for ds in filter(None, (self.train_data, self.eval_data)):
             if ds.vocab != vocab_fingerprint(vocab):
                 raise TrainError(f"shards in {ds.dirs[0]} were made with another vocabulary than "
                                  f"the pipeline {c.model.pipeline}")
         self.pad_id = next(i for i in (vocab.pad, vocab.eos, 0) if i is not None)  # any id: padding is never read
-        sampler = LengthBucketSampler(self.train_data.lengths, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
-                                      seed=c.train.seed, window=c.data.window, packing=c.data.packing)
+        weights = [s.weight for s in self.train_sources]
+        if all(w is not None for w in weights):  # data mixing: rows from each source in proportion to its weight
+            try:
+                sampler = MixtureSampler(self.train_data.lengths, self.train_data.dir_starts, weights,
+                                         names=[s.name for s in self.train_sources], seq_len=c.data.seq_len,
+                                         batch_size=c.data.batch_size, seed=c.train.seed, window=c.data.window,
+                                         packing=c.data.packing)
+            except DataError as e:
+                raise TrainError(f"data.train: {e}") from None
+        else:  # the directories read as one set, each in proportion to its size
+            sampler = LengthBucketSampler(self.train_data.lengths, seq_len=c.data.seq_len,
+                                          batch_size=c.data.batch_size, seed=c.train.seed, window=c.data.window,
+                                          packing=c.data.packing)
+        # Several sources: batches say where each position is from, and the metrics log loss/<source>.
         self.loader = BatchLoader(self.train_data, sampler, pad_id=self.pad_id, image_begin=vocab.image_begin,
                                   uncond_prefix=self.pipeline.unconditional_prompt(),
-                                  context_dropout=c.data.context_dropout)
+                                  context_dropout=c.data.context_dropout,
+                                  sources=self.train_data.dir_starts if len(self.train_sources) > 1 else None)
 
         self.hook = None
+        self.adapter = None  # a LoRA run's PeftModel (self.model is its Transformer, adapted in place)
+        self.lora_base: dict[str, Any] | None = None  # and the base it adapts (tokenloom_adapter.json)
         weight_decay = c.optim.weight_decay
         if c.train.trainable == "image_head":
             self.hook = train_image_head_only(self.model, vocab.code_mask)
             weight_decay = 0.0  # decoupled decay would shrink the frozen rows too
+        elif c.train.trainable == "lora":
+            self.adapter = self._add_lora()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=c.optim.lr,
                                            betas=tuple(c.optim.betas), eps=c.optim.eps)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.trainable_parameters = (int(vocab.code_mask.sum()) * self.model.output_weight.shape[1]
+                                     if self.hook is not None else sum(p.numel() for p in self.trainable))
+        total = sum(p.numel() for p in self.model.parameters())
+        print(f"trainable {self.trainable_parameters:,} of {total:,} parameters "
+              f"({100 * self.trainable_parameters / total:.3g}%)", file=sys.stderr, flush=True)
         if c.data.seq_len > self.model.config.max_position_embeddings:
             warnings.warn(f"data.seq_len {c.data.seq_len} exceeds the model's max_position_embeddings "
                           f"{self.model.config.max_position_embeddings}", stacklevel=2)
@@ -204,6 +265,31 @@ class Trainer:
         pipe.model.float().train()
         return pipe
 
+    def _add_lora(self):
+        """peft's LoRA on the Transformer, its targets checked against the built model (a ConfigError
+        naming the config's line), its A matrices drawn from the run's seed."""
+        c = self.config
+        if is_adapter_dir(c.model.pipeline):
+            raise config_error(c, "model.pipeline", f"'model.pipeline' {c.model.pipeline} is an adapter directory; "
+                                                    "LoRA trains on a model directory: merge it first "
+                                                    "(tokenloom merge-adapter BASE ADAPTER OUT)")
+        self.lora_base = base_record(c.model.pipeline, self.model.config)
+        lora = c.lora
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.train.seed)
+                return add_lora(self.model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                                base=c.model.pipeline)
+        except LoraTargetError as e:
+            raise config_error(c, f"lora.{e.key}", str(e)) from None
+
+    def _checkpoint_weights(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint keeps of the model: a LoRA run's trainable tensors; None: everything."""
+        if self.adapter is None:
+            return None
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
     def _start(self, resume: bool) -> None:
         saved_config = self.out_dir / CONFIG_NAME
 
@@ -230,13 +316,26 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "positions": self.positions,
                  "scheduler": {"step": self.step}, "data": self.loader.state_dict()}
+        if self.lora_base is not None:
+            state["lora_base"] = self.lora_base["weights_fingerprint"]
         return save_training_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
-                                        self.config.train.keep_checkpoints)
+                                        self.config.train.keep_checkpoints, weights=self._checkpoint_weights())
 
     def load_checkpoint(self, path: Path) -> None:
         state = read_state(path)
         weights = load_weights(path, device=self.device)
-        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+        adapter = self._checkpoint_weights()
+        if adapter is None:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+        else:  # LoRA: the checkpoint holds the adapter; the base was loaded from model.pipeline
+            if weights.keys() != adapter.keys():
+                raise TrainError(f"cannot resume from {path}: its weights are not this run's LoRA adapter")
+            if state.get("lora_base") != self.lora_base["weights_fingerprint"]:
+                raise TrainError(f"cannot resume from {path}: the base model {self.config.model.pipeline} has other "
+                                 "weights than when the run started (its weights fingerprint differs)")
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    adapter[name].copy_(tensor)
         load_optimizer(self.optimizer, path)
         load_rng(path)
         try:
@@ -257,11 +356,18 @@ class Trainer:
         # whatever micro-batch it falls in.
         targets = sum(b["num_targets"] for b in micro)
         ce_sum = z_sum = 0.0
+        by_source = None  # summed cross-entropy per source (several sources only)
+        if self.loader.sources is not None:
+            by_source = torch.zeros(len(self.train_sources), device=self.device,
+                                    dtype=torch.float32 if self.device.type == "mps" else torch.float64)
         for batch in micro:
             if batch["num_targets"] == 0:
                 continue
             with self.autocast():
-                ce, z = token_losses(self.model, batch, self.device)
+                if by_source is None:
+                    ce, z = token_losses(self.model, batch, self.device)
+                else:
+                    ce, z = token_losses(self.model, batch, self.device, by_source)
             ((ce + c.train.z_loss * z) / targets).backward()
             ce_sum += ce.item()
             z_sum += z.item()
@@ -274,9 +380,26 @@ class Trainer:
         positions = sum(b["input_ids"].numel() for b in micro)
         self.tokens += tokens
         self.positions += positions
-        return {"step": self.step, "loss": ce_sum / max(1, targets), "z_loss": z_sum / max(1, targets), "lr": lr,
-                "grad_norm": float(norm), "tokens": tokens, "targets": targets,
-                "non_pad_fraction": tokens / max(1, positions)}
+        record = {"step": self.step, "loss": ce_sum / max(1, targets), "z_loss": z_sum / max(1, targets), "lr": lr,
+                  "grad_norm": float(norm), "tokens": tokens, "targets": targets,
+                  "non_pad_fraction": tokens / max(1, positions)}
+        if by_source is not None:
+            record.update(self._source_metrics(micro, by_source.tolist()))
+        return record
+
+    def _source_metrics(self, micro: list[dict[str, Any]], ce: list[float]) -> dict[str, Any]:
+        """loss/<source> (mean cross-entropy of the step's targets from it, where it has any) and
+        tokens/<source> (its document tokens in the step)."""
+        k = len(self.train_sources)
+        targets, tokens = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        for batch in micro:
+            sources = batch["sources"].numpy()
+            targets += np.bincount(sources[batch["labels"].numpy() != IGNORE_INDEX], minlength=k)[:k]
+            tokens += np.bincount(sources[sources >= 0], minlength=k)[:k]
+        out: dict[str, Any] = {f"loss/{s.name}": ce[i] / int(targets[i])
+                               for i, s in enumerate(self.train_sources) if targets[i]}
+        out.update({f"tokens/{s.name}": int(tokens[i]) for i, s in enumerate(self.train_sources)})
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
@@ -310,6 +433,9 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def _restart_hint(self) -> str:
+        if self.adapter is not None:  # its checkpoints hold the adapter, not a model
+            return ("optim.lr and optim.grad_clip cannot change on resume: train in a new output directory (a LoRA "
+                    "run's checkpoints hold its adapter only, so the new run trains a new adapter)")
         if self.config.model.config:  # the copy's config.json must describe the trained shape
             return RESTART + " (and the copy's config.json 'model' section set to the trained model's config)"
         return RESTART
@@ -350,7 +476,11 @@ class Trainer:
         if self.step >= c.max_steps:
             final_dir = self.out_dir / "final"
             self.model.eval()
-            self.pipeline.save_pretrained(final_dir)
+            if self.adapter is not None:
+                save_adapter(self.adapter, final_dir, self.lora_base,
+                             {"run": {"out_dir": str(self.out_dir), "step": self.step}})
+            else:
+                self.pipeline.save_pretrained(final_dir)
             self.model.train()
             self.plot()
         records = self.metrics.read()
@@ -358,7 +488,7 @@ class Trainer:
         evals = [r["eval_loss"] for r in records if "eval_loss" in r]
         latest = self.latest_checkpoint()
         return {"out_dir": str(self.out_dir), "step": self.step, "steps_this_run": self.step - start_step,
-                "precision": self.precision,
+                "precision": self.precision, "trainable_parameters": self.trainable_parameters,
                 "loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
                 "tokens": self.tokens, "non_pad_fraction": self.tokens / max(1, self.positions),
                 "seconds": time.perf_counter() - started,
@@ -374,6 +504,8 @@ def train(config: str | os.PathLike | TrainConfig | dict, out_dir: str | os.Path
     out_dir when there is one (False refuses such a directory). max_steps: stop once this step is
     reached (checkpointing there) without changing the schedule, which spans `train.max_steps`;
     a later call resumes. The trained pipeline goes to out_dir/final once train.max_steps is reached.
+    A config with a `schedule` runs its stages in order (`tokenloom.train.schedule`); max_steps then
+    counts the steps of all stages.
     """
     if isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config.to_dict(), source=config.source)
@@ -386,4 +518,8 @@ def train(config: str | os.PathLike | TrainConfig | dict, out_dir: str | os.Path
     if config.out_dir is None:
         raise ConfigError(f"{config.source or 'config'}: no output directory (set 'out_dir' or pass out_dir)")
     check_max_steps(max_steps)
+    if config.schedule:  # progressive stages, each a Trainer run of its own
+        from .schedule import run_schedule
+
+        return run_schedule(config, resume=resume, max_steps=max_steps)
     return Trainer(config, config.out_dir, resume=resume).run(max_steps)
