@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tokenloom.convert import load_chameleon_hf  # noqa: E402
-from tokenloom.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
+from tokenloom.engine import ContinuousBatcher, Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
 from tokenloom.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenloom.vocab import chameleon_image_token  # noqa: E402
 
@@ -108,18 +108,33 @@ def run_reference(hf, prompts_ids, uncond_ids, code_ids, n_codes, scale, top_k, 
     return time.perf_counter() - start
 
 
-def run_engine(engine, prompts_ids, uncond_ids, grid, scale, top_k, seed) -> float:
+def run_batch(engine, requests) -> tuple[float, int, list]:
+    """Seconds, forwards (batcher steps: one forward each) and results of one batch."""
+    batcher = ContinuousBatcher(engine, max_batch=len(requests))
+    ids = [batcher.add(r) for r in requests]
+    results, steps = {}, 0
+    start = time.perf_counter()
+    while batcher.has_work():
+        for event in batcher.step():
+            if isinstance(event, Finished):
+                results[event.row] = event.result
+        steps += 1
+    return time.perf_counter() - start, steps, [results[i] for i in ids]
+
+
+def run_engine(engine, prompts_ids, uncond_ids, grid, scale, top_k, seed, speculative=None) -> tuple[float, int]:
+    """Seconds and forwards for guided images of every prompt in one batch; `speculative`: (window, init)."""
     sampling = SamplingParams(temperature=1.0, top_k=top_k)
     n_new = grid * grid + 2  # image_begin, codes, image_end (flat layout)
+    fast = {} if speculative is None else {"speculative": "jacobi", "speculative_window": speculative[0],
+                                           "speculative_init": speculative[1]}
     reqs = [GenerationRequest(ids, mode="image", image_size=(grid, grid), max_new_tokens=n_new, image=sampling,
-                              text=sampling, guidance_scale=scale, uncond_prompt_ids=uncond_ids, seed=seed + i)
+                              text=sampling, guidance_scale=scale, uncond_prompt_ids=uncond_ids, seed=seed + i, **fast)
             for i, ids in enumerate(prompts_ids)]
-    start = time.perf_counter()
-    results = engine.generate(reqs)
-    elapsed = time.perf_counter() - start
+    elapsed, steps, results = run_batch(engine, reqs)
     for r in results:
         assert r.document.parts and r.document.parts[-1].codes.shape == (grid, grid), "malformed image"
-    return elapsed
+    return elapsed, steps
 
 
 def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -161,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    p.add_argument("--speculative-window", type=int, default=16,
+                   help="drafts per step of speculative Jacobi decoding, run beside plain decoding (0: not run)")
+    p.add_argument("--speculative-init", default="above", choices=["random", "above"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
     args = p.parse_args(argv)
@@ -199,9 +217,10 @@ def main(argv=None) -> int:
                   args.guidance_scale, args.top_k, args.seed)
 
     rows = []
+    spec = (args.speculative_window, args.speculative_init) if args.speculative_window else None
     for b in batches:
         prompts = [prompt_ids(i) for i in range(b)]
-        t_engine = run_engine(engine, prompts, uncond_ids, args.grid, args.guidance_scale, args.top_k, args.seed)
+        t_engine, steps = run_engine(engine, prompts, uncond_ids, args.grid, args.guidance_scale, args.top_k, args.seed)
         n_ref = min(b, args.ref_images or b)
         ref_prompts = [ids + [vocab.image_begin] for ids in prompts[:n_ref]]
         t_ref = run_reference(hf, ref_prompts, uncond_ids + [vocab.image_begin], code_ids, n_codes,
@@ -209,12 +228,24 @@ def main(argv=None) -> int:
         engine_tps = b * n_codes / t_engine
         ref_tps = n_ref * n_codes / t_ref
         flops = model_flops(pipe.model, 2 * b, max(len(x) for x in prompts), n_codes + 2)
-        rows.append({"batch": b, "engine_seconds": round(t_engine, 3), "engine_tokens_per_s": round(engine_tps, 1),
-                     "reference_images_timed": n_ref, "reference_seconds": round(t_ref, 3),
-                     "reference_tokens_per_s": round(ref_tps, 1), "speedup": round(engine_tps / ref_tps, 2),
-                     "engine_flops_per_s": flops / t_engine})
-        print(f"batch {b:3d}: engine {engine_tps:9.1f} tok/s   reference {ref_tps:8.1f} tok/s   "
-              f"speedup {engine_tps / ref_tps:6.2f}x", flush=True)
+        row = {"batch": b, "engine_seconds": round(t_engine, 3), "engine_tokens_per_s": round(engine_tps, 1),
+               "engine_forwards": steps, "reference_images_timed": n_ref, "reference_seconds": round(t_ref, 3),
+               "reference_tokens_per_s": round(ref_tps, 1), "speedup": round(engine_tps / ref_tps, 2),
+               "engine_flops_per_s": flops / t_engine}
+        line = (f"batch {b:3d}: engine {engine_tps:9.1f} tok/s ({steps} forwards)   reference {ref_tps:8.1f} tok/s   "
+                f"speedup {engine_tps / ref_tps:6.2f}x")
+        if spec:
+            t_spec, spec_steps = run_engine(engine, prompts, uncond_ids, args.grid, args.guidance_scale, args.top_k,
+                                            args.seed, spec)
+            spec_tps = b * n_codes / t_spec
+            row.update({"jacobi_seconds": round(t_spec, 3), "jacobi_tokens_per_s": round(spec_tps, 1),
+                        "jacobi_forwards": spec_steps, "jacobi_fewer_forwards": round(steps / spec_steps, 2),
+                        "jacobi_speedup_over_plain": round(t_engine / t_spec, 2),
+                        "jacobi_speedup": round(spec_tps / ref_tps, 2)})
+            line += (f"   jacobi {spec_tps:9.1f} tok/s ({spec_steps} forwards, {steps / spec_steps:.2f}x fewer; "
+                     f"{t_engine / t_spec:.2f}x plain, {spec_tps / ref_tps:.2f}x reference)")
+        rows.append(row)
+        print(line, flush=True)
 
     peak = matmul_peak(device, dtype)
     largest = rows[-1]
@@ -224,7 +255,8 @@ def main(argv=None) -> int:
                   "parameters": sum(p.numel() for p in pipe.model.parameters())},
         "image_grid": args.grid, "guidance_scale": args.guidance_scale, "top_k": args.top_k,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "compile": args.compile, "machine": platform.processor() or platform.machine(),
+        "compile": args.compile, "speculative": {"window": args.speculative_window, "init": args.speculative_init},
+        "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "rows": rows, "matmul_peak_flops_per_s": peak,
         "engine_fraction_of_peak_at_largest_batch": largest["engine_flops_per_s"] / peak,
     }

@@ -196,6 +196,13 @@ def _cases():
         ("eval-n-zero", ["eval", *m, "--out", "{out}/eval", "--n", "0"], "n must be in 1..5000"),
         ("eval-unknown-task", ["eval", *m, "--out", "{out}/eval", "--tasks", "dance"], "unknown task"),
         ("eval-batch-size-zero", ["eval", *m, "--out", "{out}/eval", "--batch-size", "0"], "--batch-size must be >= 1"),
+        # --- speculative decoding
+        ("speculative-window-zero", [*gen, "--speculative", "jacobi", "--speculative-window", "0"],
+         "speculative_window must be an integer in 1..63"),
+        ("speculative-window-huge", [*gen, "--speculative-window", "1000"], "speculative_window must be an integer"),
+        ("speculative-unknown", [*gen, "--speculative", "medusa"], "invalid choice: 'medusa'"),
+        ("eval-speculative-window", ["eval", *m, "--out", "{out}/eval", "--speculative-window", "-3"],
+         "speculative_window must be an integer"),
         ("unknown-verb", ["paint", "x"], "unknown verb 'paint'"),
         ("unknown-option", ["generate", "x", "--colour", "red"], "unrecognized arguments: --colour red"),
         ("missing-argument", ["ask", "{root}/good.png"], "the following arguments are required: question"),

@@ -229,3 +229,30 @@ def test_bad_speculative_settings_are_refused(pipe, field, value):
     req = dataclasses.replace(jacobi(image_request(pipe)), **{field: value})
     with pytest.raises(ValueError, match=field):
         pipe.engine.generate([req])
+
+
+def test_the_pipeline_config_and_keywords_turn_it_on(pipe):
+    """PipelineConfig.speculative reaches every request the pipeline builds; keywords override it; a
+    greedy image is the same either way."""
+    from tokenloom.pipeline import PipelineConfig
+
+    doc = pipe.user_document("a red circle")
+    assert pipe.chat_request(doc).speculative is None
+    assert pipe.chat_request(doc, speculative="jacobi", speculative_window=5).speculative_window == 5
+    old = (pipe.config.speculative, pipe.config.speculative_window)
+    try:
+        pipe.config.speculative, pipe.config.speculative_window = "jacobi", 7
+        req = pipe.chat_request(doc)
+        assert (req.speculative, req.speculative_window) == ("jacobi", 7)
+        assert pipe.chat_request(doc, speculative="off").speculative is None
+        _, draws = pipe.image_draws("a red circle", (4, 4), 2)
+        assert all(r.speculative == "jacobi" for r in draws)
+        fast = pipe.generate_images("a red circle", temperature=0, candidates=1)[0]
+    finally:
+        pipe.config.speculative, pipe.config.speculative_window = old
+    plain = pipe.generate_images("a red circle", temperature=0, candidates=1)[0]
+    assert list(fast.getdata()) == list(plain.getdata())
+    with pytest.raises(ValueError, match="speculative"):
+        PipelineConfig.from_dict({"speculative": "yes"})
+    with pytest.raises(ValueError, match="speculative_window"):
+        pipe.chat_request(doc, speculative="jacobi", speculative_window=0)

@@ -5,6 +5,9 @@ Directory layout (Hugging Face style):
     model.safetensors       (or shards + model.safetensors.index.json)
     tokenizer.json          text tokenizer
     vq.safetensors, vq_config.json   image tokenizer (VQGAN), when the model draws or reads images
+
+A LoRA adapter (`tokenloom.adapters`: what a `train.trainable: lora` run writes) loads onto its base:
+`load(base, adapter=DIR)`, or `load(DIR)`, which finds the base in DIR/tokenloom_adapter.json.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .adapters import adapter_base, apply_adapter, is_adapter_dir
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_NAME, atomic_write_json, iter_weights, save_weights, weight_files
 from .document import Document, ImagePart, TextPart, check_text
 from .engine import Engine, GenerationRequest, SamplingParams, check_guidance_scale
 from .engine.sampling import check_integer, default_image_sampling, default_text_sampling
+from .engine.speculative import check_speculative
 from .formats import Format, get_format, resolution_prompt
 from .image_processing import ImageTokenizer, check_image_size, load_image
 from .model import ModelConfig, Transformer
@@ -57,6 +62,10 @@ class PipelineConfig:
     # rates best for the prompt, both ways (tokenloom.scoring); 1 draws one image and scores nothing.
     image_candidates: int = 1
     candidate_sampling: dict = field(default_factory=dict)  # image_sampling overrides for candidates
+    # "jacobi": draw image codes with speculative Jacobi decoding (lossless: the same distribution in
+    # fewer forwards; engine.speculative), `speculative_window` drafts a step. None: one code a step.
+    speculative: str | None = None
+    speculative_window: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +80,7 @@ class PipelineConfig:
             d["flat_grid"] = tuple(d["flat_grid"])
         config = cls(**d)
         check_candidates(config.image_candidates, "image_candidates")
+        check_speculative(config.speculative, config.speculative_window, "above", "pipeline config")
         return config
 
 
@@ -143,10 +153,18 @@ class Pipeline:
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None,
+                        adapter: str | Path | None = None) -> "Pipeline":
+        """Load a model directory; `adapter`: a LoRA adapter directory made for it, merged into its
+        weights (ValueError naming the file when it was made for another base). An adapter directory
+        as `path` loads the base its tokenloom_adapter.json names, with it."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"no model directory at {path}")
+        if adapter is None and is_adapter_dir(path):
+            adapter, path = path, adapter_base(path)
+        if adapter is not None and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"no adapter directory at {adapter}")
         config_path = path / CONFIG_NAME
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path} is missing: not a tokenloom model directory")
@@ -161,6 +179,8 @@ class Pipeline:
         dtype = torch_dtype(dtype)
         with _reading(path, [p.name for p in weight_files(path)] or [WEIGHTS_NAME]):
             model = load_model(path, ModelConfig.from_dict(config["model"]), device, dtype)
+        if adapter is not None:
+            model = apply_adapter(model, adapter, path)
         vocab = Vocabulary.from_dict(config["vocab"])
         with _reading(path, ["tokenizer.json"]):
             text_tokenizer = TextTokenizer.from_pretrained(path)
@@ -279,7 +299,8 @@ class Pipeline:
     def iter_images(self, prompts: str | list[str], *, width: int | None = None, height: int | None = None,
                     guidance_scale: float | None = None, seed: int | None = None, num_images: int = 1,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    candidates: int | None = None, batch_size: int = 16, progress: bool = False):
+                    candidates: int | None = None, batch_size: int = 16, progress: bool = False,
+                    speculative: str | bool | None = None, speculative_window: int | None = None):
         """Text to image, one image at a time as each is done: yields (prompt index, image index, PIL
         image) in prompt order, so a caller can write each one before the next is drawn.
 
@@ -304,6 +325,7 @@ class Pipeline:
         grid = self.grid_size(width, height)
         per_prompt = num_images * n_candidates
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        fast = self.speculation(speculative, speculative_window)
         # Prompt i's draws are built when the batches reach them; its document is kept for reranking.
         docs: list[Document] = []
 
@@ -311,7 +333,9 @@ class Pipeline:
             for i, prompt in enumerate(prompts):
                 doc, requests = self.image_draws(prompt, grid, per_prompt,
                                                  seed=None if seed is None else seed + i * per_prompt,
-                                                 guidance_scale=guidance_scale, candidates=n_candidates, **sampling)
+                                                 guidance_scale=guidance_scale, candidates=n_candidates, **sampling,
+                                                 speculative=fast["speculative"] or "off",
+                                                 speculative_window=fast["speculative_window"])
                 docs.append(doc)
                 yield from requests
 
@@ -332,7 +356,8 @@ class Pipeline:
 
     def image_draws(self, prompt: str, grid: tuple[int, int], draws: int, *, seed: int | None = None,
                     guidance_scale: float | None = None, candidates: int = 1, temperature: float | None = None,
-                    top_k: int | None = None, top_p: float | None = None) -> tuple[Document, list[GenerationRequest]]:
+                    top_k: int | None = None, top_p: float | None = None, speculative: str | bool | None = None,
+                    speculative_window: int | None = None) -> tuple[Document, list[GenerationRequest]]:
         """The engine requests of `draws` text-to-image draws of one prompt at a (height, width) code grid
         (draw j seeded seed + j), and the prompt document reranking scores against. With candidates > 1
         the draws are sampled with candidate_sampling and keep their codes only: `best_drawn` decodes the
@@ -345,9 +370,10 @@ class Pipeline:
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance_scale(scale)
         uncond, max_new = self.unconditional_prompt(), self.format.image_length(h, w) + 1
+        fast = self.speculation(speculative, speculative_window)
         return doc, [GenerationRequest(ids, mode="image", image_size=grid, max_new_tokens=max_new, image=params,
                                        guidance_scale=scale, uncond_prompt_ids=uncond,
-                                       seed=None if seed is None else seed + j, decode_images=candidates == 1)
+                                       seed=None if seed is None else seed + j, decode_images=candidates == 1, **fast)
                      for j in range(draws)]
 
     def best_drawn(self, prompt: str, prompt_text: str, parts: list[ImagePart | None]):
@@ -367,12 +393,14 @@ class Pipeline:
                      image_temperature: float | None = None, image_top_k: int | None = None,
                      image_top_p: float | None = None, width: int | None = None, height: int | None = None,
                      text_sampling: dict | None = None, image_sampling: dict | None = None,
-                     image_size: tuple[int, int] | None = None) -> GenerationRequest:
+                     image_size: tuple[int, int] | None = None, speculative: str | bool | None = None,
+                     speculative_window: int | None = None) -> GenerationRequest:
         """One engine request for a document, with Hugging Face `generate` keyword names: `temperature`,
         `top_k`, `top_p`, `repetition_penalty` for text, `image_temperature`, `image_top_k`,
         `image_top_p` for images, `do_sample=False` for greedy decoding of both; `width` and `height`
         (pixels) or `image_size` ((height, width) codes) fix the size of drawn images. `text_sampling`
-        and `image_sampling` take the same settings as dicts (the keywords win)."""
+        and `image_sampling` take the same settings as dicts (the keywords win). `speculative`
+        ("jacobi" or "off") and `speculative_window` override the config's speculative decoding."""
         if not isinstance(document, Document):
             raise ValueError(f"expected a Document, got {type(document).__name__}")
         if do_sample is not None and not isinstance(do_sample, bool):
@@ -396,7 +424,17 @@ class Pipeline:
         return GenerationRequest(
             ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens,
             text=self.sampling("text", **text), image=self.sampling("image", **image), guidance_scale=scale,
-            uncond_prompt_ids=self.unconditional_prompt(), seed=seed)
+            uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
+            **self.speculation(speculative, speculative_window))
+
+    def speculation(self, speculative: str | bool | None = None, window: int | None = None) -> dict:
+        """The speculative-decoding fields of a request: the config's unless given ("jacobi", or
+        False / "off" for one code a step)."""
+        method = self.config.speculative if speculative is None else (
+            None if speculative in (False, "off", "none") else speculative)
+        window = self.config.speculative_window if window is None else window
+        check_speculative(method, window, "above", "speculative")
+        return {"speculative": method, "speculative_window": window}
 
     def user_document(self, prompt: str, images=()) -> Document:
         if isinstance(images, (str, Path, Image.Image)):
@@ -514,19 +552,25 @@ def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 
     return Pipeline(model, vocab, text_tokenizer, image_tokenizer, config)
 
 
-def load(path: str | Path | None = None, device=None, dtype=None, compile: bool = False) -> Pipeline:
+def load(path: str | Path | None = None, device=None, dtype=None, compile: bool = False,
+         adapter: str | Path | None = None) -> Pipeline:
     """Load a pipeline from a directory, or the embedded default model when no path is given.
+    `adapter`: a LoRA adapter directory (a `train.trainable: lora` run's final/) made for that model,
+    merged into its weights; a ValueError naming the file when it was made for another base.
     `compile`: torch.compile the engine's decode step (off by default: on CPU it does not pay)."""
-    pipe = _load_pipeline(path, device, dtype)
+    pipe = _load_pipeline(path, device, dtype, adapter)
     pipe.compile = compile
     return pipe
 
 
-def _load_pipeline(path, device, dtype) -> Pipeline:
+def _load_pipeline(path, device, dtype, adapter=None) -> Pipeline:
     if path is None:
         path = default_model_path()
     if path is not None:
-        return Pipeline.from_pretrained(path, device=device, dtype=dtype)
+        return Pipeline.from_pretrained(path, device=device, dtype=dtype, adapter=adapter)
+    if adapter is not None:
+        raise ValueError("an adapter needs its base model directory, and no embedded default model is installed: "
+                         "give the base (tokenloom.load(BASE, adapter=DIR), --model BASE --adapter DIR)")
     warnings.warn("no embedded default model is installed yet: using a small RANDOMLY INITIALISED model; "
                   "its outputs are noise", stacklevel=2)
     pipe = random_pipeline()
