@@ -134,8 +134,10 @@ def test_an_interrupted_schedule_resumes_inside_its_stage_to_the_same_losses(wor
     # A finished schedule run again trains nothing; changing a finished stage is refused.
     assert train(config, out_dir=out)["steps_this_run"] == 0
     changed = write(work, SCHEDULE.replace("optim: {lr: 3.0e-3", "optim: {lr: 2.0e-3"), "changed.yaml")
+    saved = (out / "config.json").read_text()
     with pytest.raises(TrainError, match=r"cannot resume .*s16: optim\.lr was 0\.003, now 0\.002"):
         train(changed, out_dir=out)
+    assert (out / "config.json").read_text() == saved, "a refused rerun must leave the run's config.json"
 
 
 def test_the_shards_record_their_image_sizes(work):

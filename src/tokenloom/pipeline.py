@@ -427,6 +427,12 @@ class Pipeline:
             uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
             **self.speculation(speculative, speculative_window))
 
+    def use_speculative(self, speculative: str | bool | None = None, window: int | None = None) -> "Pipeline":
+        """Set the config's speculative decoding ("jacobi", or False / "off"; None keeps it), checked."""
+        fields = self.speculation(speculative, window)
+        self.config.speculative, self.config.speculative_window = fields["speculative"], fields["speculative_window"]
+        return self
+
     def speculation(self, speculative: str | bool | None = None, window: int | None = None) -> dict:
         """The speculative-decoding fields of a request: the config's unless given ("jacobi", or
         False / "off" for one code a step)."""

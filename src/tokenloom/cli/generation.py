@@ -34,9 +34,7 @@ def speculative_args(p) -> None:
 
 def apply_speculative(pipe, args):
     """The model's speculative-decoding setting, overridden by --speculative / --speculative-window."""
-    fields = pipe.speculation(args.speculative, args.speculative_window)
-    pipe.config.speculative, pipe.config.speculative_window = fields["speculative"], fields["speculative_window"]
-    return pipe
+    return pipe.use_speculative(args.speculative, args.speculative_window)
 
 
 def _sampling_args(p, image: bool = False) -> None:

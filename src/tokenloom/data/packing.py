@@ -366,7 +366,10 @@ class MixtureSampler:
         block, at = divmod(r, SOURCE_BLOCK)
         if self._block is None or self._block[0] != block:
             u = np.random.default_rng([self.seed, 3, block]).random(SOURCE_BLOCK)
-            picks = np.minimum(np.searchsorted(self.cumulative, u, side="right"), len(self.weights) - 1)
+            # Float round-off can leave u past the last cumulative share: that row goes to the last source
+            # with a positive weight (a weight-0 source is never read).
+            last = max(k for k, w in enumerate(self.weights) if w > 0)
+            picks = np.minimum(np.searchsorted(self.cumulative, u, side="right"), last)
             self._block = (block, picks)
         return int(self._block[1][at])
 

@@ -48,9 +48,18 @@ class _Row:
 def model_id_for(settings: ServeSettings) -> str:
     if settings.model_id:
         return settings.model_id
-    if settings.adapter is not None:  # "base+run" for runs/x/final
-        adapter = Path(settings.adapter).resolve()
-        base = Path(settings.model).resolve().name if settings.model is not None else "default"
+    from ..adapters import adapter_base, is_adapter_dir
+
+    adapter, model = settings.adapter, settings.model
+    if adapter is None and model is not None and is_adapter_dir(model):  # an adapter as --model: its base, with it
+        adapter, model = model, None
+        try:
+            model = str(adapter_base(adapter))
+        except (OSError, ValueError):
+            pass
+    if adapter is not None:  # "base+run" for runs/x/final
+        adapter = Path(adapter).resolve()
+        base = Path(model).resolve().name if model is not None else "default"
         return f"{base}+{adapter.parent.name if adapter.name == 'final' else adapter.name}"
     if settings.model is not None:
         return Path(settings.model).resolve().name or "model"
@@ -135,9 +144,7 @@ class EngineWorker:
                                  adapter=self.settings.adapter)
             elif callable(self.pipe):  # a loader
                 self.pipe = self.pipe()
-            fast = self.pipe.speculation(self.settings.speculative, self.settings.speculative_window)
-            self.pipe.config.speculative, self.pipe.config.speculative_window = (fast["speculative"],
-                                                                                 fast["speculative_window"])
+            self.pipe.use_speculative(self.settings.speculative, self.settings.speculative_window)
             self.batcher = ContinuousBatcher(self.pipe.engine, self.settings.max_batch)
         except BaseException as e:  # noqa: BLE001 - reported by /health and the CLI
             with self._lock:

@@ -31,6 +31,7 @@ its checkpoint, and the later ones run, so the losses are those of an uninterrup
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -39,14 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_json, fsync_dir
+from ..checkpoint import atomic_directory, atomic_write_json
 from ..data.pretokenize import read_manifest, vocab_fingerprint
 from ..data.raw import DataError
 from ..pipeline import Pipeline
 from .common import CHECKPOINTS, CONFIG_NAME, METRICS_NAME, MetricsLog, TrainError, checkpoint_dirs
 from .config import STAGE_SECTIONS, TrainConfig, config_error, stage_dict
 from .plot import plot_losses
-from .trainer import Trainer, check_sources
+from .trainer import Trainer, check_same_run, check_sources
 
 __all__ = ["Stage", "check_stages", "run_schedule", "schedule_stages"]
 
@@ -157,14 +158,25 @@ def _check_image_sizes(config: TrainConfig, stage: Stage, label: str, size_key: 
 
 
 def _install_final(source: Path, target: Path) -> None:
-    """Copy the last stage's final/ to OUT/final (through a temporary directory renamed into place)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    """Copy the last stage's final/ to OUT/final (a temporary directory renamed into place: a crash
+    leaves the old one or the new one, never neither)."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
+def _check_started_stages(out: Path, config: TrainConfig, stages: list[Stage]) -> None:
+    """A rerun may change the stages that have not started, no other: each started stage's config
+    (with its image_size) is checked before anything is written, so a refused rerun leaves OUT as it was."""
+    saved_path = out / CONFIG_NAME
+    saved = (json.loads(saved_path.read_text()).get("schedule") or []) if saved_path.exists() else []
+    new = config.to_dict().get("schedule") or []
+    for i, stage in enumerate(stages):
+        if not checkpoint_dirs(stage.out_dir / CHECKPOINTS):
+            continue
+        check_same_run(stage.out_dir, stage.config)
+        if saved and (i >= len(saved) or saved[i].get("image_size") != new[i].get("image_size")):
+            raise TrainError(f"schedule[{i}] ({stage.name}) has started in {out} at another image_size than "
+                             f"{config.source or 'this config'} gives it now (use a new output directory)")
 
 
 def _plot(out: Path, stages: list[Stage]) -> None:
@@ -193,6 +205,7 @@ def run_schedule(config: TrainConfig, resume: bool = True, max_steps: int | None
         if started:
             raise TrainError(f"{out} already holds checkpoints (of {', '.join(started)}); resume, or use a new "
                              "output directory")
+    _check_started_stages(out, config, stages)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_NAME, config.to_dict())
     started_at = time.perf_counter()

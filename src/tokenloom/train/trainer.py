@@ -66,6 +66,7 @@ from .common import (CHECKPOINTS, CONFIG_NAME, METRICS_NAME, MetricsLog, TrainEr
                      check_step, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
                      save_training_checkpoint, start_run, stopped)
 from .config import ConfigError, TrainConfig, TrainSource, config_error, load_config, train_sources
+from . import distributed
 from .plot import plot_losses
 
 __all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "param_groups",
@@ -170,14 +171,29 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_same_run(out_dir: Path, config: TrainConfig) -> None:
+    """TrainError unless `config` may resume the run in out_dir: its config.json differs from it only
+    in RESUMABLE_CHANGES."""
+    saved_config = Path(out_dir) / CONFIG_NAME
+    try:
+        previous = json.loads(saved_config.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"cannot resume {out_dir}: its {CONFIG_NAME}, the run's config, is unreadable "
+                         f"({type(e).__name__}: {e}); use a new output directory") from None
+    check_resumable(str(out_dir), _flatten(previous), _flatten(config.to_dict()), RESUMABLE_CHANGES)
+
+
 # --------------------------------------------------------------------------- trainer
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True):
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True,
+                 world: distributed.World | None = None):
         if config.schedule:
             raise ValueError("a config with a schedule runs its stages one Trainer each: use train(config)")
         self.config = config
+        self.world = world  # a run on several ranks (torchrun): FSDP2, see tokenloom.train.distributed
+        self.main = world is None or world.main  # the process that prints and writes the run's files
         self.out_dir = Path(out_dir)
         c = config
         self.pipeline = self._build_pipeline()
@@ -221,14 +237,15 @@ class Trainer:
             weight_decay = 0.0  # decoupled decay would shrink the frozen rows too
         elif c.train.trainable == "lora":
             self.adapter = self._add_lora()
+        if world is not None:
+            world.shard(self.model, head_rows=vocab.code_mask if self.hook is not None else None)
+            self.device = world.device
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=c.optim.lr,
                                            betas=tuple(c.optim.betas), eps=c.optim.eps)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.trainable_parameters = (int(vocab.code_mask.sum()) * self.model.output_weight.shape[1]
                                      if self.hook is not None else sum(p.numel() for p in self.trainable))
         total = sum(p.numel() for p in self.model.parameters())
-        print(f"trainable {self.trainable_parameters:,} of {total:,} parameters "
-              f"({100 * self.trainable_parameters / total:.3g}%)", file=sys.stderr, flush=True)
         if c.data.seq_len > self.model.config.max_position_embeddings:
             warnings.warn(f"data.seq_len {c.data.seq_len} exceeds the model's max_position_embeddings "
                           f"{self.model.config.max_position_embeddings}", stacklevel=2)
@@ -238,6 +255,9 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / METRICS_NAME)
         self.precision = resolve_precision(c.train.precision, self.device)
         self._start(resume)
+        if self.main:  # once the run is sure to start: a refused one prints its error line only
+            print(f"trainable {self.trainable_parameters:,} of {total:,} parameters "
+                  f"({100 * self.trainable_parameters / total:.3g}%)", file=sys.stderr, flush=True)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -249,7 +269,8 @@ class Trainer:
     def _build_pipeline(self) -> Pipeline:
         c = self.config
         try:
-            pipe = Pipeline.from_pretrained(c.model.pipeline, device=c.train.device)
+            # several ranks: loaded on the CPU, and each rank's shards go to its device (World.shard)
+            pipe = Pipeline.from_pretrained(c.model.pipeline, device=None if self.world else c.train.device)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{c.source or 'config'}: model.pipeline: {e}") from None
         if c.model.weights == "random":
@@ -291,18 +312,16 @@ class Trainer:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def _start(self, resume: bool) -> None:
-        saved_config = self.out_dir / CONFIG_NAME
-
         def load(path: Path) -> int:
-            try:
-                previous = json.loads(saved_config.read_text())
-            except (OSError, ValueError) as e:
-                raise TrainError(f"cannot resume {self.out_dir}: its {CONFIG_NAME}, the run's config, is unreadable "
-                                 f"({type(e).__name__}: {e}); use a new output directory") from None
-            check_resumable(str(self.out_dir), _flatten(previous), _flatten(self.config.to_dict()), RESUMABLE_CHANGES)
+            check_same_run(self.out_dir, self.config)
             self.load_checkpoint(path)
             return self.step
 
+        if self.world is not None:  # rank 0 picks the checkpoint (checking the config), every rank loads it
+            self.world.start(self.out_dir, resume, seed=self.config.train.seed, config=self.config.to_dict(),
+                             metrics=self.metrics, check=lambda path: check_same_run(self.out_dir, self.config),
+                             load=self.load_checkpoint)
+            return
         start_run(self.out_dir, resume, seed=self.config.train.seed, config=self.config.to_dict(),
                   metrics=self.metrics, load=load)
 
@@ -318,11 +337,22 @@ class Trainer:
                  "scheduler": {"step": self.step}, "data": self.loader.state_dict()}
         if self.lora_base is not None:
             state["lora_base"] = self.lora_base["weights_fingerprint"]
+        if self.world is not None:  # sharded: torch.distributed.checkpoint
+            return self.world.save_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
+                                              self.config.train.keep_checkpoints, trainable_only=self.adapter is not None)
         return save_training_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
                                         self.config.train.keep_checkpoints, weights=self._checkpoint_weights())
 
     def load_checkpoint(self, path: Path) -> None:
         state = read_state(path)
+        if self.world is not None or distributed.is_sharded(state):  # sharded, or a sharded checkpoint
+            if self.lora_base is not None and state.get("lora_base") != self.lora_base["weights_fingerprint"]:
+                raise TrainError(f"cannot resume from {path}: the base model {self.config.model.pipeline} has other "
+                                 "weights than when the run started (its weights fingerprint differs)")
+            distributed.load_checkpoint(path, state, self.model, self.optimizer, self.world,
+                                        trainable_only=self.adapter is not None)
+            self._load_position(path, state)
+            return
         weights = load_weights(path, device=self.device)
         adapter = self._checkpoint_weights()
         if adapter is None:
@@ -338,6 +368,9 @@ class Trainer:
                     adapter[name].copy_(tensor)
         load_optimizer(self.optimizer, path)
         load_rng(path)
+        self._load_position(path, state)
+
+    def _load_position(self, path: Path, state: dict[str, Any]) -> None:
         try:
             self.loader.load_state_dict(state["data"])
         except DataError as e:
@@ -363,6 +396,8 @@ class Trainer:
         for batch in micro:
             if batch["num_targets"] == 0:
                 continue
+            if self.world is not None:  # several ranks: each its rows (the loss is still over all `targets`)
+                batch = self.world.local(batch)
             with self.autocast():
                 if by_source is None:
                     ce, z = token_losses(self.model, batch, self.device)
@@ -371,7 +406,14 @@ class Trainer:
             ((ce + c.train.z_loss * z) / targets).backward()
             ce_sum += ce.item()
             z_sum += z.item()
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf)
+        max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf
+        if self.world is not None:  # the global batch's sums, and the norm over every rank's shards
+            ce_sum, z_sum = self.world.sum(ce_sum, z_sum)
+            if by_source is not None:
+                self.world.sum_(by_source)
+            norm = self.world.clip_grad_norm_(self.trainable, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         check_step(self.optimizer, self.step + 1, loss=ce_sum, z_loss=z_sum, gradient_norm=float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -417,14 +459,18 @@ class Trainer:
                 break
             if batch["num_targets"]:
                 with self.autocast():
-                    ce, _ = token_losses(self.model, batch, self.device)
+                    ce, _ = token_losses(self.model, self.world.local(batch) if self.world else batch, self.device)
                 ce_sum += ce.item()
                 targets += batch["num_targets"]
             batches += 1
         self.model.train()
+        if self.world is not None:
+            ce_sum = self.world.sum(ce_sum)[0]
         return {"step": self.step, "eval_loss": ce_sum / max(1, targets), "eval_targets": targets}
 
     def plot(self) -> None:
+        if not self.main:
+            return
         records = self.metrics.read()
         plot_losses(self.out_dir / "loss.png", [(r["step"], r["loss"]) for r in records if "loss" in r],
                     [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
@@ -448,7 +494,8 @@ class Trainer:
         torch.use_deterministic_algorithms(c.deterministic or previous)
         try:
             batches = iter(self.loader)
-            with tqdm(total=c.max_steps, initial=self.step, desc="train", disable=not c.progress) as bar:
+            with tqdm(total=c.max_steps, initial=self.step, desc="train",
+                      disable=not (c.progress and self.main)) as bar:
                 while self.step < stop:
                     t0 = time.perf_counter()
                     try:
@@ -456,13 +503,13 @@ class Trainer:
                     except TrainError as e:
                         raise stopped(e, self.latest_checkpoint(), self._restart_hint()) from None
                     record["seconds"] = time.perf_counter() - t0
-                    if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    if (self.step % c.log_every == 0 or self.step == c.max_steps) and self.main:
                         self.metrics.write(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                     if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.max_steps:
                         evaluation = self.evaluate()
-                        if evaluation is not None:
+                        if evaluation is not None and self.main:
                             self.metrics.write(evaluation)
                     if (c.save_every and self.step % c.save_every == 0) or self.step == stop:
                         try:
@@ -476,9 +523,11 @@ class Trainer:
         if self.step >= c.max_steps:
             final_dir = self.out_dir / "final"
             self.model.eval()
-            if self.adapter is not None:
-                save_adapter(self.adapter, final_dir, self.lora_base,
-                             {"run": {"out_dir": str(self.out_dir), "step": self.step}})
+            extra = {"run": {"out_dir": str(self.out_dir), "step": self.step}}
+            if self.world is not None:  # gathered from the shards, written by rank 0
+                self.world.save_final(final_dir, self.pipeline, self.adapter, self.lora_base, extra)
+            elif self.adapter is not None:
+                save_adapter(self.adapter, final_dir, self.lora_base, extra)
             else:
                 self.pipeline.save_pretrained(final_dir)
             self.model.train()
@@ -518,8 +567,10 @@ def train(config: str | os.PathLike | TrainConfig | dict, out_dir: str | os.Path
     if config.out_dir is None:
         raise ConfigError(f"{config.source or 'config'}: no output directory (set 'out_dir' or pass out_dir)")
     check_max_steps(max_steps)
+    distributed.check_config(config)  # several ranks: a global batch that splits evenly, before connecting
     if config.schedule:  # progressive stages, each a Trainer run of its own
         from .schedule import run_schedule
 
         return run_schedule(config, resume=resume, max_steps=max_steps)
-    return Trainer(config, config.out_dir, resume=resume).run(max_steps)
+    with distributed.launch(config) as world:  # under torchrun with several ranks: the process group
+        return Trainer(config, config.out_dir, resume=resume, world=world).run(max_steps)
