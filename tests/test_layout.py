@@ -17,7 +17,7 @@ LAYERS = [
     {"engine", "scoring"},  # generation
     {"pipeline"},
     {"data", "train", "convert", "evaluation", "serve"},  # what is built on the pipeline
-    {"cli"},
+    {"cli", "__main__"},  # __main__: python -m tokenloom (what torchrun -m tokenloom runs)
 ]
 
 

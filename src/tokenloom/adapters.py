@@ -175,15 +175,19 @@ def base_record(directory: str | Path, config: ModelConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- saving
 
 
-def save_adapter(peft_model, directory: str | Path, base: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(peft_model, directory: str | Path, base: dict[str, Any], extra: dict[str, Any] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write peft's adapter files and tokenloom_adapter.json (`base`: a `base_record`) into a temporary
-    directory renamed to `directory` (an existing one is replaced only once the new one is complete)."""
+    directory renamed to `directory` (an existing one is replaced only once the new one is complete).
+    `state_dict`: the PeftModel's tensors to take the adapter from, instead of the model's own (a
+    sharded model's, gathered)."""
     import peft
 
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         # embeddings are never LoRA targets here; "auto" would look for the base's config (on the Hub too)
-        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False, **kwargs)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template: nothing of ours
         atomic_write_json(tmp / ADAPTER_META, {"format": FORMAT, "format_version": 1, "tokenloom_version": __version__,
                                                "peft_version": peft.__version__, "base": base, **(extra or {})})

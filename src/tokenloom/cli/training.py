@@ -69,20 +69,33 @@ def train_arguments(p) -> None:
     p.description = ("Train or fine-tune a model from a YAML/TOML config; resumes from the output directory's "
                      "latest intact checkpoint.")
     p.add_argument("config", help="training config (.yaml, .yml or .toml)")
-    p.add_argument("--out-dir", default=None, help="output directory (default: the config's out_dir)")
+    p.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                   help="output directory (default: the config's out_dir)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in the output directory (default: yes)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this step (checkpointed; the schedule still spans train.max_steps); with a "
                         "'schedule' of stages, the steps of all stages together")
+    p.epilog = ("Several devices: torchrun --nproc_per_node N -m tokenloom train CONFIG --out DIR shards the model "
+                "(FSDP2) and splits each global batch (data.batch_size) over the N ranks (docs/training.md).")
 
 
 def run_train(args) -> int:
     from ..train import train
 
+    from ..train.common import TrainError
+    from ..train.config import ConfigError
+    from ..train.distributed import env_rank
+
     check_at_least(args, "max_steps")
-    summary = train(args.config, out_dir=args.out_dir, resume=args.resume, max_steps=args.max_steps)
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = train(args.config, out_dir=args.out_dir, resume=args.resume, max_steps=args.max_steps)
+    except (ConfigError, TrainError):
+        if env_rank() > 0:  # under torchrun every rank meets these alike (config, all-reduced losses): rank 0 says it
+            return 2
+        raise
+    if env_rank() == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -8,7 +8,9 @@ other file with its size, so resume can tell a complete checkpoint from a damage
 missing, truncated, or not parseable) and falls back to the newest intact one, with a warning.
 Temporary directories an interrupted run left are removed at the next start, with a warning.
 Nothing is pickled: tensors go to safetensors files, everything else to JSON; checkpoints of
-older versions (pickled optimizer.pt / rng.pt, no file list) are refused, not read.
+older versions (pickled optimizer.pt / rng.pt, no file list) are refused, not read. A run on
+several ranks writes its tensors with torch.distributed.checkpoint instead, and its state.json says
+"format": "dcp" (`train.distributed`); the rest (state.json, file list, verification) is the same.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 LEGACY_FILES = ("optimizer.pt", "rng.pt")  # pickled state of older checkpoints: refused, never read
 DAMAGED_SUFFIX = ".damaged"
+SHARDED_FORMAT = "dcp"  # state.json "format" of a checkpoint written by several ranks (`train.distributed`)
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TEMP_DIR = re.compile(r"\.(step-\d+)(\.old)?\.tmp")
 
@@ -143,9 +146,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     atomic_write_json(Path(directory) / OPTIMIZER_JSON, {"param_groups": sd["param_groups"], "state": state})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Restore what save_optimizer wrote. Tensors are read on the CPU: `load_state_dict` moves the
-    moments to their parameters' device and dtype, and keeps `step` where a fresh run has it."""
+def read_optimizer(directory: Path) -> dict[str, Any]:
+    """What save_optimizer wrote, as an optimizer state dict (keyed by parameter index, tensors on the CPU)."""
     directory = Path(directory)
     meta = json.loads((directory / OPTIMIZER_JSON).read_text())
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
@@ -153,7 +155,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = tensor
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Restore what save_optimizer wrote. Tensors are read on the CPU: `load_state_dict` moves the
+    moments to their parameters' device and dtype, and keeps `step` where a fresh run has it."""
+    optimizer.load_state_dict(read_optimizer(directory))
 
 
 def save_rng(directory: Path) -> None:
@@ -326,6 +334,10 @@ def verify_checkpoint(path: Path) -> str | None:
                 json.loads(file.read_text())
         except (ValueError, OSError) as e:
             return str(e) if name.endswith(".safetensors") else f"{name} is unreadable ({e})"
+    if state.get("format") == SHARDED_FORMAT:  # a sharded (DCP) checkpoint: its metadata and the chunks it names
+        from .distributed import verify_sharded
+
+        return verify_sharded(path)
     return None
 
 

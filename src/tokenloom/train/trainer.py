@@ -15,7 +15,10 @@ Output directory::
                                  tokenloom_adapter.json names the base (`tokenloom.adapters`)
 
 A LoRA run's checkpoints hold the adapter's weights only (the base is read again from
-model.pipeline, and resume checks that its weights are unchanged).
+model.pipeline, and resume checks that its weights are unchanged). Under torchrun with several
+ranks the model is sharded (FSDP2), each rank trains on its rows of the global batch, checkpoints
+are torch.distributed.checkpoint directories and rank 0 alone writes the files above
+(`tokenloom.train.distributed`).
 
 A run is a pure function of its config: batches come from a seeded sampler whose position is
 checkpointed, the learning rate is a function of the step, and RNG states are restored, so a
@@ -238,7 +241,7 @@ class Trainer:
         elif c.train.trainable == "lora":
             self.adapter = self._add_lora()
         if world is not None:
-            world.shard(self.model, head_rows=vocab.code_mask if self.hook is not None else None)
+            world.shard(self.model, head_only=self.hook is not None)
             self.device = world.device
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=c.optim.lr,
                                            betas=tuple(c.optim.betas), eps=c.optim.eps)
@@ -339,7 +342,8 @@ class Trainer:
             state["lora_base"] = self.lora_base["weights_fingerprint"]
         if self.world is not None:  # sharded: torch.distributed.checkpoint
             return self.world.save_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
-                                              self.config.train.keep_checkpoints, trainable_only=self.adapter is not None)
+                                              self.config.train.keep_checkpoints,
+                                              trainable_only=self.adapter is not None)
         return save_training_checkpoint(self.out_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state,
                                         self.config.train.keep_checkpoints, weights=self._checkpoint_weights())
 
