@@ -242,3 +242,14 @@ def test_the_finetune_recipe_smoke_run(tmp_path):
     assert set(report["models"]) == {"start", "fpsft", "direct"}
     assert report["models"]["fpsft"]["steps"] == report["models"]["direct"]["steps"] == 6
     assert tokenloom.load(tmp_path / "fpsft" / "final").config.image_width == 128
+
+
+def test_a_relative_output_directory_holds_its_stages(work, monkeypatch):
+    """Stage folders go under the output directory as given (relative to where the command runs), not
+    under the config file's folder."""
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    summary = train(write(work, SCHEDULE, "relative.yaml"), out_dir="rel-out", max_steps=1)
+    assert (elsewhere / "rel-out" / "s16" / "checkpoints").is_dir(), summary
+    assert not (work / "rel-out").exists()

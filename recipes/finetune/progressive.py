@@ -4,6 +4,7 @@ shapes-tiny on text to image, for the same budget: the data, both trainings and 
     python recipes/finetune/progressive.py --work runs/fpsft                  # everything (hours on a CPU)
     python recipes/finetune/progressive.py --work runs/fpsft --only data      # or fpsft, direct, compare
     python recipes/finetune/progressive.py --work runs/fpsft-smoke --smoke    # tiny sets, 2 steps a stage
+    python recipes/finetune/progressive.py --work runs/fpsft-small --scale 0.2   # a fifth: ~45 min on a CPU
 
 1. data: shapes-world text-to-image sets (`tokenloom.world.tasks.build_dataset`, t2i only) of square
    images at 64, 96 and 128 px, each drawn with a seed of its own (seeds no shapes-tiny stage used),
@@ -14,9 +15,17 @@ shapes-tiny on text to image, for the same budget: the data, both trainings and 
    the previous one's weights, the last one's model in WORK/fpsft/final;
 3. direct: direct.yaml, written to WORK/direct.yaml: 128 px from the start for the schedule's steps x
    batch x seq_len, in WORK/direct/;
-4. compare: each model (the starting one, fpsft, direct) draws held-out t2i prompts at 128x128, scored
-   by parsing the drawn scene back (exact match); with each run's last eval loss on the 128 px set and
-   the document tokens it trained on: WORK/compare.json, WORK/compare.md, WORK/compare-<model>.png.
+4. compare: each model (the starting one, fpsft, direct) draws the same --n held-out t2i prompts at
+   128x128 (the new size) and at 64x64 (the old one, which fine-tuning should keep), scored by parsing
+   the drawn scene back (exact match); with each run's steps, last eval loss on the 128 px set, the
+   document tokens it trained on and its training wall time: WORK/compare.json, WORK/compare.md,
+   WORK/compare-<model>-<size>.png.
+
+--scale F (default 1) multiplies every training set's document count, every stage's max_steps and the
+direct run's steps (the sum of the scaled stages, so both runs keep the same budget); below 1 each
+stage's warmup is min(warmup, steps // 5) and both runs evaluate and checkpoint every third of the
+direct run's steps. The scale is recorded in WORK/recipe.json; a work directory built at another scale
+is refused. Measured at --scale 0.2 on two CPU cores: docs/finetuning.md.
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. --model starts
 from another model directory (default: the shipped one, read only); --device runs the pre-tokenizer's
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,7 @@ COUNTS = {64: 26000, 96: 12000, 128: 29000}
 EVAL_COUNT = 400
 SEEDS = {64: 1064, 96: 1096, 128: 1128, "eval": 2128}  # shapes-tiny's stages used seeds 0-42
 SMOKE_COUNT = 12
+COMPARE_SIZES = (128, 64)  # the new size, then the old one (the shipped model draws 64x64 by default)
 SHARD_SIZE = 5000
 RUNS = ("fpsft", "direct")
 STEPS = ("data", *RUNS, "compare")
@@ -60,7 +71,16 @@ def set_name(size: int | str) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None = None) -> dict[str, Any]:
+def set_count(size: int | str, smoke: bool = False, scale: float = 1.0) -> int:
+    """Documents in a set: the eval set's EVAL_COUNT, a training set's COUNTS x scale (SMOKE_COUNT each
+    in a smoke run)."""
+    if smoke:
+        return SMOKE_COUNT
+    return EVAL_COUNT if size == "eval" else max(1, round(COUNTS[size] * scale))
+
+
+def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None = None,
+               scale: float = 1.0) -> dict[str, Any]:
     """The raw sets (WORK/data/<set>/) and their shards (WORK/shards/<set>), each skipped when done."""
     pipe = None
     summaries = {}
@@ -70,7 +90,7 @@ def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None 
         split = "eval" if size == "eval" else "train"
         px = 128 if size == "eval" else size
         if not (data / f"{split}.jsonl").exists():
-            count = SMOKE_COUNT if smoke else (EVAL_COUNT if size == "eval" else COUNTS[size])
+            count = set_count(size, smoke, scale)
             build_dataset(data, {"t2i": count}, seed=SEEDS[size], sizes=[(px, px)], split=split)
         if pipe is None:
             if device is not None and torch.device(device).type == "cuda":  # the CPU's codes: no TF32
@@ -83,8 +103,16 @@ def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None 
 # --------------------------------------------------------------------------- configs and training
 
 
-def run_config(run: str, model: Path, smoke: bool = False, train_device: str | None = None) -> dict[str, Any]:
-    """fpsft.yaml or direct.yaml with model.pipeline set (and the smoke run's or the device's overrides)."""
+def scaled_steps(scale: float) -> list[int]:
+    """fpsft.yaml's stage steps x scale (at least 1 each); the direct run takes their sum."""
+    schedule = yaml.safe_load((HERE / "fpsft.yaml").read_text())["schedule"]
+    return [max(1, round(stage["train"]["max_steps"] * scale)) for stage in schedule]
+
+
+def run_config(run: str, model: Path, smoke: bool = False, train_device: str | None = None,
+               scale: float = 1.0) -> dict[str, Any]:
+    """fpsft.yaml or direct.yaml with model.pipeline set (and the smoke run's, the scale's or the
+    device's overrides)."""
     config = copy.deepcopy(yaml.safe_load((HERE / f"{run}.yaml").read_text()))
     config["model"]["pipeline"] = str(model)
     if train_device is not None:
@@ -99,21 +127,61 @@ def run_config(run: str, model: Path, smoke: bool = False, train_device: str | N
                 stage["train"]["max_steps"] = 2
         else:
             config["train"]["max_steps"] = 2 * stages
+    elif scale != 1.0:  # at scale 1 the configs are the yaml files' own
+        steps = scaled_steps(scale)
+        every = max(1, sum(steps) // 3)
+        config["train"].update(eval_every=min(config["train"]["eval_every"], every),
+                               save_every=min(config["train"]["save_every"], every),
+                               log_every=min(config["train"]["log_every"], max(1, min(steps) // 5)))
+        warmup = config["optim"]["warmup_steps"]
+        if "schedule" in config:
+            for stage, n in zip(config["schedule"], steps):
+                stage["train"]["max_steps"] = n
+                stage.setdefault("optim", {})["warmup_steps"] = min(warmup, max(1, n // 5))
+        else:
+            config["train"]["max_steps"] = sum(steps)
+            config["optim"]["warmup_steps"] = min(warmup, max(1, sum(steps) // 5))
     return config
 
 
-def write_config(run: str, work: Path, model: Path, smoke: bool = False, train_device: str | None = None) -> Path:
+def write_config(run: str, work: Path, model: Path, smoke: bool = False, train_device: str | None = None,
+                 scale: float = 1.0) -> Path:
     path = work / f"{run}.yaml"
+    note = " (smoke run)" if smoke else (f" at scale {scale:g}" if scale != 1.0 else "")
     path.write_text(f"# written by recipes/finetune/progressive.py from recipes/finetune/{run}.yaml"
-                    f"{' (smoke run)' if smoke else ''}; paths are relative to this folder\n"
-                    + yaml.safe_dump(run_config(run, model, smoke, train_device), sort_keys=False))
+                    f"{note}; paths are relative to this folder\n"
+                    + yaml.safe_dump(run_config(run, model, smoke, train_device, scale), sort_keys=False))
     return path
 
 
-def train_run(run: str, work: Path, model: Path, smoke: bool = False, train_device: str | None = None) -> dict:
+def train_run(run: str, work: Path, model: Path, smoke: bool = False, train_device: str | None = None,
+              scale: float = 1.0) -> dict:
+    """Train (or resume) a run; its training wall time, summed over the calls that trained steps, is kept in
+    WORK/<run>.time.json."""
     from tokenloom.train import train
 
-    return train(write_config(run, work, model, smoke, train_device), out_dir=work / run)
+    # An absolute out_dir: a schedule's stage directories under a relative one are resolved again against
+    # the config's folder (WORK/WORK/fpsft/s64), where compare does not look.
+    summary = train(write_config(run, work, model, smoke, train_device, scale), out_dir=(work / run).resolve())
+    timing = work / f"{run}.time.json"
+    record = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "calls": []}
+    if summary["steps_this_run"]:
+        record["seconds"] += summary["seconds"]
+        record["calls"].append({"steps": summary["steps_this_run"], "seconds": summary["seconds"]})
+        timing.write_text(json.dumps(record, indent=2))
+    return summary
+
+
+def check_work(work: Path, smoke: bool, scale: float) -> None:
+    """Record the work directory's scale in WORK/recipe.json; refuse one recorded at another."""
+    path = work / "recipe.json"
+    want = {"smoke": smoke, "scale": scale}
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise SystemExit(f"{work} was made with {have}, not {want}: use another --work")
+    else:
+        path.write_text(json.dumps(want) + "\n")
 
 
 # --------------------------------------------------------------------------- comparison
@@ -140,9 +208,13 @@ def run_record(work: Path, run: str) -> dict[str, Any] | None:
     for d, state in zip(dirs, states):
         curve += [(offset + r["step"], r["eval_loss"]) for r in MetricsLog(d / "metrics.jsonl").read() if "eval_loss" in r]
         offset += state["step"]
+    timing = work / f"{run}.time.json"
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+    step_seconds = sorted(r["seconds"] for d in dirs for r in MetricsLog(d / "metrics.jsonl").read() if "seconds" in r)
     return {"steps": sum(s["step"] for s in states), "tokens": sum(s["tokens"] for s in states),
             "positions": sum(s["positions"] for s in states), "eval_loss": evals[-1] if evals else None,
-            "eval_curve": curve}
+            "eval_curve": curve, "train_seconds": seconds,
+            "step_seconds_median": step_seconds[len(step_seconds) // 2] if step_seconds else None}
 
 
 def t2i_at(pipe, n: int, seed: int, size: int, candidates: int, batch_size: int = 16) -> tuple[dict, list]:
@@ -157,14 +229,26 @@ def t2i_at(pipe, n: int, seed: int, size: int, candidates: int, batch_size: int 
     return {"t2i_exact": score, "breakdown": breakdown}, shown
 
 
+def _pct(score: float | None) -> str:
+    return "" if score is None else f"{100 * score:.1f}%"
+
+
+def _objects(breakdown: dict[str, float]) -> str:
+    return " / ".join(f"{100 * breakdown[f'objects_{k}']:.0f}" for k in (1, 2, 3) if f"objects_{k}" in breakdown)
+
+
 def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: int = 1,
-            device: str | None = None) -> dict[str, Any]:
+            device: str | None = None, sizes: tuple[int, ...] = COMPARE_SIZES) -> dict[str, Any]:
     from tokenloom.report import image_grid
 
-    report: dict[str, Any] = {"size": "128x128", "n": n, "seed": seed, "candidates": candidates, "models": {}}
+    labels = [f"{size}x{size}" for size in sizes]
+    report: dict[str, Any] = {"sizes": labels, "n": n, "seed": seed, "candidates": candidates, "models": {}}
+    recipe = work / "recipe.json"
+    if recipe.exists():
+        report["recipe"] = json.loads(recipe.read_text())
     models = {"start": model, **{run: work / run / "final" for run in RUNS}}
     for name, path in models.items():
-        record = {"model": str(path)}
+        record: dict[str, Any] = {"model": str(path)}
         if name != "start":
             run = run_record(work, name)
             if run is None:
@@ -172,19 +256,32 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
                 continue
             record.update(run)
         pipe = tokenloom.load(path, device=device)
-        scores, shown = t2i_at(pipe, n, seed, 128, candidates)
-        record.update(scores)
-        if shown:
-            image_grid(shown[:64], columns=8).save(work / f"compare-{name}.png")
+        record["t2i"] = {}
+        for size, label in zip(sizes, labels):
+            started = time.perf_counter()
+            scores, shown = t2i_at(pipe, n, seed, size, candidates)
+            record["t2i"][label] = {**scores, "seconds": time.perf_counter() - started}
+            if shown:
+                image_grid(shown[:64], columns=8).save(work / f"compare-{name}-{size}.png")
+        record["t2i_exact"] = record["t2i"][labels[0]]["t2i_exact"]  # the first size's (128x128)
         report["models"][name] = record
     (work / "compare.json").write_text(json.dumps(report, indent=2))
+    scale = report.get("recipe", {}).get("scale", 1.0)
     lines = ["# FP-SFT (64 -> 96 -> 128) vs direct 128 px fine-tuning", "",
-             f"{n} held-out t2i prompts drawn at 128x128 (seed {seed}, {candidates} draw(s) each, the best "
-             "kept), exact scene match.", "",
-             "| model | t2i exact @128 | eval loss @128 | steps | document tokens |", "| --- | --- | --- | --- | --- |"]
+             f"{n} held-out t2i prompts (the same scenes at every size; seed {seed}, {candidates} draw(s) each, "
+             f"the best kept), exact scene match{f'; recipe at scale {scale:g}' if scale != 1.0 else ''}. "
+             "Objects: exact % of 1 / 2 / 3-object scenes.", "",
+             "| model | " + " | ".join(f"t2i exact @{s} | objects @{s}" for s in sizes)
+             + " | eval loss @128 | steps | document tokens | row positions | train time | s/step (median) |",
+             "| --- " * (2 * len(sizes) + 7) + "|"]
     for name, r in report["models"].items():
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
-        lines.append(f"| {name} | {100 * r['t2i_exact']:.1f}% | {loss} | {r.get('steps', '')} | {r.get('tokens', '')} |")
+        cells = [f"{_pct(r['t2i'][label]['t2i_exact'])} | {_objects(r['t2i'][label]['breakdown'])}" for label in labels]
+        seconds, per_step = r.get("train_seconds"), r.get("step_seconds_median")
+        wall = "" if seconds is None else f"{seconds / 60:.1f} min"
+        step = "" if per_step is None else f"{per_step:.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} | {r.get('steps', '')} | {r.get('tokens', '')} "
+                     f"| {r.get('positions', '')} | {wall} | {step} |")
     (work / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report
@@ -205,15 +302,25 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=None, help="held-out t2i prompts to compare on (default 200; "
                                                              "smoke: 4)")
     parser.add_argument("--candidates", type=int, default=1, help="t2i draws per prompt, the best kept (default 1)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the training sets' documents and every run's steps (default 1)")
     args = parser.parse_args(argv)
+    if not 0 < args.scale < float("inf"):
+        parser.error(f"--scale must be a positive number, got {args.scale}")
+    if args.smoke and args.scale != 1.0:
+        parser.error("--smoke and --scale do not combine")
     work, model = Path(args.work), Path(args.model)
     work.mkdir(parents=True, exist_ok=True)
+    check_work(work, args.smoke, args.scale)
     steps = args.only or STEPS
     if "data" in steps:
-        print(json.dumps(build_sets(work, model, args.smoke, args.device), indent=2))
+        started = time.perf_counter()
+        summaries = build_sets(work, model, args.smoke, args.device, args.scale)
+        print(json.dumps(summaries, indent=2))
+        print(f"data: {time.perf_counter() - started:.0f} s")
     for run in RUNS:
         if run in steps:
-            summary = train_run(run, work, model, args.smoke, args.train_device)
+            summary = train_run(run, work, model, args.smoke, args.train_device, args.scale)
             print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=2, default=str))
     if "compare" in steps:
         compare(work, model, n=args.n or (4 if args.smoke else 200), candidates=args.candidates, device=args.device)

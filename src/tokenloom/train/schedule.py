@@ -73,7 +73,7 @@ class Stage:
 
 def schedule_stages(config: TrainConfig, out_dir: str | os.PathLike) -> list[Stage]:
     """The stages of a config with a schedule, each a complete TrainConfig training into out_dir/<name>."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute: the stage configs resolve relative paths against the config file
     base = config.to_dict()
     stages: list[Stage] = []
     for i, entry in enumerate(config.schedule):
