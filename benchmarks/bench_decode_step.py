@@ -5,8 +5,8 @@
 1. Where the time goes: the embedded model drawing a guided 64x64 image, plain and speculative,
    profiled (cProfile): the share of the step in the model's forward, and in the engine's own
    bookkeeping (guidance, grammar, sampling, verification, events).
-2. Writing the KV cache at per-row slots: advanced-index assignment (what the engine did) against
-   scatter_ along the slot axis (what it does now), at batch 2 and 32, one token and 17 (a window).
+2. Writing the KV cache at per-row slots: advanced-index assignment (what the engine does) against
+   scatter_ along the slot axis, at batch 2 and 32, one token and 17 (a window).
 3. Weight-only int8: one Linear of each model shape with a decode step's activations (2 rows: a
    request and its guidance row) in float32, bfloat16, int8 weights through
    `torch.ops.aten._weight_int8pack_mm` (gpt-fast's weight-only int8) and `torch.ao` dynamic int8.
@@ -63,15 +63,12 @@ def profile_steps(images: int = 10) -> dict:
             pipe.engine.generate([req])
         seconds = (time.perf_counter() - t) / images
         prof.disable()
-        stats = pstats.Stats(prof).stats
-        total = sum(v[2] for v in stats.values())  # tottime of everything
-        model = sum(v[3] for k, v in stats.items() if k[2] == "forward" and k[0].endswith("tokenloom/model.py")
-                    and "Transformer" in str(k))  # noqa: E501 (never true: kept simple below)
+        stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, _, tottime, cumtime, _)
         step = next(v[3] for k, v in stats.items() if k[2] == "_decode")
+        # The outermost forward of model.py (Transformer.forward) has the largest cumulative time.
         forward = max(v[3] for k, v in stats.items() if k[2] == "forward" and k[0].endswith("model.py"))
         out[name] = {"seconds_per_image_profiled": round(seconds, 4), "forward_share_of_step": round(forward / step, 3),
                      "engine_share_of_step": round(1 - forward / step, 3)}
-        del total, model
         print(f"profile {name:6s}: {seconds * 1e3:.1f} ms an image (under cProfile); model forward "
               f"{100 * forward / step:.0f}% of the step, engine bookkeeping {100 * (1 - forward / step):.0f}%", flush=True)
     return out
