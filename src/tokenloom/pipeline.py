@@ -325,7 +325,7 @@ class Pipeline:
         grid = self.grid_size(width, height)
         per_prompt = num_images * n_candidates
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-        fast = self.speculation(speculative, speculative_window)
+        self.speculation(speculative, speculative_window)  # checked now: the draws are built as batches need them
         # Prompt i's draws are built when the batches reach them; its document is kept for reranking.
         docs: list[Document] = []
 
@@ -334,8 +334,7 @@ class Pipeline:
                 doc, requests = self.image_draws(prompt, grid, per_prompt,
                                                  seed=None if seed is None else seed + i * per_prompt,
                                                  guidance_scale=guidance_scale, candidates=n_candidates, **sampling,
-                                                 speculative=fast["speculative"] or "off",
-                                                 speculative_window=fast["speculative_window"])
+                                                 speculative=speculative, speculative_window=speculative_window)
                 docs.append(doc)
                 yield from requests
 

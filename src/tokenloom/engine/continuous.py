@@ -382,15 +382,11 @@ class ContinuousBatcher:
                        accepted: torch.Tensor) -> list[Event]:
         """Events of the tokens after each verifying request's first (those the grammar took in one
         `skip`): codes, end-of-lines and the image end of its fixed walk."""
-        e = self.engine
-        t = e.tables
-        before = self._grammar.state.tolist()
+        t = self.engine.tables
         hw = list(zip(self._grammar.h.tolist(), self._grammar.w.tolist()))
-        extra = torch.zeros_like(accepted)
-        idx = torch.tensor(verifying, device=accepted.device)
-        extra[idx] = torch.where(torch.tensor([before[i] in (CODES, END) for i in verifying], device=idx.device),
-                                 accepted[idx], 0)
-        self._grammar.skip(extra)
+        # A request's first token was a code or end-of-line (drafts never reach past the image end), so
+        # its accepted drafts are the next tokens of the walk; requests not verifying accepted none.
+        self._grammar.skip(accepted)
         events: list[Event] = []
         kind_rows = kinds.tolist()
         for j, i in enumerate(verifying):

@@ -195,18 +195,14 @@ class Grammar:
         """What the next n tokens of each row drawing an image are: kinds [B, n] (AHEAD_*) and the
         image progress [B, n] before each (as `image_progress` will say then). Inside an image the
         grammar is a fixed walk over the grid, so this needs no advancing."""
-        j = torch.arange(n, device=self.state.device)[None]
         h, w = self.h[:, None], self.w[:, None]
-        if self.t.layout == "unirep":  # each code row is w codes and an end-of-line
-            flat = self.row[:, None] * (w + 1) + self.col[:, None] + j
-            r, c = flat // (w + 1), flat % (w + 1)
+        flat, row_len, area = self._walk(torch.arange(n, device=self.state.device)[None])
+        if self.t.layout == "unirep":
+            r, c = flat // row_len, flat % row_len
             kind = torch.where(c == w, AHEAD_EOL, AHEAD_CODE)
-            area = h * (w + 1)
             done = r * w + c.clamp(max=w)
         else:
-            flat = self.row[:, None] * w + self.col[:, None] + j
             kind = torch.full_like(flat, AHEAD_CODE)
-            area = h * w
             done = flat
         kind = torch.where(flat < area, kind, torch.where(flat == area, AHEAD_END, AHEAD_NONE))
         kind = torch.where((self.state == CODES)[:, None], kind, AHEAD_NONE)
@@ -215,16 +211,8 @@ class Grammar:
         return kind, progress
 
     # -- advancing --------------------------------------------------------------------------
-    def advance(self, tokens: torch.Tensor, where: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Consume one token per row (only rows where `where` is True, if given: the others keep their
-        state, as for rows with fewer speculative tokens accepted); returns per-row flags describing
-        what happened."""
-        if where is not None:
-            before = {name: getattr(self, name) for name in self.ROW_STATE}
-            flags = self.advance(tokens)
-            for name, old in before.items():
-                setattr(self, name, torch.where(where, getattr(self, name), old))
-            return {k: v & where for k, v in flags.items()}
+    def advance(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Consume one token per row; returns per-row flags describing what happened."""
         t, s = self.t, self.state
         active = s != DONE
         new = s.clone()
@@ -273,10 +261,7 @@ class Grammar:
         """Advance rows drawing an image by n [B] tokens of its fixed walk (codes, end-of-lines, the image
         end) at once: the tokens a row accepted in a speculative step, all of which the grammar allowed."""
         go = n > 0
-        h, w = self.h, self.w
-        row_len = w + 1 if self.t.layout == "unirep" else w
-        area = h * row_len
-        flat = self.row * row_len + self.col + n
+        flat, row_len, area = self._walk(n)
         at = torch.minimum(flat, area)
         state = torch.where(flat < area, CODES, torch.where(flat == area, END, TEXT))
         self.state = torch.where(go, state, self.state)
@@ -284,6 +269,15 @@ class Grammar:
         self.col = torch.where(go, at % row_len.clamp(min=1), self.col)
         self.images_done = self.images_done + (go & (flat > area)).long()
         self.remaining = self.remaining - n
+
+    def _walk(self, ahead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each row's image walk is `ahead` tokens from now ([B] or [1, n] offsets): the index in
+        the walk, tokens a code row takes (w codes, and an end-of-line in unirep), and the walk's length
+        before the image end (broadcast as `ahead` is)."""
+        per_row = (slice(None),) + (None,) * (ahead.dim() - 1)
+        h, w, row, col = (x[per_row] for x in (self.h, self.w, self.row, self.col))
+        row_len = w + 1 if self.t.layout == "unirep" else w
+        return row * row_len + col + ahead, row_len, h * row_len
 
     def done(self) -> torch.Tensor:
         return self.state == DONE
