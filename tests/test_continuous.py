@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from tokenloom.engine import ContinuousBatcher, Finished, GenerationRequest, SamplingParams
-from tokenloom.pipeline import random_pipeline
 
 WARM = SamplingParams(temperature=1.0, top_k=20)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
 
 
 def _requests(pipe):

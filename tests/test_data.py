@@ -31,15 +31,9 @@ from tokenloom.data import (
 )
 from tokenloom.data.pretokenize import LengthWarning
 from tokenloom.document import Document, ImagePart, TextPart, Turn
-from tokenloom.pipeline import random_pipeline
 
 # The package exports the function `pretokenize`, which hides the module of the same name.
 pretokenize_module = importlib.import_module("tokenloom.data.pretokenize")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
 
 
 def write_images(folder, n=4):

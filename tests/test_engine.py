@@ -8,20 +8,9 @@ from tokenloom.document import Document, ImagePart, TextPart
 from tokenloom.engine import (Finished, GenerationRequest, ImageDone, ImageRow, ImageStarted,
                               SamplingParams, TextDelta, TurnEnd)
 from tokenloom.engine.grammar import Grammar
-from tokenloom.pipeline import random_pipeline
 
 GREEDY = SamplingParams(temperature=0.0)
 HOT = SamplingParams(temperature=1.5)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def flat_pipe():
-    return random_pipeline(seed=1, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, layout="flat")
 
 
 def prompt(pipe, text="a red circle"):

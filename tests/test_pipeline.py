@@ -8,12 +8,7 @@ import torch
 import tokenloom
 from tokenloom.checkpoint import INDEX_NAME, WEIGHTS_NAME, iter_weights, save_weights
 from tokenloom.cli import main
-from tokenloom.pipeline import Pipeline, random_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
+from tokenloom.pipeline import Pipeline
 
 
 def test_load_returns_pipeline_mapping_ids_to_logits(pipe, tmp_path):

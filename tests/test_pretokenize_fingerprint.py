@@ -8,15 +8,9 @@ import json
 import pytest
 
 from tokenloom.data import DataError, pretokenize, read_manifest
-from tokenloom.pipeline import random_pipeline
 
 pretokenize_module = importlib.import_module("tokenloom.data.pretokenize")
 KWARGS = dict(shard_size=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
 
 
 def write_corpus(path, n=7):

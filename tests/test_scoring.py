@@ -6,12 +6,7 @@ import torch
 
 import tokenloom.scoring as scoring
 from tokenloom.document import Document, ImagePart, TextPart
-from tokenloom.pipeline import PipelineConfig, random_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
+from tokenloom.pipeline import PipelineConfig
 
 
 def _codes(seed, pipe, size=(4, 4)):

@@ -17,16 +17,6 @@ GREEDY = SamplingParams(temperature=0.0)
 WARM = SamplingParams(temperature=1.0, top_k=20)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return random_pipeline(seed=0, hidden_size=64, num_layers=2, codebook_size=64, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def flat_pipe():
-    return random_pipeline(seed=1, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, layout="flat")
-
-
 def prompt(pipe, text="a red circle"):
     return pipe.chat_request(pipe.user_document(text)).prompt_ids
 
