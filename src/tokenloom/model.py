@@ -236,8 +236,8 @@ class KVCache:
         cache_positions [B, T], each row's tokens into that row's own slots; return the layer cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         if cache_positions.dim() == 2:
-            # Advanced-index assignment; the indexed view is [B, T, Hkv, D]. (scatter_ along the slot axis
-            # is 1.5-2.5x slower on CPUs: benchmarks/results/decode_step_cpu.json.)
+            # Advanced-index assignment; the indexed view is [B, T, Hkv, D]. (It beats scatter_ along the
+            # slot axis on CPUs: docs/engine.md#speed.)
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             k_cache[rows, :, cache_positions] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, cache_positions] = v.transpose(1, 2).to(v_cache.dtype)
