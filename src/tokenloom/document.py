@@ -1,9 +1,10 @@
-"""Documents: interleaved text and images, optionally split into chat turns.
+"""Documents: interleaved text, images and videos, optionally split into chat turns.
 
 A `Document` is what formats encode to token ids and decode back to. Images
-are grids of codebook indices (what the VQ tokenizer produces), so a document
-round-trips through ids without any pixels; decoded pixels may ride along on
-`ImagePart.pixels` but never take part in equality.
+are grids of codebook indices (what the VQ tokenizer produces) and a video is
+a stack of such grids of one size (its frames), so a document round-trips
+through ids without any pixels; decoded pixels may ride along on `.pixels`
+but never take part in equality.
 """
 
 from __future__ import annotations
@@ -77,17 +78,74 @@ class ImagePart:
         return f"ImagePart({self.height}x{self.width}, codes={head}{'...' if self.codes.size > 4 else ''})"
 
 
-Part = Union[TextPart, ImagePart]
+MAX_FRAMES = 64  # the most frames one video may have: a bound on what a user or client can ask for
+
+
+@dataclass(eq=False)
+class VideoPart:
+    """One video as an int64 [frames, height, width] stack of code grids: every frame the same size,
+    at least one frame. `pixels`, when decoded, is the list of PIL frames."""
+
+    codes: np.ndarray
+    pixels: Any = field(default=None, compare=False, repr=False)  # list[PIL.Image.Image] | None
+
+    def __post_init__(self) -> None:
+        codes = self.codes
+        if isinstance(codes, (list, tuple)) and codes and all(isinstance(f, ImagePart) for f in codes):
+            shapes = {f.codes.shape for f in codes}
+            if len(shapes) > 1:
+                raise ValueError(f"video frames must all be one size, got grids of shapes {sorted(shapes)}")
+            codes = np.stack([f.codes for f in codes])
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or min(codes.shape) < 1:
+            raise ValueError(f"video codes must be a non-empty [frames, height, width] stack, got shape {codes.shape}")
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"video codes must be integers, got dtype {codes.dtype}")
+        if codes.shape[0] > MAX_FRAMES:
+            raise ValueError(f"a video has at most {MAX_FRAMES} frames, got {codes.shape[0]}")
+        self.codes = codes.astype(np.int64, copy=False)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.codes.shape[2])
+
+    @property
+    def frames(self) -> list[ImagePart]:
+        """Each frame as an ImagePart (with its pixels when the video has them)."""
+        pixels = self.pixels if self.pixels is not None else [None] * self.num_frames
+        return [ImagePart(c, pixels=p) for c, p in zip(self.codes, pixels)]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VideoPart):
+            return NotImplemented
+        return self.codes.shape == other.codes.shape and bool(np.array_equal(self.codes, other.codes))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return f"VideoPart({self.num_frames} frames of {self.height}x{self.width})"
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
+VISUAL_PARTS = (ImagePart, VideoPart)
 
 
 def _as_part(part: Part | str | np.ndarray) -> Part:
     if isinstance(part, str):
         return TextPart(part)
     if isinstance(part, np.ndarray):
-        return ImagePart(part)
-    if isinstance(part, (TextPart, ImagePart)):
+        return VideoPart(part) if part.ndim == 3 else ImagePart(part)
+    if isinstance(part, (TextPart, ImagePart, VideoPart)):
         return part
-    raise TypeError(f"a part must be TextPart, ImagePart or str, got {type(part).__name__}")
+    raise TypeError(f"a part must be TextPart, ImagePart, VideoPart or str, got {type(part).__name__}")
 
 
 @dataclass
@@ -107,7 +165,7 @@ class Document:
 
     @classmethod
     def from_parts(cls, parts: Iterable[Part | str | np.ndarray], role: str | None = None) -> Document:
-        """One turn; str parts become text, 2-D arrays become images."""
+        """One turn; str parts become text, 2-D arrays images, 3-D arrays videos."""
         return cls([Turn(role, list(parts))])
 
     @classmethod
@@ -115,7 +173,7 @@ class Document:
         """Turns from (role, parts) pairs; a single part may stand for its list."""
         turns = []
         for role, parts in messages:
-            if isinstance(parts, (str, TextPart, ImagePart, np.ndarray)):
+            if isinstance(parts, (str, TextPart, ImagePart, VideoPart, np.ndarray)):
                 parts = [parts]
             turns.append(Turn(role, list(parts)))
         return cls(turns)
@@ -127,6 +185,10 @@ class Document:
     @property
     def images(self) -> list[ImagePart]:
         return [p for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def videos(self) -> list[VideoPart]:
+        return [p for p in self.parts if isinstance(p, VideoPart)]
 
     @property
     def text(self) -> str:
@@ -163,21 +225,14 @@ class Document:
         return Document(turns)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict; images become nested lists of codes (pixels are not kept)."""
-        return {
-            "turns": [
-                {
-                    "role": t.role,
-                    "parts": [
-                        {"type": "text", "text": p.text}
-                        if isinstance(p, TextPart)
-                        else {"type": "image", "codes": p.codes.tolist()}
-                        for p in t.parts
-                    ],
-                }
-                for t in self.turns
-            ]
-        }
+        """A JSON-able dict; images and videos become nested lists of codes (pixels are not kept)."""
+
+        def part(p: Part) -> dict[str, Any]:
+            if isinstance(p, TextPart):
+                return {"type": "text", "text": p.text}
+            return {"type": "image" if isinstance(p, ImagePart) else "video", "codes": p.codes.tolist()}
+
+        return {"turns": [{"role": t.role, "parts": [part(p) for p in t.parts]} for t in self.turns]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> Document:
@@ -192,6 +247,8 @@ class Document:
                     parts.append(TextPart(p["text"]))
                 elif p["type"] == "image":
                     parts.append(ImagePart(np.asarray(p["codes"], dtype=np.int64)))
+                elif p["type"] == "video":
+                    parts.append(VideoPart(np.asarray(p["codes"], dtype=np.int64)))
                 else:
                     raise ValueError(f"unknown part type {p['type']!r}")
             turns.append(Turn(t.get("role"), parts))

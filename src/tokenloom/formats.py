@@ -7,6 +7,10 @@ Image layouts
   resolution is self-describing.
 * ``flat`` (Chameleon / Anole): ``image_begin, h*w codes, image_end`` on a fixed grid (32x32).
 
+Video (both layouts, where the vocabulary has video tokens): ``video_begin, size(F)``, then each of
+the F frames as an image span of the layout (all of one size), then ``video_end``. The frame count
+is the size token whose index is F (it counts frames, not size units).
+
 Chat layout
 -----------
 ``[bos]``, then per turn: the role token (when the turn has a role and the vocabulary has that
@@ -39,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .document import Document, ImagePart, Part, TextPart, Turn
+from .document import MAX_FRAMES, Document, ImagePart, Part, TextPart, Turn, VideoPart
 from .text_tokenizer import TextTokenizer
 from .vocab import CHAT_ROLES, KIND_CODE, KIND_SIZE, KIND_TEXT, Vocabulary, VocabularyError
 
@@ -119,11 +123,77 @@ class Format:
         """Parse an image whose image_begin is at `start`; return it (or None) and the next position."""
         raise NotImplementedError
 
+    # -- videos (both layouts) -------------------------------------------------
+
+    def check_video(self, frames: int) -> None:
+        """ValueError unless this vocabulary can write a video of `frames` frames."""
+        v = self.vocab
+        if not v.has_video:
+            raise ValueError("the vocabulary has no video tokens (video_begin, video_end); "
+                             "a model gains them with `tokenloom add-modality` and learns them by training on videos")
+        most = min(MAX_FRAMES, v.max_grid_size)
+        if not 1 <= frames <= most:
+            raise ValueError(f"a video has 1 to {most} frames here, got {frames}")
+
+    def video_ids(self, codes: np.ndarray) -> list[int]:
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or 0 in codes.shape:
+            raise ValueError(f"video codes must be a non-empty [frames, height, width] stack, got shape {codes.shape}")
+        self.check_video(len(codes))
+        v = self.vocab
+        ids = [v.video_begin, v.size_token(len(codes))]
+        for frame in codes:
+            ids += self.image_ids(frame)
+        return ids + [v.video_end]
+
+    def video_length(self, frames: int, height: int, width: int) -> int:
+        """Tokens of one video, its begin and end included."""
+        return frames * self.image_length(height, width) + 3
+
+    def _parse_video(self, seq: list[int], start: int, report: _Reporter) -> tuple[VideoPart | None, int]:
+        """Parse a video whose video_begin is at `start`; return it (or None) and the next position."""
+        v = self.vocab
+        pos = start + 1
+        count = None
+        if pos < len(seq) and self._kinds[self._check_id(seq, pos)] == KIND_SIZE:
+            count = v.size_of_token(seq[pos])
+            pos += 1
+        elif pos < len(seq):
+            report(pos, f"video at {start} lacks its frame-count token")
+        frames: list[ImagePart] = []
+        closed = False
+        while pos < len(seq):
+            t = self._check_id(seq, pos)
+            if t == v.video_end:
+                pos, closed = pos + 1, True
+                break
+            if t != v.image_begin:
+                report(pos, f"video at {start} not closed by video_end (found id {t})")
+                break
+            frame, pos = self._parse_image(seq, pos, report)
+            if frame is None:
+                continue
+            if frames and frame.codes.shape != frames[0].codes.shape:
+                report(pos, f"frame of {frame.height}x{frame.width} codes in video at {start} "
+                            f"(frames {frames[0].height}x{frames[0].width}) dropped")
+                continue
+            frames.append(frame)
+        if not closed and pos >= len(seq):
+            report(pos, "sequence ends inside a video (truncated)")
+        if count is not None and len(frames) != count:
+            report(pos, f"video at {start} has {len(frames)} frames, its count token says {count}")
+        if not frames:
+            report(start, "video with no complete frame dropped")
+            return None, pos
+        return VideoPart(np.stack([f.codes for f in frames[:MAX_FRAMES]])), pos
+
     # -- encoding --------------------------------------------------------------
 
     def _part_ids(self, part: Part) -> list[int]:
         if isinstance(part, TextPart):
             return self.text_tokenizer.encode(part.text)
+        if isinstance(part, VideoPart):
+            return self.video_ids(part.codes)
         return self.image_ids(part.codes)
 
     def _require(self, role: str) -> int:
@@ -243,11 +313,12 @@ class Format:
             if t in skip:
                 pos += 1
                 continue
-            if role == "image_begin":
+            if role in ("image_begin", "video_begin"):
                 flush_text()
-                image, pos = self._parse_image(seq, pos, report)
-                if image is not None:
-                    cur.parts.append(image)
+                parse = self._parse_image if role == "image_begin" else self._parse_video
+                part, pos = parse(seq, pos, report)
+                if part is not None:
+                    cur.parts.append(part)
                 continue
             if role in CHAT_ROLES:
                 flush_text()
@@ -263,8 +334,8 @@ class Format:
                 turns.append(cur)
                 cur = _OpenTurn(None)
                 saw_turn_end = True
-            else:  # image_end, end_of_line
-                report(pos, f"stray {role} id {t} outside an image; skipped")
+            else:  # image_end, end_of_line, video_end
+                report(pos, f"stray {role} id {t} outside an {'video' if role == 'video_end' else 'image'}; skipped")
             pos += 1
         flush_text()
         if cur.role is not None or cur.parts:

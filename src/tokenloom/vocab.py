@@ -27,8 +27,11 @@ from .text_tokenizer import TextTokenizer
 
 SPECIAL_ROLES: tuple[str, ...] = (
     "bos", "eos", "pad", "image_begin", "image_end", "end_of_line",
-    "turn_end", "uncond", "user", "assistant", "system",
+    "turn_end", "uncond", "user", "assistant", "system", "video_begin", "video_end",
 )  # fmt: skip
+# Roles a vocabulary may lack: a modality beyond text and images is there only where its tokens are
+# (the shipped tokenizers of Chameleon, Anole and Lumina-mGPT have none; `expand_vocabulary` adds them).
+OPTIONAL_ROLES: tuple[str, ...] = ("video_begin", "video_end")
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 NATIVE_SPECIAL_TOKENS: dict[str, str] = {role: f"<|{role}|>" for role in SPECIAL_ROLES}
 
@@ -192,6 +195,12 @@ class Vocabulary:
     end_of_line = _special_property("end_of_line")
     turn_end = _special_property("turn_end")
     uncond = _special_property("uncond")
+    video_begin = _special_property("video_begin")
+    video_end = _special_property("video_end")
+
+    @property
+    def has_video(self) -> bool:
+        return self.video_begin is not None and self.video_end is not None
 
     def role_id(self, role: str) -> int | None:
         if role not in SPECIAL_ROLES:
@@ -321,17 +330,30 @@ class Vocabulary:
             f"max_grid_size={self.max_grid_size}, specials={sorted(self._specials)})"
         )
 
+    def with_new_specials(self, roles: Sequence[str]) -> Vocabulary:
+        """This vocabulary grown by one id per role (appended after the last id, as codes are after the
+        tokenizer's): how a model learns a new modality's markers (`tokenloom.expand`). Roles it
+        already has are an error."""
+        have = [r for r in roles if r in self._specials]
+        if have:
+            raise VocabularyError(f"the vocabulary already has {have}")
+        specials = dict(self._specials)
+        specials.update({r: self._size + k for k, r in enumerate(roles)})
+        return Vocabulary(self._size + len(roles), specials, self._code_ids, self._size_ids,
+                          size_unit=self._size_unit)
+
     # -- constructors from tokenizers ------------------------------------------
 
     @classmethod
     def native(cls, tokenizer: TextTokenizer, codebook_size: int, max_grid_size: int) -> Vocabulary:
-        """tokenloom's own layout: every native special and size token must be in the tokenizer."""
-        names = dict(NATIVE_SPECIAL_TOKENS)
+        """tokenloom's own layout: every native special and size token must be in the tokenizer (the
+        optional ones, `OPTIONAL_ROLES`, are taken where it has them)."""
+        names = {r: n for r, n in NATIVE_SPECIAL_TOKENS.items() if r not in OPTIONAL_ROLES}
         size_names = [native_size_token(n) for n in range(1, max_grid_size + 1)]
         missing = [n for n in [*names.values(), *size_names] if tokenizer.token_to_id(n) is None]
         if missing:
             raise VocabularyError(f"tokenizer lacks tokenloom tokens: {', '.join(missing[:12])}")
-        specials = {role: tokenizer.token_to_id(name) for role, name in names.items()}
+        specials = {role: tokenizer.token_to_id(name) for role, name in NATIVE_SPECIAL_TOKENS.items()}
         size_ids = [tokenizer.token_to_id(n) for n in size_names]
         return cls._append_codes(tokenizer, specials, size_ids, codebook_size)
 
