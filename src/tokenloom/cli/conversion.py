@@ -101,3 +101,21 @@ def run_merge_adapter(a) -> int:
     from ..convert import merge_adapter
 
     return _wrote(merge_adapter(a.base, a.adapter, a.out, overwrite=a.overwrite, dtype=a.dtype))
+
+
+def add_modality_arguments(p) -> None:
+    from ..modalities import MODALITY_ROLES
+
+    p.description = ("Add a modality's tokens to a model: the vocabulary grows by new ids after its last one, the "
+                     "embedding and output head by one row each (the mean of the old rows). Train the result on the "
+                     "modality's data (recipes/video/). OUT is written under a temporary name and renamed into place.")
+    p.add_argument("base", help="the model directory to grow")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--modality", required=True, choices=sorted(MODALITY_ROLES), help="the modality to add")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def run_add_modality(a) -> int:
+    from ..convert import add_modality_dir
+
+    return _wrote(add_modality_dir(a.base, a.out, a.modality, overwrite=a.overwrite))
