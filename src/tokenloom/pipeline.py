@@ -25,7 +25,7 @@ from PIL import Image
 from . import __version__
 from .adapters import adapter_base, apply_adapter, is_adapter_dir
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_NAME, atomic_write_json, iter_weights, save_weights, weight_files
-from .document import Document, ImagePart, TextPart, check_text
+from .document import Document, ImagePart, TextPart, VideoPart, check_text
 from .engine import Engine, GenerationRequest, SamplingParams, check_guidance_scale
 from .engine.sampling import check_integer, default_image_sampling, default_text_sampling
 from .engine.speculative import check_speculative
@@ -58,6 +58,8 @@ class PipelineConfig:
     # unconditional context is the image's own start). Chameleon / Anole: ["bos"].
     unconditional_context: list[str] | None = None
     caption_prompt: str = "Describe the image."  # the question `caption` asks; reranking scores replies to it
+    video_caption_prompt: str = "Describe the video."  # what `caption` asks of a video
+    video_frames: int = 6  # frames of a generated video unless asked otherwise
     # Text-to-image draws this many candidates per image asked for and keeps the one the model itself
     # rates best for the prompt, both ways (tokenloom.scoring); 1 draws one image and scores nothing.
     image_candidates: int = 1
@@ -98,12 +100,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 MAX_NUM_IMAGES = 1000  # images per prompt in one call: each is kept until its batch is done
 
 
-def torch_dtype(dtype) -> torch.dtype | None:
-    """A torch dtype from its name ("bfloat16", "bf16", ...), or None for "as saved"."""
+def torch_dtype(dtype, *, int8: bool = False) -> torch.dtype | None:
+    """A torch dtype from its name ("bfloat16", "bf16", ...), or None for "as saved". With int8=True the
+    name "int8" (dynamic int8 linears for CPU inference: `tokenloom.quantize`) is accepted too, as float32."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if int8 and dtype == "int8":
+        return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        extra = ", or int8 (CPU inference)" if int8 else ""
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}{extra}")
     return DTYPES[dtype]
 
 
@@ -441,10 +447,95 @@ class Pipeline:
         check_speculative(method, window, "above", "speculative")
         return {"speculative": method, "speculative_window": window}
 
+    # -- video ----------------------------------------------------------------------------------
+    def encode_video(self, video, width: int | None = None, height: int | None = None) -> VideoPart:
+        """A video -> a VideoPart at the model's image size (or the one given): a path to an animated
+        GIF / WebP file or to a folder of frames, a list of PIL frames, or a VideoPart (returned as it is)."""
+        from .video_io import read_video
+
+        if isinstance(video, VideoPart):
+            return video
+        if self.image_tokenizer is None:
+            raise ValueError("this model has no image tokenizer (no vq_config.json in its directory): "
+                             "it cannot read videos")
+        frames = read_video(video) if isinstance(video, (str, Path)) else list(getattr(video, "frames", video))
+        if not frames or not all(isinstance(f, Image.Image) for f in frames):
+            raise ValueError("a video must be a path, a VideoPart or a non-empty list of PIL images")
+        if len({f.size for f in frames}) > 1:
+            raise ValueError(f"a video's frames must all be one size, got {sorted({f.size for f in frames})}")
+        self.format.check_video(len(frames))
+        if width is None and height is None and self.config.layout == "unirep":
+            width, height = self.config.image_width, self.config.image_height
+        h, w = self.grid_size(width, height)
+        codes = self.image_tokenizer.encode(frames, width=w * self.factor, height=h * self.factor)
+        return VideoPart(codes, pixels=frames)
+
+    def is_video(self, x) -> bool:
+        """Whether `x` is a video rather than an image: a VideoPart, a path to a folder or to a GIF / WebP
+        file of more than one frame, or an object with a `frames` list (the shapes world's Video)."""
+        if isinstance(x, VideoPart) or isinstance(getattr(x, "frames", None), list):
+            return True
+        if isinstance(x, (str, Path)):
+            path = Path(x)
+            if path.is_dir():
+                return True
+            if path.suffix.lower() in (".gif", ".webp") and path.is_file():
+                try:
+                    with Image.open(path) as im:
+                        return getattr(im, "n_frames", 1) > 1
+                except OSError:
+                    return False
+        return False
+
+    def video_request(self, prompt: str, frames: int, grid: tuple[int, int], *, seed: int | None = None,
+                      guidance_scale: float | None = None, temperature: float | None = None,
+                      top_k: int | None = None, top_p: float | None = None, speculative: str | bool | None = None,
+                      speculative_window: int | None = None) -> GenerationRequest:
+        """The engine request of one text-to-video draw: `frames` frames of a (height, width) code grid."""
+        check_integer(frames, "frames", low=1)
+        self.format.check_video(frames)
+        doc = Document.chat([("user", [TextPart(check_text(prompt, "prompt"))])])
+        ids = self.format.encode(doc, generation_role="assistant").ids
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance_scale(scale)
+        params = self.sampling("image", temperature=temperature, top_k=top_k, top_p=top_p)
+        return GenerationRequest(ids, mode="video", image_size=grid, video_frames=frames,
+                                 max_new_tokens=self.format.video_length(frames, *grid) + 1, image=params,
+                                 guidance_scale=scale, uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
+                                 **self.speculation(speculative, speculative_window))
+
+    def generate_videos(self, prompts: str | list[str], *, frames: int | None = None, width: int | None = None,
+                        height: int | None = None, num_videos: int = 1, seed: int | None = None,
+                        batch_size: int = 16, progress: bool = False, **sampling) -> list[list]:
+        """Text to video: per prompt, `num_videos` videos, each a list of PIL frames (prompt order). Video k
+        of prompt i uses seed + i * num_videos + k. Keywords: guidance_scale, temperature, top_k, top_p,
+        speculative, speculative_window (as `generate_images`)."""
+        from tqdm.auto import tqdm
+
+        prompts = [check_text(p, "prompt") for p in _prompt_list(prompts)[0]]
+        check_integer(num_videos, "num_videos", low=1, high=MAX_NUM_IMAGES)
+        check_integer(batch_size, "batch_size", low=1)
+        if seed is not None:
+            check_integer(seed, "seed", low=0)
+        if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
+            raise ValueError("this model cannot draw: it has no VQGAN decoder")
+        frames = self.config.video_frames if frames is None else frames
+        grid = self.grid_size(width, height)
+        requests = [self.video_request(p, frames, grid, seed=None if seed is None else seed + i * num_videos + k,
+                                       **sampling)
+                    for i, p in enumerate(prompts) for k in range(num_videos)]  # every one checked first
+        videos = []
+        for chunk in tqdm(list(_chunks(requests, batch_size)), desc="drawing", unit="batch", disable=not progress):
+            for result in self.engine.generate(chunk):
+                parts = result.document.videos
+                videos.append(list(parts[0].pixels) if parts else [])
+        return videos
+
     def user_document(self, prompt: str, images=()) -> Document:
-        if isinstance(images, (str, Path, Image.Image)):
+        """A user turn: the images (or videos: see `is_video`) and then the prompt's text."""
+        if isinstance(images, (str, Path, Image.Image, VideoPart)):
             images = [images]
-        parts = [self.encode_image(im) for im in images]
+        parts = [self.encode_video(im) if self.is_video(im) else self.encode_image(im) for im in images]
         if prompt:
             parts.append(TextPart(check_text(prompt, "prompt")))
         return Document.chat([("user", parts)])
@@ -491,8 +582,16 @@ class Pipeline:
         return self.chat(question, images=[image], **kwargs).text.strip()
 
     def caption(self, image, **kwargs):
-        """A description of an image (or a list of descriptions of a list of images)."""
-        return self.ask(image, self.config.caption_prompt, **kwargs)
+        """A description of an image or a video (or a list of descriptions of a list of them)."""
+        items = image if isinstance(image, (list, tuple)) else [image]
+        prompts = [self.config.video_caption_prompt if self.is_video(x) else self.config.caption_prompt
+                   for x in items]
+        return self.ask(image, prompts if isinstance(image, (list, tuple)) else prompts[0], **kwargs)
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def _given(**values) -> dict:
@@ -562,8 +661,16 @@ def load(path: str | Path | None = None, device=None, dtype=None, compile: bool 
     """Load a pipeline from a directory, or the embedded default model when no path is given.
     `adapter`: a LoRA adapter directory (a `train.trainable: lora` run's final/) made for that model,
     merged into its weights; a ValueError naming the file when it was made for another base.
-    `compile`: torch.compile the engine's decode step (off by default: on CPU it does not pay)."""
-    pipe = _load_pipeline(path, device, dtype, adapter)
+    `compile`: torch.compile the engine's decode step (off by default: on CPU it does not pay).
+    `dtype="int8"`: the decoder's linears in dynamic int8, for CPU inference of large models
+    (`tokenloom.quantize`: slower than float32 for the small embedded model)."""
+    int8 = dtype == "int8"
+    torch_dtype(dtype, int8=True)  # checked before anything is read
+    pipe = _load_pipeline(path, device, torch.float32 if int8 else dtype, adapter)
+    if int8:
+        from .quantize import quantize_int8
+
+        quantize_int8(pipe.model)
     pipe.compile = compile
     return pipe
 

@@ -20,7 +20,7 @@ def serve_arguments(p) -> None:
     p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--model-id", default=None, help="the name clients use (default: the directory's name)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or int8 (CPU; default: as saved)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
@@ -82,7 +82,7 @@ def run_serve(args) -> int:
     settings = _settings(args)
     # What can be checked before listening is checked now: a bad flag exits 2 at once, not after a load.
     torch_device(settings.device)
-    torch_dtype(settings.dtype)
+    torch_dtype(settings.dtype, int8=True)
     if settings.model is not None:
         path = Path(settings.model)
         if not path.is_dir():
