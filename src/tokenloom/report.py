@@ -1,20 +1,24 @@
-"""Render Documents for people: Markdown and HTML pages with PNG files beside them."""
+"""Render Documents for people: Markdown and HTML pages with PNG files (and animated GIFs for videos)
+beside them."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
 
-from .document import Document, ImagePart, TextPart
+from .document import Document, ImagePart, TextPart, VideoPart
+
+VIDEO_FPS = 4  # frames a second of a video's animated GIF
 
 
 def save_document(doc: Document, out_dir: str | Path, title: str = "tokenloom") -> dict[str, Path]:
-    """Write out_dir/index.md, out_dir/index.html and one PNG per image part with pixels."""
+    """Write out_dir/index.md, out_dir/index.html, one PNG per image part with pixels and one animated
+    GIF (and a PNG strip of its frames) per video part with pixels."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
     body = []
-    n = 0
+    n = n_videos = 0
     for turn in doc.turns:
         role = turn.role or "document"
         md += [f"**{role}**", ""]
@@ -33,6 +37,22 @@ def save_document(doc: Document, out_dir: str | Path, title: str = "tokenloom") 
                 part.pixels.save(out / name)
                 md += [f"![image {n}]({name})", ""]
                 body.append(f'<img src="{name}" alt="image {n}" width="{max(256, part.pixels.width)}">')
+            elif isinstance(part, VideoPart):
+                what = f"video of {part.num_frames} frames of {part.width}x{part.height} codes"
+                if part.pixels is None:
+                    md += [f"*[{what}, not decoded]*", ""]
+                    body.append(f"<p><em>{what}, not decoded</em></p>")
+                    continue
+                from .video_io import write_video
+
+                n_videos += 1
+                name, strip = f"video_{n_videos - 1:03d}.gif", f"video_{n_videos - 1:03d}_frames.png"
+                write_video(part.pixels, out / name, fps=VIDEO_FPS)
+                image_grid(part.pixels, columns=part.num_frames).save(out / strip)
+                md += [f"![video {n_videos}]({name})", "", f"![video {n_videos}, frame by frame]({strip})", ""]
+                width = max(256, part.pixels[0].width)
+                body.append(f'<img src="{name}" alt="video {n_videos} ({what})" width="{width}">'
+                            f'<img src="{strip}" alt="video {n_videos}, frame by frame" class="frames">')
         body.append("</div>")
     (out / "index.md").write_text("\n".join(md))
     page = f"""<!doctype html>

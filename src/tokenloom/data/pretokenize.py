@@ -18,7 +18,13 @@ so an input edited in place, even to the same size, is refused rather than conti
 mix shards of the old and the new text). For pairs it records a fingerprint of the metadata, texts and
 image bytes, and how they were read (task, text column, image size).
 
-The manifest's counts include ``image_sizes``: how many kept images there are of each size ("WxH").
+The manifest's counts include ``image_sizes``: how many kept images there are of each size ("WxH"),
+a video's frames counted among them (each is an image in the token stream, so a training stage's
+image size must cover it too); and, once there are videos, ``video_sizes``: kept videos by frame size.
+
+A video's frames are VQ-encoded like images (in the same batches) and written as a video span; a
+pipeline whose vocabulary has no video tokens refuses an input holding a video before anything is
+written (whatever `on_error` says: skipping would quietly drop every video).
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_json
-from ..document import Document, ImagePart, TextPart, Turn
+from ..document import Document, ImagePart, TextPart, Turn, VideoPart
 from ..formats import resolution_prompt
 from ..image_processing import ImageLoadError, load_image
 from .pairs import PairSource, check_task, pair_documents, read_dataset, read_imagefolder
-from .raw import DataError, DataSummary, RawDocument, RawImage, check_on_error, iter_lines, parse_line, report_error
+from .raw import (DataError, DataSummary, RawDocument, RawImage, RawVideo, RawVisual, check_on_error, iter_lines,
+                  parse_line, report_error)
 
 MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 1 << 20  # bytes read at a time when fingerprinting an input
@@ -134,6 +141,7 @@ class _Run:
         # "WxH" -> images kept at that size (what a training stage's image_size is checked against); None
         # when a run begun by an older tokenloom, which did not count them, is resumed
         self.image_sizes: dict[str, int] | None = c.get("image_sizes", None if manifest["shards"] else {})
+        self.video_sizes: dict[str, int] = dict(c.get("video_sizes", {}))  # "WxH" -> videos kept (frame size)
         self.default_size = s.get("image_size")  # [W, H] for images without their own size (None: the model's)
         self.pending: list[_Pending] = []
         self.pending_images = 0
@@ -146,6 +154,8 @@ class _Run:
                   "tokens": self.tokens}
         if self.image_sizes is not None:
             counts["image_sizes"] = dict(sorted(self.image_sizes.items()))
+        if self.video_sizes:  # only once there are videos, so image-only manifests read as they always have
+            counts["video_sizes"] = dict(sorted(self.video_sizes.items()))
         return counts
 
     def save_manifest(self, cursor: dict[str, int], complete: bool = False) -> None:
@@ -158,8 +168,12 @@ class _Run:
         return self.shard_size - len(self.buffer)
 
     def add(self, where: str, doc: RawDocument) -> None:
+        if doc.videos and not self.pipeline.vocab.has_video:  # a backstop: `_refuse_videos` finds these first
+            raise DataError(no_video_tokens(where))
         self.pending.append(_Pending(where, doc))
-        self.pending_images += len(doc.images)
+        # a video's frames fill batches like images (its stored frames: a deterministic count, which is
+        # what keeps batches, and so float rounding, the same in a resumed run)
+        self.pending_images += sum(v.num_frames if isinstance(v, RawVideo) else 1 for v in doc.visuals)
 
     def ready(self) -> bool:
         # Flushing when the shard is about to fill keeps image batches inside one shard.
@@ -171,35 +185,46 @@ class _Run:
     def flush(self) -> None:
         """Load, VQ-encode and encode the pending documents into the shard buffer."""
         pending, self.pending, self.pending_images = self.pending, [], 0
-        # Load every image; a document with a bad one is dropped (or raises) as a whole.
-        images: dict[tuple[int, int], list[tuple[int, int, Any]]] = {}  # (w, h) -> (doc, image, PIL)
+        # Load every image and video frame; a document with a bad one is dropped (or raises) as a whole.
+        # (w, h) -> (doc, visual, frame, PIL): a video's frames are batched with the images of their size.
+        images: dict[tuple[int, int], list[tuple[int, int, int, Any]]] = {}
+        frames: dict[tuple[int, int], int] = {}  # (doc, visual) -> frames loaded
         ok = [True] * len(pending)
         for d, item in enumerate(pending):
-            for k, raw in enumerate(item.doc.images):
+            for k, raw in enumerate(item.doc.visuals):
                 try:
                     size = self._pixel_size(raw)
-                    if raw.path is not None:
-                        pil = load_image(raw.path)
-                    else:
-                        pil = raw.pixels() if callable(raw.pixels) else raw.pixels
+                    pils = self._load(raw)
                 except (ImageLoadError, ValueError) as e:
                     self._error(f"{item.where}: {e}")
                     ok[d] = False
                     break
-                images.setdefault(size, []).append((d, k, pil))
-        codes: dict[tuple[int, int], np.ndarray] = {}
+                frames[d, k] = len(pils)
+                images.setdefault(size, []).extend((d, k, f, pil) for f, pil in enumerate(pils))
+        codes: dict[tuple[int, int, int], np.ndarray] = {}
         tokenizer = self.pipeline.image_tokenizer
         for (w, h), group in images.items():
             group = [g for g in group if ok[g[0]]]
             for start in range(0, len(group), self.image_batch_size):
                 chunk = group[start:start + self.image_batch_size]
-                for (d, k, _), grid in zip(chunk, tokenizer.encode([g[2] for g in chunk], width=w, height=h)):
-                    codes[d, k] = grid
+                for (d, k, f, _), grid in zip(chunk, tokenizer.encode([g[3] for g in chunk], width=w, height=h)):
+                    codes[d, k, f] = grid
         for d, item in enumerate(pending):
             if ok[d]:
-                self._encode(item, [codes[d, k] for k in range(len(item.doc.images))])
+                self._encode(item, [codes[d, k, 0] if isinstance(raw, RawImage)
+                                    else np.stack([codes[d, k, f] for f in range(frames[d, k])])
+                                    for k, raw in enumerate(item.doc.visuals)])
 
-    def _pixel_size(self, raw: RawImage) -> tuple[int, int]:
+    @staticmethod
+    def _load(raw: RawVisual) -> list[Any]:
+        """The PIL images to VQ-encode: an image's one, or a video's frames."""
+        if isinstance(raw, RawVideo):
+            return raw.load()
+        if raw.path is not None:
+            return [load_image(raw.path)]
+        return [raw.pixels() if callable(raw.pixels) else raw.pixels]
+
+    def _pixel_size(self, raw: RawVisual) -> tuple[int, int]:
         if self.pipeline.image_tokenizer is None:
             raise ValueError("the pipeline has no image tokenizer, so it cannot read images")
         width, height = raw.width, raw.height
@@ -211,9 +236,16 @@ class _Run:
         return w * f, h * f
 
     def _encode(self, item: _Pending, grids: list[np.ndarray]) -> None:
+        """Encode a document given its visuals' codes: a grid per image, a [frames, h, w] stack per video
+        (every frame is encoded at the video's one size, so its grids stack)."""
         grids_iter = iter(grids)
-        turns = [Turn(t.role, [p if isinstance(p, TextPart) else ImagePart(next(grids_iter)) for p in t.parts])
-                 for t in item.doc.turns]
+
+        def part(p):
+            if isinstance(p, TextPart):
+                return p
+            return VideoPart(next(grids_iter)) if isinstance(p, RawVideo) else ImagePart(next(grids_iter))
+
+        turns = [Turn(t.role, [part(p) for p in t.parts]) for t in item.doc.turns]
         try:
             enc = self.pipeline.format.encode(Document(turns))
         except ValueError as e:
@@ -232,11 +264,13 @@ class _Run:
         self.buffer.append((ids, mask))
         self.summary.documents += 1
         self.tokens += len(ids)
-        if self.image_sizes is not None:
-            f = self.pipeline.factor if grids else 1
-            for grid in grids:
-                key = f"{grid.shape[1] * f}x{grid.shape[0] * f}"
-                self.image_sizes[key] = self.image_sizes.get(key, 0) + 1
+        f = self.pipeline.factor if grids else 1
+        for grid in grids:
+            key = f"{grid.shape[-1] * f}x{grid.shape[-2] * f}"
+            if self.image_sizes is not None:
+                self.image_sizes[key] = self.image_sizes.get(key, 0) + (grid.shape[0] if grid.ndim == 3 else 1)
+            if grid.ndim == 3:
+                self.video_sizes[key] = self.video_sizes.get(key, 0) + 1
 
     def write_shard(self, cursor: dict[str, int], complete: bool = False) -> None:
         shards = self.manifest["shards"]
@@ -368,6 +402,7 @@ def pretokenize(
     # Every input is read (and an imagefolder or Dataset checked whole) before anything is written.
     readers = [_open_input(x, fi, pipeline, on_error=on_error, task=task, size=size, text_column=text_column,
                            image_column=image_column, split=split) for fi, x in enumerate(inputs)]
+    _refuse_videos(readers, pipeline)
     if max_length is None:
         max_length = pipeline.model.config.max_position_embeddings
     settings = _settings(readers, pipeline, shard_size, image_batch_size, max_length, truncate, size)
@@ -430,6 +465,30 @@ def pretokenize(
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def no_video_tokens(where: str) -> str:
+    return (f"{where}: a video part, but the pipeline's vocabulary has no video tokens (video_begin, video_end); "
+            f"give the model them with `tokenloom add-modality BASE OUT --modality video` (or "
+            f"tokenloom.modalities.add_modality) and pre-tokenize with the grown model")
+
+
+def _refuse_videos(readers: list[_JsonlInput | _PairInput], pipeline) -> None:
+    """DataError at the first video part of a JSONL input when the pipeline cannot write videos."""
+    if pipeline.vocab.has_video:
+        return
+    for reader in readers:
+        if not isinstance(reader, _JsonlInput):  # pairs are images only
+            continue
+        for number, _, raw in iter_lines(reader.path):
+            if b"video" not in raw:  # a cheap filter: a video part's line says "video"
+                continue
+            try:
+                doc = parse_line(raw, reader.path, number)
+            except DataError:
+                continue  # reported (or skipped) in order by the run itself
+            if doc is not None and doc.videos:
+                raise DataError(no_video_tokens(f"{reader.path}:{number}"))
 
 
 @dataclass

@@ -15,6 +15,14 @@ Roles are "system", "user" and "assistant"; a message's content may also be a pl
 "width"/"height" (pixels) default to the pipeline's image size. An optional top-level "meta"
 value (anything) is carried along untouched and ignored. Blank lines are ignored.
 
+A video part is its frames as image files, or one file or folder (`tokenloom.video_io`)::
+
+    {"type": "video", "frames": ["clip/f0.png", "clip/f1.png"], "width": 256, "height": 256}
+    {"type": "video", "path": "clip.gif"}      (an animated GIF or WebP, or a folder of PNG/JPEG frames)
+
+with paths resolved like image paths, at most `MAX_FRAMES` frames, all of one size, and the same
+optional "width"/"height" (every frame is encoded at that size).
+
 Every malformed line is reported as ``file:line: what``: raised as `DataError`, or with
 ``on_error="skip"`` warned (`DataWarning`) and counted in a `DataSummary`, never dropped silently.
 """
@@ -29,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..document import TextPart
+from .. import video_io
+from ..document import MAX_FRAMES, TextPart
 
 ON_ERROR = ("raise", "skip")
 MESSAGE_ROLES = ("system", "user", "assistant")
@@ -54,7 +63,27 @@ class RawImage:
     pixels: Any = field(default=None, compare=False, repr=False)
 
 
-RawPart = TextPart | RawImage
+@dataclass(frozen=True)
+class RawVideo:
+    """A video whose frames are still files: its frame images in order (the "frames" form, or a
+    folder's frames), or, with no `frames`, the GIF/WebP `path` read whole when it is encoded."""
+
+    frames: tuple[RawImage, ...] = ()
+    path: Path | None = None  # the "path" form's file or folder (absolute); None for the "frames" form
+    width: int | None = None
+    height: int | None = None
+    # Frames as stored: a GIF/WebP made by `write_video` stores a still run once and reads back longer.
+    num_frames: int = 0
+
+    def load(self) -> list:
+        """The frames as RGB PIL images of one size; ValueError naming the file otherwise."""
+        if self.frames:
+            return video_io.read_frames([f.path for f in self.frames])
+        return video_io.read_video(self.path)
+
+
+RawPart = TextPart | RawImage | RawVideo
+RawVisual = RawImage | RawVideo
 
 
 @dataclass
@@ -72,6 +101,15 @@ class RawDocument:
     @property
     def images(self) -> list[RawImage]:
         return [p for t in self.turns for p in t.parts if isinstance(p, RawImage)]
+
+    @property
+    def videos(self) -> list[RawVideo]:
+        return [p for t in self.turns for p in t.parts if isinstance(p, RawVideo)]
+
+    @property
+    def visuals(self) -> list[RawVisual]:
+        """Images and videos in document order (what pre-tokenization VQ-encodes)."""
+        return [p for t in self.turns for p in t.parts if not isinstance(p, TextPart)]
 
 
 @dataclass
@@ -126,6 +164,55 @@ def _positive_int(value: Any, what: str) -> int:
     return value
 
 
+def _resolve(path: str, base_dir: Path) -> Path:
+    return Path(path) if os.path.isabs(path) else base_dir / path
+
+
+def _size(part: dict, prefix: str) -> tuple[int | None, int | None]:
+    width = _positive_int(part["width"], f"{prefix}width") if "width" in part else None
+    height = _positive_int(part["height"], f"{prefix}height") if "height" in part else None
+    return width, height
+
+
+def _parse_video(part: dict, base_dir: Path, where: str) -> RawVideo:
+    _check_keys(part, ("type", "frames", "path", "width", "height"), f"video {where}")
+    if ("frames" in part) == ("path" in part):
+        _fail(f"video {where} needs exactly one of 'frames' (a list of image paths) or 'path' (a GIF/WebP file "
+              f"or a folder of frames)")
+    width, height = _size(part, f"video {where}: ")
+    if "path" in part:
+        path = part["path"]
+        if not isinstance(path, str) or not path:
+            _fail(f"video {where} needs a non-empty string 'path'")
+        full = _resolve(path, base_dir)
+        try:
+            if full.is_dir():  # a folder is its frame files, checked now like a "frames" list
+                files = video_io.frame_files(full)
+                return RawVideo(tuple(RawImage(f) for f in files), full, width, height, len(files))
+            # a file's frames are decoded when it is encoded; its headers say now whether it is a video
+            return RawVideo((), full, width, height, video_io.stored_frames(full))
+        except ValueError as e:
+            _fail(f"video {where}: {e}")
+    frames = part["frames"]
+    if not isinstance(frames, list):
+        _fail(f"video {where}: 'frames' must be a list of image paths, got {type(frames).__name__}")
+    if not frames:
+        _fail(f"video {where} has an empty 'frames' list (a video has at least one frame)")
+    if len(frames) > MAX_FRAMES:
+        _fail(f"video {where} has {len(frames)} frames, more than the {MAX_FRAMES} a video may have (cut it into "
+              f"shorter clips, or keep every n-th frame)")
+    images = []
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, str) or not frame:
+            _fail(f"video {where}: frame {i} must be a non-empty string path, got {frame!r}")
+        full = _resolve(frame, base_dir)
+        if not full.is_file():
+            problem = "does not exist" if not full.exists() else "is not a file"
+            _fail(f"video {where}: frame {i} file {full} {problem}")
+        images.append(RawImage(full))
+    return RawVideo(tuple(images), None, width, height, len(images))
+
+
 def _parse_part(part: Any, base_dir: Path, where: str) -> RawPart:
     if not isinstance(part, dict):
         _fail(f"{where} must be an object, got {type(part).__name__}")
@@ -140,13 +227,13 @@ def _parse_part(part: Any, base_dir: Path, where: str) -> RawPart:
         path = part.get("path")
         if not isinstance(path, str) or not path:
             _fail(f"image {where} needs a non-empty string 'path'")
-        full = Path(path) if os.path.isabs(path) else base_dir / path
+        full = _resolve(path, base_dir)
         if not full.is_file():
             _fail(f"image file {full} does not exist" if not full.exists() else f"image path {full} is not a file")
-        width = _positive_int(part["width"], "image width") if "width" in part else None
-        height = _positive_int(part["height"], "image height") if "height" in part else None
-        return RawImage(full, width, height)
-    _fail(f"unknown part type {kind!r} in {where} (expected 'text' or 'image')")
+        return RawImage(full, *_size(part, "image "))
+    if kind == "video":
+        return _parse_video(part, base_dir, where)
+    _fail(f"unknown part type {kind!r} in {where} (expected 'text', 'image' or 'video')")
     raise AssertionError  # unreachable; keeps type checkers content
 
 

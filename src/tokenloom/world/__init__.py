@@ -1,5 +1,6 @@
 """The shapes world (spec: /work/shared/specs/shapes-world.md): scenes of colored shapes on a 3x3 grid,
-rendered to images, parsed back exactly, and phrased as captions, questions, changes and edits."""
+rendered to images, parsed back exactly, and phrased as captions, questions, changes and edits; and videos
+of one object moving between cells, scored exactly frame by frame."""
 
 from .parse import ObjQuery, Region, SceneQuery, classify_pixels, find_regions, matches, parse
 from .phrase import (
@@ -14,7 +15,6 @@ from .phrase import (
     parse_edit_instruction,
     questions,
     random_story,
-    video_frames,
     where,
 )
 from .render import cell_centre, check_canvas, coverage, draw, extent, pixel_extent, render
@@ -32,6 +32,23 @@ from .scene import (
     random_change,
     random_scene,
 )
+from .video import (
+    Motion,
+    MotionQuery,
+    Video,
+    frames_right,
+    motion_caption,
+    motion_of,
+    parse_motion_caption,
+    random_motion,
+    render_video,
+    score_frames,
+    score_video,
+    video_answer,
+    video_frames,
+    video_questions,
+    video_right,
+)
 
 __all__ = [
     "BACKGROUND", "CELLS", "COLORS", "LOCATIONS", "SHAPES", "SIZES",
@@ -40,5 +57,8 @@ __all__ = [
     "parse", "find_regions", "Region", "matches", "classify_pixels", "ObjQuery", "SceneQuery",
     "object_phrase", "location_phrase", "caption", "parse_caption", "where", "questions", "answer",
     "change_sentence", "edit_instruction", "parse_change_sentence", "parse_edit_instruction",
-    "random_story", "video_frames",
+    "random_story",
+    "Motion", "MotionQuery", "Video", "random_motion", "motion_of", "render_video", "video_frames",
+    "motion_caption", "parse_motion_caption", "video_questions", "video_answer",
+    "score_video", "video_right", "score_frames", "frames_right",
 ]

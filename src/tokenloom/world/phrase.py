@@ -1,15 +1,14 @@
 """Text of the shapes world (spec: shapes-world.md, "Canonical phrasing" onwards): captions, questions
-and answers, change sentences, editing instructions, stories and videos; with strict parsers back."""
+and answers, change sentences, editing instructions and stories; with strict parsers back. Videos and
+their motion captions are in video.py."""
 
 from __future__ import annotations
 
 import re
 
 import numpy as np
-from PIL import Image
 
 from .parse import ObjQuery, SceneQuery
-from .render import cell_centre, check_canvas, draw
 from .scene import (CELLS, COLORS, LOCATIONS, SHAPES, SIZES, Change, Obj, Scene, apply_change, random_change,
                     random_scene)
 
@@ -183,7 +182,7 @@ def parse_edit_instruction(text: str) -> Change:
 
 
 # ---------------------------------------------------------------------------
-# stories and videos
+# stories
 
 def random_story(rng: np.random.Generator, n_steps: int, n_objects: int | None = None) -> list[tuple[str, Scene]]:
     """[(first caption, first scene), (change sentence, scene after it), ...] with n_steps changes."""
@@ -195,17 +194,3 @@ def random_story(rng: np.random.Generator, n_steps: int, n_objects: int | None =
         story.append((change_sentence(change), scene))
     return story
 
-
-def video_frames(obj: Obj, start_cell: str, end_cell: str, n_frames: int, width: int = 64, height: int = 64,
-                 *, antialias: bool = True) -> list[Image.Image]:
-    """Frames of `obj` (its cell is not used) moving in a straight line at constant speed from the
-    centre of start_cell (first frame) to the centre of end_cell (last frame)."""
-    if n_frames < 2:
-        raise ValueError(f"a video has at least 2 frames, got {n_frames}")
-    check_canvas(width, height)
-    (x0, y0), (x1, y1) = cell_centre(start_cell, width, height), cell_centre(end_cell, width, height)
-    frames = []
-    for i in range(n_frames):
-        t = i / (n_frames - 1)
-        frames.append(draw([(obj, x0 + t * (x1 - x0), y0 + t * (y1 - y0))], width, height, antialias=antialias))
-    return frames

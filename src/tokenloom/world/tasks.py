@@ -6,9 +6,12 @@ One document per line, images as PNG files beside the JSONL:
     {"messages": [{"role": "user", "content": [parts]}, {"role": "assistant", "content": [parts]}]}
     part: {"type": "text", "text": ...} | {"type": "image", "path": "images/train-000123.png",
                                            "width": W, "height": H}
+        | {"type": "video", "frames": ["images/train-000124.png", ...], "width": W, "height": H}
 
 Tasks: t2i (caption -> image), caption (image -> caption), qa (image + question -> answer), story
-(prompt -> caption, image, change sentence, image, ...), edit (image + instruction -> image).
+(prompt -> caption, image, change sentence, image, ...), edit (image + instruction -> image); and on
+videos (spec "Videos", world/video.py): t2v (motion caption -> video), video_caption (video -> motion
+caption), next_frames (the first 2 or 3 frames -> the rest), video_qa (video + start/end question -> answer).
 `build_dataset` also writes `<split>.meta.jsonl`: per line the task, the scene of every image and
 the facts the document states, so a dataset can be checked without re-deriving anything.
 
@@ -31,10 +34,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .parse import SceneQuery
+from .parse import SceneQuery, parse
 from .phrase import caption, change_sentence, edit_instruction, parse_caption, questions
 from .render import draw, place
 from .scene import JITTER, Change, Obj, Scene, apply_change, random_change, random_scene
+from .video import (DESCRIBE_VIDEO, Motion, MotionQuery, Video, motion_caption, parse_motion_caption, random_motion,
+                    render_video, video_questions)
 
 Size = tuple[int, int]  # (width, height)
 DEFAULT_SIZES: tuple[Size, ...] = ((64, 64), (96, 64), (64, 96))  # multiples of 8: whole VQ grids
@@ -55,6 +60,16 @@ TELL_A_STORY = "Tell a story."
 STORY_FROM = "Tell a story that starts with: "
 STORY_CHANGES = (1, 2)  # changes per story
 
+# Video tasks draw one frame size per sample from VIDEO_SIZES, or from the caller's sizes when every one
+# of them is at most MAX_VIDEO_PIXELS: a 6-frame 64x64 video takes 6 x 76 + 3 = 459 tokens in the
+# unirep layout, and the engine's rows are 512 tokens, so the image sizes (96x64...) would not fit.
+VIDEO_SIZES: tuple[Size, ...] = ((64, 64),)
+MAX_VIDEO_PIXELS = 64 * 64
+VIDEO_FRAMES = 6
+T2V_WITH_SIZE = 0.6  # share of t2v prompts that name the size: t2i's share (0.4 + 0.2)
+NEXT_FRAMES_GIVEN = (2, 3)  # frames shown in a next_frames prompt
+CONTINUE_VIDEO = "Continue the video."
+
 
 # ----------------------------------------------------------------------------- samples
 
@@ -62,7 +77,8 @@ STORY_CHANGES = (1, 2)  # changes per story
 @dataclass
 class TaskSample:
     """One document with its images, before writing. Image parts hold `"image": k`, an index into
-    `images`, until `build_dataset` replaces it with the file's path."""
+    `images`, and video parts `"frames": [k0, k1, ...]`, until `build_dataset` replaces them with the
+    files' paths. A video's frames are images too, one scene each."""
 
     task: str
     document: dict[str, Any]
@@ -70,17 +86,25 @@ class TaskSample:
     scenes: list[Scene]  # the scene of each image, in order
     info: dict[str, Any] = field(default_factory=dict)  # what the text states, JSON-able
 
-    def _parts(self, role: str) -> list[str | Image.Image]:
+    def _parts(self, role: str) -> list[str | Image.Image | Video]:
         msg = next(m for m in self.document["messages"] if m["role"] == role)
-        return [p["text"] if p["type"] == "text" else self.images[p["image"]] for p in msg["content"]]
+        return [self._part(p) for p in msg["content"]]
+
+    def _part(self, part: dict[str, Any]) -> str | Image.Image | Video:
+        if part["type"] == "text":
+            return part["text"]
+        if part["type"] == "video":
+            return Video(self.images[k] for k in part["frames"])
+        return self.images[part["image"]]
 
     @property
-    def prompt(self) -> list[str | Image.Image]:
-        """The user turn as strings and PIL images: what an evaluation feeds the model."""
+    def prompt(self) -> list[str | Image.Image | Video]:
+        """The user turn as strings, PIL images and Videos (lists of PIL frames): what an evaluation feeds
+        the model."""
         return self._parts("user")
 
     @property
-    def answer(self) -> list[str | Image.Image]:
+    def answer(self) -> list[str | Image.Image | Video]:
         """The assistant turn, likewise: the reference answer."""
         return self._parts("assistant")
 
@@ -96,6 +120,10 @@ def _text(text: str) -> dict[str, Any]:
 
 def _image(k: int, size: Size) -> dict[str, Any]:
     return {"type": "image", "image": k, "width": size[0], "height": size[1]}
+
+
+def _video(frames: Sequence[int], size: Size) -> dict[str, Any]:
+    return {"type": "video", "frames": list(frames), "width": size[0], "height": size[1]}
 
 
 def _chat(user: list[dict], assistant: list[dict]) -> dict[str, Any]:
@@ -236,9 +264,76 @@ def edit_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES)
                       [before, after], {"instruction": instruction, "change": change_to_json(change)})
 
 
+# ----------------------------------------------------------------------------- video tasks
+
+
+def video_sizes(sizes: Sequence[Size]) -> tuple[Size, ...]:
+    """The frame sizes video tasks draw from: the caller's when all fit (see VIDEO_SIZES), else VIDEO_SIZES."""
+    sizes = tuple((int(w), int(h)) for w, h in sizes)
+    return sizes if sizes and all(w * h <= MAX_VIDEO_PIXELS for w, h in sizes) else VIDEO_SIZES
+
+
+def _motion_video(rng: np.random.Generator, sizes: Sequence[Size]) -> tuple[Motion, list[Image.Image], list, Size]:
+    """A random VIDEO_FRAMES-frame motion, its frames at a drawn size and each frame's scene. The scenes
+    are the frames' parses: between cell centres, the cell an object is "in" is the one its parsed
+    centre falls in, which only the parse decides when the centre is on a cell border."""
+    motion = random_motion(rng, VIDEO_FRAMES)
+    size = _pick_size(rng, video_sizes(sizes))
+    frames = render_video(motion, *size)
+    return motion, frames, [parse(f) for f in frames], size
+
+
+def t2v_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
+    """user: a motion caption (the size word sometimes left out) -> assistant: the video."""
+    motion, frames, scenes, size = _motion_video(rng, sizes)
+    with_size = bool(rng.random() < T2V_WITH_SIZE)
+    text = motion_caption(motion, with_size)
+    return TaskSample("t2v", _chat([_text(text)], [_video(range(len(frames)), size)]), frames, scenes,
+                      {"motion": motion.to_json(), "caption": text, "with_size": with_size})
+
+
+def video_caption_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
+    """user: video + "Describe the video." -> assistant: the motion caption, size included."""
+    motion, frames, scenes, size = _motion_video(rng, sizes)
+    text = motion_caption(motion)
+    return TaskSample("video_caption", _chat([_video(range(len(frames)), size), _text(DESCRIBE_VIDEO)],
+                                             [_text(text)]), frames, scenes,
+                      {"motion": motion.to_json(), "question": DESCRIBE_VIDEO, "answer": text})
+
+
+def next_frames_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
+    """user: the first k frames (k = 2 or 3) + "Continue the video." -> assistant: the other frames."""
+    motion, frames, scenes, size = _motion_video(rng, sizes)
+    k = NEXT_FRAMES_GIVEN[int(rng.integers(len(NEXT_FRAMES_GIVEN)))]
+    user = [_video(range(k), size), _text(CONTINUE_VIDEO)]
+    return TaskSample("next_frames", _chat(user, [_video(range(k, len(frames)), size)]), frames, scenes,
+                      {"motion": motion.to_json(), "first_index": k})
+
+
+def video_qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
+    """user: video + where the object starts or ends up -> assistant: `the {cell}`. "Describe the
+    video." is left to video_caption, as qa leaves "Describe the image." to caption."""
+    motion, frames, scenes, size = _motion_video(rng, sizes)
+    options = [(q, a) for q, a in video_questions(motion) if q != DESCRIBE_VIDEO]
+    question, answer = options[int(rng.integers(len(options)))]
+    return TaskSample("video_qa", _chat([_video(range(len(frames)), size), _text(question)], [_text(answer)]),
+                      frames, scenes, {"motion": motion.to_json(), "question": question, "answer": answer})
+
+
+def motion_query_of(sample: TaskSample) -> MotionQuery:
+    """What a t2v sample's prompt asks for: score generated frames with
+    `video_right(frames, motion_query_of(sample), motion_of(sample).frames)`."""
+    return parse_motion_caption(sample.info["caption"])
+
+
 TASKS: dict[str, Callable[..., TaskSample]] = {
     "t2i": t2i_sample, "caption": caption_sample, "qa": qa_sample, "story": story_sample, "edit": edit_sample,
+    # appended: a task's place here is part of its documents' seeds
+    "t2v": t2v_sample, "video_caption": video_caption_sample, "next_frames": next_frames_sample,
+    "video_qa": video_qa_sample,
 }
+IMAGE_TASKS: tuple[str, ...] = ("t2i", "caption", "qa", "story", "edit")
+VIDEO_TASKS: tuple[str, ...] = ("t2v", "video_caption", "next_frames", "video_qa")
 _TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # part of every document's seed: keep the order
 
 
@@ -260,9 +355,11 @@ def training_sample(task: str, j: int, seed: int = 0, sizes: Sequence[Size] = DE
 def heldout_samples(task: str, n: int, seed: int = 0, sizes: Sequence[Size] = DEFAULT_SIZES) -> list[TaskSample]:
     """n evaluation samples of `task` from the held-out seed stream (see the module docstring).
 
-    Each sample carries the scene(s) (`scenes`), the prompt (`prompt`: strings and PIL images) and
-    the expected answer (`answer`, and in `info` the facts to score with: for t2i the caption, to
-    check with `parse_caption` + `matches`; for edit the change, `scenes[1]` being the target)."""
+    Each sample carries the scene(s) (`scenes`), the prompt (`prompt`: strings, PIL images and Videos)
+    and the expected answer (`answer`, and in `info` the facts to score with: for t2i the caption, to
+    check with `parse_caption` + `matches`; for edit the change, `scenes[1]` being the target; for the
+    video tasks the motion (`motion_of`), to check with `video_right` or, for next_frames from
+    `info["first_index"]`, `frames_right`). Video tasks take their frame size from `video_sizes(sizes)`."""
     return [_sample(HELDOUT_STREAM, task, seed, j, sizes) for j in range(n)]
 
 
@@ -283,8 +380,9 @@ def build_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: i
     `out_dir/images/` (named `<split>-NNNNNN.png`, so splits can share a folder).
 
     counts: documents per task, e.g. {"t2i": 1000, "caption": 500}. Deterministic in (counts, seed,
-    sizes); document j of a task does not depend on the other tasks' counts. The JSONL files appear
-    under their final names only once complete. Returns a summary."""
+    sizes); document j of a task does not depend on the other tasks' counts. Video tasks draw their
+    frame size from `video_sizes(sizes)` and write each frame as a PNG. The JSONL files appear under
+    their final names only once complete. Returns a summary."""
     for task, n in counts.items():
         _check_task(task)
         if int(n) < 0:
@@ -314,17 +412,21 @@ def build_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: i
     for name in ("meta", "docs"):  # the documents last: their presence means the set is complete
         os.replace(tmp[name], paths[name])
     return {"path": str(paths["docs"]), "documents": len(order), "images": n_images,
-            "counts": {t: int(n) for t, n in counts.items()}, "seed": seed, "sizes": [list(s) for s in sizes]}
+            "counts": {t: int(n) for t, n in counts.items()}, "seed": seed, "sizes": [list(s) for s in sizes],
+            "video_sizes": [list(s) for s in video_sizes(sizes)]}
 
 
 def _with_paths(document: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The document with each image part's index replaced by its file path."""
+    """The document with each image part's index, and each video part's frame indices, replaced by file paths."""
     messages = []
     for msg in document["messages"]:
         content = []
         for part in msg["content"]:
             if part["type"] == "image":
                 part = {"type": "image", "path": names[part["image"]], "width": part["width"],
+                        "height": part["height"]}
+            elif part["type"] == "video":
+                part = {"type": "video", "frames": [names[k] for k in part["frames"]], "width": part["width"],
                         "height": part["height"]}
             content.append(part)
         messages.append({"role": msg["role"], "content": content})
