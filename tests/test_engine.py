@@ -6,7 +6,7 @@ import torch
 
 from tokenloom.document import Document, ImagePart, TextPart
 from tokenloom.engine import (Finished, GenerationRequest, ImageDone, ImageRow, ImageStarted,
-                              SamplingParams, TextDelta, TurnEnd)
+                              SamplingParams, TextDelta, TurnEnd, VideoDone, VideoStarted)
 from tokenloom.engine.grammar import Grammar
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -142,6 +142,12 @@ def test_stream_events_reassemble_into_document(pipe):
                 if text:
                     parts.append(TextPart(text))
                 text, rows, size = "", [], (ev.height, ev.width)
+            elif isinstance(ev, VideoStarted):  # the random pipeline's vocabulary has video tokens
+                if text:
+                    parts.append(TextPart(text))
+                text = ""
+            elif isinstance(ev, VideoDone):  # its frames' events: tests/test_engine_video.py
+                parts.append(ev.video)
             elif isinstance(ev, ImageRow):
                 assert ev.index == len(rows)
                 rows.append(ev.codes)
@@ -205,7 +211,7 @@ def test_bad_input_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         eng.generate([GenerationRequest([10**6], max_new_tokens=10)])
     with pytest.raises(ValueError, match="unknown generation mode"):
-        eng.generate([GenerationRequest(prompt(pipe), mode="video", max_new_tokens=10)])
+        eng.generate([GenerationRequest(prompt(pipe), mode="audio", max_new_tokens=10)])
     with pytest.raises(ValueError, match="multiple"):
         pipe.generate_images("x", width=36, height=32)
     with pytest.raises(ValueError):

@@ -3,10 +3,12 @@
 Every sample comes from the held-out seed stream of `tokenloom.world.tasks`; every generated image
 is parsed back into a scene (the spec's parse), so scores are exact matches, not model judgements.
 
-    tokenloom eval [--model DIR] --out DIR [--n 200] [--tasks t2i,caption,qa,story,edit]
+    tokenloom eval [--model DIR] --out DIR [--n 200] [--tasks t2i,caption,qa,story,edit,t2v,...]
 
-writes report.json, summary.md, samples.png (t2i prompts' images, green border = right) and edits.png
-(per edit: source, drawn, target).
+writes report.json, summary.md, samples.png (t2i prompts' images, green border = right), edits.png
+(per edit: source, drawn, target) and, for a model with video tokens, videos-<task>.png (one row of
+frames per video: `tokenloom.video_evaluation`). The default tasks are every task the model's
+vocabulary can express: the video tasks only where it has video tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from PIL import Image, ImageOps
 from .document import Document, TextPart
 from .report import image_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
+from .video_evaluation import (VIDEO_TASKS, eval_next_frames, eval_t2v, eval_video_text, videos_grid)
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
 MAX_SAMPLES = 5000
@@ -37,7 +40,16 @@ BREAKDOWN_TITLES = {
     "story": ("Story images by place in the story (a story that drew too few counts the rest wrong):", "right"),
     "edit": ("Edit breakdown (kind_*: right; kept_rest: the objects the change leaves alone drawn as they were; "
              "unchanged: the source redrawn as it was):", "share"),
+    "t2v": ("Text-to-video breakdown:", "share"),
+    "next_frames": ("Next frames by frames given:", "right"),
+    "video_caption": ("Video captions:", "exact"),
+    "video_qa": ("Video questions by kind:", "right"),
 }
+
+
+def default_tasks(pipe) -> tuple[str, ...]:
+    """Every task the model's vocabulary can express: the video ones only with video tokens."""
+    return tuple(t for t in TASKS if t not in VIDEO_TASKS or pipe.vocab.has_video)
 
 
 def _batches(items, size):
@@ -48,7 +60,11 @@ def _batches(items, size):
 def _user_doc(pipe, sample) -> Document:
     parts = []
     for p in sample.prompt:
-        parts.append(TextPart(p) if isinstance(p, str) else pipe.encode_image(p, *p.size))
+        if isinstance(p, str):
+            parts.append(TextPart(p))
+        else:
+            encode = pipe.encode_video if pipe.is_video(p) else pipe.encode_image
+            parts.append(encode(p, *p.size))
     return Document.chat([("user", parts)])
 
 
@@ -253,13 +269,17 @@ def score_story(samples, documents):
     return hits / max(1, total), _shares(stats), records
 
 
-def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, batch_size: int = 32,
+def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size: int = 32,
              progress: bool = True) -> dict:
+    tasks = default_tasks(pipe) if tasks is None else tuple(tasks)
     if not 1 <= n <= MAX_SAMPLES:
         raise ValueError(f"n must be in 1..{MAX_SAMPLES}, got {n}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
+    if not pipe.vocab.has_video and any(t in VIDEO_TASKS for t in tasks):
+        raise ValueError(f"tasks {[t for t in tasks if t in VIDEO_TASKS]} need a model with video tokens; this "
+                         "model has none (tokenloom add-modality, then train it on videos: recipes/video/)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
@@ -269,7 +289,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
                                                   "story_text_sampling": STORY_TEXT_SAMPLING,
                                                   "edit_guidance_scale": EDIT_GUIDANCE_SCALE},
               "scores": {}, "details": {}, "seconds": {}}
-    shown, edits_shown = [], []
+    shown, edits_shown, videos_shown = [], [], {}
     for task in tasks:
         t0 = time.time()
         samples = heldout_samples(task, n, seed)
@@ -279,6 +299,12 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
             score, breakdown, records = eval_text(pipe, samples, batch_size, progress, task)
         elif task == "edit":
             score, breakdown, records, edits_shown = eval_edit(pipe, samples, batch_size, progress)
+        elif task == "t2v":
+            score, breakdown, records, videos_shown[task] = eval_t2v(pipe, samples, batch_size, progress, seed)
+        elif task == "next_frames":
+            score, breakdown, records, videos_shown[task] = eval_next_frames(pipe, samples, batch_size, progress)
+        elif task in ("video_caption", "video_qa"):
+            score, breakdown, records = eval_video_text(pipe, samples, batch_size, progress, task)
         else:
             score, breakdown, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score
@@ -303,6 +329,9 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=tuple(TASKS), seed: int = 0, bat
         image_grid(shown[:64], columns=8).save(out / "samples.png")
     if edits_shown:
         image_grid(edits_shown, columns=6).save(out / "edits.png")
+    for task, rows in videos_shown.items():
+        if rows:
+            videos_grid(rows).save(out / f"videos-{task}.png")
     return report
 
 

@@ -399,13 +399,15 @@ class Pipeline:
                      image_top_p: float | None = None, width: int | None = None, height: int | None = None,
                      text_sampling: dict | None = None, image_sampling: dict | None = None,
                      image_size: tuple[int, int] | None = None, speculative: str | bool | None = None,
-                     speculative_window: int | None = None) -> GenerationRequest:
+                     speculative_window: int | None = None, video_frames: int | None = None) -> GenerationRequest:
         """One engine request for a document, with Hugging Face `generate` keyword names: `temperature`,
         `top_k`, `top_p`, `repetition_penalty` for text, `image_temperature`, `image_top_k`,
         `image_top_p` for images, `do_sample=False` for greedy decoding of both; `width` and `height`
         (pixels) or `image_size` ((height, width) codes) fix the size of drawn images. `text_sampling`
         and `image_sampling` take the same settings as dicts (the keywords win). `speculative`
-        ("jacobi" or "off") and `speculative_window` override the config's speculative decoding."""
+        ("jacobi" or "off") and `speculative_window` override the config's speculative decoding.
+        `mode="video"` answers with one video (frames of the image size); `video_frames` fixes its
+        frame count (None: the model's choice), and without `max_new_tokens` the budget is what it needs."""
         if not isinstance(document, Document):
             raise ValueError(f"expected a Document, got {type(document).__name__}")
         if do_sample is not None and not isinstance(do_sample, bool):
@@ -415,6 +417,7 @@ class Pipeline:
                                                   repetition_penalty=repetition_penalty), **greedy}
         image = {**(image_sampling or {}), **_given(temperature=image_temperature, top_k=image_top_k,
                                                     top_p=image_top_p), **greedy}
+        given_budget = max_new_tokens
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_integer(max_new_tokens, "max_new_tokens", low=1)
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
@@ -426,8 +429,14 @@ class Pipeline:
             image_size = self.grid_size(width, height)
         elif image_size is None and self.config.layout == "unirep" and mode != "text" and self.image_tokenizer:
             image_size = self.grid_size(None, None)
+        if mode == "video" and given_budget is None:
+            # the video's own length: the frames asked for (or the config's count), and the stop token
+            frames = self.config.video_frames if video_frames is None else check_integer(video_frames, "video_frames",
+                                                                                         low=1)
+            grid = image_size or self.config.flat_grid
+            max_new_tokens = self.format.video_length(frames, *grid) + 1
         return GenerationRequest(
-            ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens,
+            ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens, video_frames=video_frames,
             text=self.sampling("text", **text), image=self.sampling("image", **image), guidance_scale=scale,
             uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
             **self.speculation(speculative, speculative_window))
@@ -533,7 +542,7 @@ class Pipeline:
 
     def user_document(self, prompt: str, images=()) -> Document:
         """A user turn: the images (or videos: see `is_video`) and then the prompt's text."""
-        if isinstance(images, (str, Path, Image.Image, VideoPart)):
+        if isinstance(images, (str, Path, Image.Image, VideoPart)) or self.is_video(images):
             images = [images]
         parts = [self.encode_video(im) if self.is_video(im) else self.encode_image(im) for im in images]
         if prompt:
@@ -565,16 +574,17 @@ class Pipeline:
         return results[0] if single else results
 
     def stream(self, prompt: str | Document | list, images=(), **kwargs):
-        """Events (TextDelta, ImageStarted, ImageRow, ImageDone, TurnEnd, Finished) as they happen; with a
-        list of prompts, each event's `row` is its prompt's index."""
+        """Events (TextDelta, ImageStarted, ImageRow, ImageDone, VideoStarted, FrameStarted, FrameRow, FrameDone,
+        VideoDone, TurnEnd, Finished) as they happen; with a list of prompts, each event's `row` is its
+        prompt's index."""
         requests, _ = self._requests(prompt, images, kwargs)
         return self.engine.stream(requests)
 
     def ask(self, image, question: str | list[str], **kwargs):
-        """Image understanding: a text answer about an image. A list of images (and one question, or one
-        question per image) gives a list of answers, from one batch."""
+        """Image understanding: a text answer about an image or a video (`is_video`). A list of them (and
+        one question, or one question per item) gives a list of answers, from one batch."""
         kwargs.setdefault("mode", "text")
-        if isinstance(image, (list, tuple)):
+        if isinstance(image, (list, tuple)) and not self.is_video(image):  # a list of images (or videos)
             questions = [question] * len(image) if isinstance(question, str) else list(question)
             if len(questions) != len(image):
                 raise ValueError(f"got {len(image)} images but {len(questions)} questions")
@@ -583,10 +593,10 @@ class Pipeline:
 
     def caption(self, image, **kwargs):
         """A description of an image or a video (or a list of descriptions of a list of them)."""
-        items = image if isinstance(image, (list, tuple)) else [image]
+        many = isinstance(image, (list, tuple)) and not self.is_video(image)
         prompts = [self.config.video_caption_prompt if self.is_video(x) else self.config.caption_prompt
-                   for x in items]
-        return self.ask(image, prompts if isinstance(image, (list, tuple)) else prompts[0], **kwargs)
+                   for x in (image if many else [image])]
+        return self.ask(image, prompts if many else prompts[0], **kwargs)
 
 
 def _chunks(items: list, size: int):

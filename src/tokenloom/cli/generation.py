@@ -1,4 +1,4 @@
-"""The model verbs: info, demo, generate, chat, caption, ask, init-random."""
+"""The model verbs: info, demo, generate, generate-video, chat, caption, ask, init-random."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def _model_args(p) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
     p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, or int8 (dynamic int8 linears, CPU inference of "
+                                                        "large models) (default: as saved)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on GPUs)")
     speculative_args(p)
 
@@ -211,10 +212,61 @@ def run_generate(args) -> int:
     return 0
 
 
+# -- generate-video ---------------------------------------------------------------------------------------
+VIDEO_SUFFIXES = (".gif", ".webp")
+
+
+def generate_video_arguments(p) -> None:
+    p.add_argument("prompt", help="the video's description, e.g. 'a red circle moves from the top left to the center'")
+    p.add_argument("--out", required=True, help="output .gif or .webp (animated), or a folder for PNG frames")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: the model's video_frames, 6)")
+    p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the model's)")
+    p.add_argument("--fps", type=float, default=4, help="frames a second of the animated file (default: 4)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (1 = off)")
+    _sampling_args(p, image=True)
+    _model_args(p)
+
+
+def _video_path(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory named like a file; give another name")
+        _writable_dir(str(out.parent), "directory of --out")
+    elif out.suffix:
+        raise ValueError(f"--out {out}: unknown video extension {out.suffix!r}; use .gif, .webp or a folder name")
+    else:
+        _writable_dir(str(out), "--out")
+    return out
+
+
+def run_generate_video(args) -> int:
+    from ..video_io import MAX_FPS, MIN_FPS, write_video
+
+    check_at_least(args, "frames", "width", "height")
+    if not MIN_FPS <= args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be from {MIN_FPS} to {MAX_FPS}, got {args.fps}")
+    out = _video_path(args.out)  # checked before the model draws anything
+    seed = _seed(args)
+    pipe = _load(args)
+    video = pipe.generate_videos(args.prompt, frames=args.frames, width=args.width, height=args.height, seed=seed,
+                                 guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, progress=True)[0]
+    if not video:
+        print(f"{out}: the model drew no video", file=sys.stderr)
+        return 1
+    write_video(video, out, fps=args.fps)
+    print(out, flush=True)
+    return 0
+
+
 # -- chat, caption, ask -------------------------------------------------------------------------------------
 def chat_arguments(p) -> None:
     p.add_argument("prompt")
     p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    p.add_argument("--video", action="append", default=[],
+                   help="input video: an animated GIF / WebP or a folder of frames (repeatable)")
     p.add_argument("--out", required=True, help="output directory for index.md, index.html and PNGs")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
@@ -229,14 +281,17 @@ def _text_sampling(args) -> dict:
 
 
 def run_chat(args) -> int:
-    from ..document import Document, ImagePart, TextPart
+    from ..document import Document, ImagePart, TextPart, VideoPart
     from ..report import save_document
+    from ..video_io import read_video
 
     check_at_least(args, "max_new_tokens")
     out = _writable_dir(args.out, "--out")
     seed = _seed(args)
     pipe = _load(args)
-    user = pipe.user_document(args.prompt, args.image)
+    for path in args.video:
+        read_video(path)  # a bad file fails before the model loads
+    user = pipe.user_document(args.prompt, args.image + args.video)
     result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
                        image_temperature=args.image_temperature, image_top_k=args.image_top_k,
                        **_text_sampling(args))
@@ -251,19 +306,21 @@ def run_chat(args) -> int:
             name = f"image_{n_before + n:03d}.png" if part.pixels is not None else "not decoded"
             n += part.pixels is not None
             print(f"[image {part.width}x{part.height} codes: {out / name}]")
+        elif isinstance(part, VideoPart):
+            print(f"[video of {part.num_frames} frames of {part.width}x{part.height} codes]")
     if args.verbose:
         print(f"wrote {paths['markdown']} and {paths['html']}", file=sys.stderr)
     return 0
 
 
 def caption_arguments(p) -> None:
-    p.add_argument("image")
+    p.add_argument("image", help="an image, or a video (an animated GIF / WebP or a folder of frames)")
     _sampling_args(p)
     _model_args(p)
 
 
 def ask_arguments(p) -> None:
-    p.add_argument("image")
+    p.add_argument("image", help="an image, or a video (an animated GIF / WebP or a folder of frames)")
     p.add_argument("question")
     _sampling_args(p)
     _model_args(p)
@@ -271,10 +328,16 @@ def ask_arguments(p) -> None:
 
 def run_ask(args) -> int:
     from ..image_processing import load_image
+    from ..video_io import read_video
 
-    image = load_image(args.image)  # before the model loads: a bad file fails fast
+    # Read before the model loads, so a bad file fails fast; more than one frame is a video.
+    path = Path(args.image)
+    frames = read_video(path) if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES else None
+    image = frames if frames is not None and len(frames) > 1 else load_image(args.image)
     seed = _seed(args)
     pipe = _load(args)
+    if isinstance(image, list):
+        image = pipe.encode_video(image)
     if args.verb == "caption":
         print(pipe.caption(image, seed=seed, **_text_sampling(args)))
     else:

@@ -187,7 +187,8 @@ def eval_arguments(p) -> None:
     p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--out", required=True, help="output directory for report.json, summary.md, samples.png, edits.png")
     p.add_argument("--n", type=int, default=200, help="samples per task (default 200)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS) +
+                   " (default: every task the model can express; the video ones need video tokens)")
     p.add_argument("--seed", type=int, default=0, help="which held-out samples, and the seed of sampled draws")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
@@ -224,8 +225,8 @@ def run_eval(args) -> int:
     pipe.config.image_sampling = pipe.sampling("image", **overrides).to_dict()  # checks the values
     pipe.config.candidate_sampling = {**pipe.config.candidate_sampling, **overrides}
     pipe.sampling("candidate")  # checks the merged candidate settings
-    report = evaluate(pipe, args.out, n=args.n, tasks=[t for t in args.tasks.split(",") if t], seed=args.seed,
-                      batch_size=args.batch_size)
+    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    report = evaluate(pipe, args.out, n=args.n, tasks=tasks, seed=args.seed, batch_size=args.batch_size)
     print(json.dumps({k: v for k, v in report.items() if k == "scores" or k.endswith("_breakdown")}, indent=2))
     print(f"wrote {Path(args.out) / 'report.json'}, summary.md and the image grids", file=sys.stderr)
     return 0

@@ -4,10 +4,12 @@ continuous batching."""
 from .continuous import ContinuousBatcher
 from .engine import Engine
 from .request import MAX_GUIDANCE_SCALE, GenerationRequest, GenerationResult, check_guidance_scale, fresh_seed
-from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
+from .events import (Event, Finished, FrameDone, FrameRow, FrameStarted, ImageDone, ImageRow, ImageStarted, TextDelta,
+                     TurnEnd, VideoDone, VideoStarted)
 from .grammar import Grammar, GrammarTables
 from .sampling import SamplingParams, default_image_sampling, default_text_sampling
 
-__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "fresh_seed", "Engine", "ContinuousBatcher", "GenerationRequest", "GenerationResult",
-           "Event", "Finished", "ImageDone", "ImageRow", "ImageStarted", "TextDelta", "TurnEnd", "Grammar",
+__all__ = ["MAX_GUIDANCE_SCALE", "check_guidance_scale", "fresh_seed", "Engine", "ContinuousBatcher",
+           "GenerationRequest", "GenerationResult", "Event", "Finished", "FrameDone", "FrameRow", "FrameStarted",
+           "ImageDone", "ImageRow", "ImageStarted", "TextDelta", "TurnEnd", "VideoDone", "VideoStarted", "Grammar",
            "GrammarTables", "SamplingParams", "default_image_sampling", "default_text_sampling"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .events import Event
-from .grammar import AHEAD_CODE, AHEAD_END, AHEAD_EOL, AHEAD_NONE, CODES, END, HEIGHT, Grammar
+from .grammar import AHEAD_CODE, AHEAD_END, AHEAD_EOL, AHEAD_NONE, CODES, END, FLAGS, Grammar
 from .request import GenerationRequest, RequestOutput, fresh_seed
 from .sampling import apply_repetition_penalty, probabilities, sample
 from .speculative import accepted_lengths, draw, next_distribution, next_window
@@ -52,8 +52,8 @@ class _Running:
 
 
 def request_rows(request) -> list[tuple[int, list[int]]]:
-    """(kind, prompt ids) of a request's rows. Guidance acts inside image spans only, so a text-only
-    request gets no guidance rows whatever its scales say."""
+    """(kind, prompt ids) of a request's rows. Guidance acts inside image spans (and video frames)
+    only, so a text-only request gets no guidance rows whatever its scales say."""
     rows = [(COND, request.prompt_ids)]
     if request.mode != "text":
         three_way = request.image_guidance_scale is not None
@@ -79,7 +79,7 @@ class ContinuousBatcher:
         self._device = dev
         self._cache = None  # KVCache of rows x length, grown on demand (at most max_rows rows)
         # Per row (packed, first n): owner (index into _running), kind, next slot, RoPE position,
-        # the position a guidance row restarts from at each image, and the slots it sees.
+        # the position a guidance row restarts from at each image or video, and the slots it sees.
         self._owner = torch.zeros(0, dtype=torch.long, device=dev)
         self._kind = torch.zeros(0, dtype=torch.long, device=dev)
         self._length = torch.zeros(0, dtype=torch.long, device=dev)
@@ -227,7 +227,7 @@ class ContinuousBatcher:
             self._running.append(_Running(rid, r, torch.Generator(device=dev).manual_seed(seed),
                                           RequestOutput(rid, e, seed, r.decode_images)))
         grammar = Grammar(e.tables, [r.mode for _, r in new], [r.image_size for _, r in new],
-                          [r.max_new_tokens for _, r in new], dev)
+                          [r.max_new_tokens for _, r in new], dev, [r.video_frames for _, r in new])
         self._grammar = grammar if self._grammar is None else self._grammar.concat(grammar)
         self._seen = torch.cat([self._seen, torch.zeros((len(new), e.vocab.size), dtype=torch.bool, device=dev)])
         self._rebuild()
@@ -246,7 +246,8 @@ class ContinuousBatcher:
         state = grammar.state
         cond = self._guide.combine(logits[:, 0].float(), grammar)
         cond = cond.masked_fill(~grammar.allowed(), float("-inf"))
-        image_state = (state >= HEIGHT) & (state <= END)
+        # Inside an image or a video (its frames, and the tokens between them) the image settings apply.
+        image_state = grammar.visual()
         params = self._params
         cond = apply_repetition_penalty(cond, self._seen & ~image_state[:, None],
                                         params.pick("repetition_penalty", image_state))
@@ -279,16 +280,18 @@ class ContinuousBatcher:
         finished = [i for i, done in enumerate(grammar.done().tolist()) if done]
 
         # Rows go on from their request's last token (guidance rows follow their request); a request's
-        # accepted drafts are already in its rows' cache, so its next slot moves past them.
+        # accepted drafts are already in its rows' cache, so its next slot moves past them. A guidance
+        # row restarts where an image or a video begins (a video's frames see the frames before them)
+        # and sees that span's tokens only.
         row_tokens = torch.tensor([x[-1] for x in emitted], device=dev)[self._owner]
-        started = flags["started"][self._owner] & (self._kind != COND)
-        in_image = flags["in_image"][self._owner]
+        restart = flags["opened"][self._owner] & (self._kind != COND)
+        in_span = flags["in_span"][self._owner]
         if verifying:
             self._length = self._length + accepted[self._owner]
             self._next_pos = self._next_pos + accepted[self._owner]
         if finished:
             keep = self._remove(finished)
-            row_tokens, started, in_image = row_tokens[keep], started[keep], in_image[keep]
+            row_tokens, restart, in_span = row_tokens[keep], restart[keep], in_span[keep]
         n = self.running_rows
         if n:
             feeds = [run.feed for run in self._running]
@@ -297,11 +300,11 @@ class ContinuousBatcher:
             self._ensure_cache(n, int(slot.max()) + width)
             mask = self._key_mask_full[:n]
             rows = torch.arange(n, device=dev)
-            if bool(started.any()):
-                # A new image: a guidance row forgets everything after its own context.
+            if bool(restart.any()):
+                # A new image or video: a guidance row forgets everything after its own context.
                 after = torch.arange(mask.shape[1], device=dev)[None] >= self._aux_len[:, None]
-                mask &= ~(started[:, None] & after)
-                self._next_pos = torch.where(started, self._aux_start, self._next_pos)
+                mask &= ~(restart[:, None] & after)
+                self._next_pos = torch.where(restart, self._aux_start, self._next_pos)
             kv_length = int(slot.max()) + width
             if width == 1 and not self._drafted:
                 mask[rows, slot] = True  # every query sees its own slot during this forward
@@ -320,7 +323,7 @@ class ContinuousBatcher:
             self._logits = e.forward(ids, positions=self._next_pos[:, None] + offsets, kv_cache=self._cache.rows(n),
                                      cache_positions=slot[:, None] + offsets, key_mask=mask,
                                      kv_length=kv_length)[:, :, :e.vocab.size]
-            visible = (self._kind == COND) | in_image
+            visible = (self._kind == COND) | in_span
             mask[rows, slot] = visible
             self._length = self._length + 1
             self._next_pos = self._next_pos + visible.long()
@@ -381,7 +384,7 @@ class ContinuousBatcher:
     def _feed_accepted(self, verifying: list[int], emitted: list[list[int]], kinds: torch.Tensor,
                        accepted: torch.Tensor) -> list[Event]:
         """Events of the tokens after each verifying request's first (those the grammar took in one
-        `skip`): codes, end-of-lines and the image end of its fixed walk."""
+        `skip`): codes, end-of-lines and the image (or frame) end of its fixed walk."""
         t = self.engine.tables
         hw = list(zip(self._grammar.h.tolist(), self._grammar.w.tolist()))
         # A request's first token was a code or end-of-line (drafts never reach past the image end), so
@@ -397,14 +400,15 @@ class ContinuousBatcher:
                 row_done = kind == AHEAD_EOL if t.layout == "unirep" else (
                     kind == AHEAD_CODE and (len(run.output.codes) + 1) % w == 0)
                 ended = kind == AHEAD_END
-                row_flags = {"active": True, "started": False, "row_done": row_done, "ended": ended,
-                             "stopped": False, "truncated": False, "in_image": True}
+                row_flags = {**dict.fromkeys(FLAGS, False), "active": True, "row_done": row_done,
+                             "ended": ended, "in_span": True}
                 events += run.output.feed(token, END if ended else CODES, row_flags, (h, w))
         return events
 
     def _next_windows(self, emitted: list[list[int]], carry: dict[int, torch.Tensor]) -> None:
         """Each request's tokens for the next forward: its last token, then, for a speculative request
-        drawing codes, a window of drafts up to the image end (at most its speculative_window)."""
+        drawing codes, a window of drafts up to the image (or frame) end (at most its
+        speculative_window)."""
         t = self.engine.tables
         windows = [run.request.speculative_window if run.request.speculative else 0 for run in self._running]
         room = max(windows)
@@ -421,9 +425,11 @@ class ContinuousBatcher:
                 run.feed, run.drafts, run.proposals = [last], [], None
                 continue
             codes = [self._code_ids[c] for c in run.output.codes]
+            frames = run.output.frames
+            prior = [self._code_ids[c] for c in frames[-1].codes.ravel().tolist()] if frames else None
             run.drafts, run.proposals = next_window(carry.get(i), eol[i][:k], codes, int(self._grammar.w[i]),
                                                     run.request.speculative_init, self._uniform_codes, t.code_ids,
-                                                    t.end_of_line, run.generator)
+                                                    t.end_of_line, run.generator, prior)
             run.feed = [last] + run.drafts
 
     def _remove(self, gone: list[int]) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """One decode loop over one static KV cache for a whole batch.
 
 Rows of a batch may be in different states at once (one writing text while another draws an
-image); the cache is kept across every switch between text and image. Classifier-free guidance
-runs in the same forward: each guided request adds rows of its own (unconditional, and for
-three-way guidance image-only) that follow the request's tokens but see only the current image
-after their own short context. The visibility is a key mask over cache slots, so nothing is
-prefilled again when an image starts. The loop itself is `ContinuousBatcher.step`: a fixed batch
-is a continuous one whose requests all join at the first step.
+image or a video); the cache is kept across every switch between text, images and a video's
+frames (each frame attends to the frames before it, nothing is prefilled again). Classifier-free
+guidance runs in the same forward: each guided request adds rows of its own (unconditional, and
+for three-way guidance image-only) that follow the request's tokens but see only the current image
+(or video, its earlier frames included) after their own short context, and guide its codes. The
+visibility is a key mask over cache slots, so nothing is prefilled again when an image starts.
+The loop itself is `ContinuousBatcher.step`: a fixed batch is a continuous one whose requests all
+join at the first step.
 """
 
 from __future__ import annotations
@@ -97,9 +99,36 @@ class Engine:
                 if r.mode == "image" and self.tables.image_length(h, w) > r.max_new_tokens:
                     raise ValueError(f"request {i}: a {h}x{w} image needs {self.tables.image_length(h, w)} tokens, "
                                      f"more than max_new_tokens={r.max_new_tokens}")
+            self._validate_video(i, r)
             check_guidance_scale(r.guidance_scale, f"request {i}: guidance_scale")
             check_speculative(r.speculative, r.speculative_window, r.speculative_init, f"request {i}")
             if r.image_guidance_scale is not None:
                 check_guidance_scale(r.image_guidance_scale, f"request {i}: image_guidance_scale")
             if r.image_guidance_scale is not None and r.image_cond_prompt_ids is None:
                 raise ValueError(f"request {i}: image_guidance_scale needs image_cond_prompt_ids")
+
+    def _validate_video(self, i: int, r: GenerationRequest) -> None:
+        """Mode "video" and `video_frames` need video tokens, a frame count the vocabulary can say, and
+        room for the video in max_new_tokens (its smallest when the model chooses the count or size)."""
+        t = self.tables
+        if r.mode != "video" and r.video_frames is None:
+            return
+        if not t.has_video:
+            what = "mode 'video'" if r.mode == "video" else "video_frames"
+            raise ValueError(f"request {i}: {what} needs a model whose vocabulary has video tokens "
+                             "(video_begin, video_end) and size tokens to count frames; "
+                             "tokenloom.modalities.add_modality(pipe, 'video') adds them")
+        if r.video_frames is not None:
+            check_integer(r.video_frames, f"request {i}: video_frames", low=1, high=t.max_frames)
+            if r.mode not in ("video", "any"):
+                raise ValueError(f"request {i}: video_frames is for modes 'video' and 'any', not {r.mode!r}")
+        frames = r.video_frames or 1
+        if t.layout == "flat":
+            h, w = t.flat_grid
+        else:
+            h, w = r.image_size or (t.size_unit, t.size_unit)
+        need = t.video_length(frames, h, w)
+        if need > r.max_new_tokens:
+            what = f"{frames} frame{'s' * (frames > 1)} of {h}x{w}" if r.video_frames else f"one frame of {h}x{w}"
+            raise ValueError(f"request {i}: a video of {what} needs {need} tokens, "
+                             f"more than max_new_tokens={r.max_new_tokens}")

@@ -1,4 +1,10 @@
-"""Streaming events, one per thing a caller may want to show as it happens."""
+"""Streaming events, one per thing a caller may want to show as it happens.
+
+An image outside a video: ImageStarted, ImageRow per code row, ImageDone. A video: VideoStarted (once
+its frame count and frame size are known, at its first frame), then per frame FrameStarted,
+FrameRow per code row and FrameDone, then VideoDone. A video's frames are not images: they never
+emit the Image* events.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,37 @@ class ImageRow(Event):
 class ImageDone(Event):
     codes: np.ndarray
     image: Any  # PIL.Image.Image, or None without an image tokenizer
+
+
+@dataclass
+class VideoStarted(Event):
+    frames: int
+    height: int  # grid units, of every frame
+    width: int
+
+
+@dataclass
+class FrameStarted(Event):
+    index: int  # the frame's index in its video
+
+
+@dataclass
+class FrameRow(Event):
+    frame: int  # the frame's index in its video
+    index: int  # the code row's index in the frame
+    codes: np.ndarray
+
+
+@dataclass
+class FrameDone(Event):
+    index: int  # the frame's index in its video
+    codes: np.ndarray
+    image: Any  # PIL.Image.Image, or None without an image tokenizer (or with decode_images off)
+
+
+@dataclass
+class VideoDone(Event):
+    video: Any  # VideoPart, its pixels the frames' images (None where they were not decoded)
 
 
 @dataclass

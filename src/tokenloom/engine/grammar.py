@@ -1,4 +1,4 @@
-"""The per-row grammar that keeps every generated image well formed.
+"""The per-row grammar that keeps every generated image and video well formed.
 
 State lives in tensors, one entry per row, and the allowed-token mask of a step
 is built from a few precomputed vocabulary masks with vectorised operations: no
@@ -6,12 +6,23 @@ Python loop over rows or over the vocabulary.
 
     TEXT --image_begin--> HEIGHT --size--> WIDTH --size--> CODES --...--> END --image_end--> TEXT
     (flat layout: TEXT --image_begin--> CODES, the grid fixed)
+    TEXT --video_begin--> COUNT --size(F)--> FRAME --image_begin--> (a frame: HEIGHT ... END as above)
+        END --image_end--> FRAME                  while frames of the video remain
+        END --image_end--> VIDEO_END --video_end--> TEXT   after the last frame
     TEXT --eos/turn_end--> DONE
 
 In `unirep`, each row of codes is closed by end-of-line (forced when the row is
 full) and image end is forced after the last row. Image begin is allowed only
 while a whole image still fits in the row's remaining token budget, and the
 size tokens offered are only those whose image fits.
+
+A video is F frames of one size (`formats`: the frame count is the size token of
+index F). Video begin is allowed only while a whole minimal video fits; the count
+(forced when the request fixes it) only while its F minimal frames fit; the first
+frame's size (forced when the request fixes it) only while F frames of that size
+fit; every later frame's size is forced to the first's. So a video, once begun,
+always closes within the budget. Inside a frame the grammar is an image's: the
+same states, guidance and speculative walk.
 """
 
 from __future__ import annotations
@@ -20,13 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..document import MAX_FRAMES
 from ..vocab import Vocabulary
 
-TEXT, HEIGHT, WIDTH, CODES, END, DONE = range(6)
-MODES = ("text", "image", "any")
+TEXT, HEIGHT, WIDTH, CODES, END, COUNT, FRAME, VIDEO_END, DONE = range(9)
+# States strictly between TEXT and DONE are inside a visual span (an image, or a video and its frames).
+MODES = ("text", "image", "video", "any")
 # What the grammar forces at a position ahead inside an image (`Grammar.lookahead`): a free code, an
 # end-of-line, the image end, or nothing known (past the image, or not in one).
 AHEAD_CODE, AHEAD_EOL, AHEAD_END, AHEAD_NONE = range(4)
+UNLIMITED = 1 << 30
+# Per-row flags `Grammar.advance` returns (the events and the batcher read them).
+FLAGS = ("active", "started", "row_done", "ended", "video_started", "video_ended", "stopped", "truncated",
+         "opened", "in_span")
 
 
 @dataclass
@@ -45,9 +62,12 @@ class GrammarTables:
     image_begin: int
     image_end: int
     end_of_line: int | None
-    final_stop: int  # what a row in "image" mode emits after its image
+    final_stop: int  # what a row in "image" or "video" mode emits after its span
     idle: int  # fed to finished rows
     code_ids: torch.Tensor  # [C] token id of each code
+    video_begin: int | None = None  # None: this vocabulary cannot write videos (no row starts one)
+    video_end: int | None = None
+    max_frames: int = 0  # the largest frame count a size token can say (0 without video tokens)
 
     @classmethod
     def build(cls, vocab: Vocabulary, layout: str, flat_grid: tuple[int, int] | None, device) -> "GrammarTables":
@@ -68,10 +88,18 @@ class GrammarTables:
         if len(size_ids):
             size_value[size_ids] = torch.arange(1, len(size_ids) + 1) * unit
         idle = vocab.pad if vocab.pad is not None else stops[-1]
+        # A video's frame count is a size token: without size tokens there is no way to say it.
+        video = vocab.has_video and vocab.max_grid_size > 0
         return cls(layout, tuple(flat_grid) if flat_grid else None, vocab.size, text_mask.to(device),
                    vocab.code_mask.to(device), size_ids.to(device), size_value.to(device),
                    unit, torch.tensor(stops, dtype=torch.long, device=device), vocab.image_begin, vocab.image_end,
-                   vocab.end_of_line, stops[0], idle, torch.as_tensor(vocab.code_ids, dtype=torch.long, device=device))
+                   vocab.end_of_line, stops[0], idle, torch.as_tensor(vocab.code_ids, dtype=torch.long, device=device),
+                   vocab.video_begin if video else None, vocab.video_end if video else None,
+                   min(MAX_FRAMES, vocab.max_grid_size) if video else 0)
+
+    @property
+    def has_video(self) -> bool:
+        return self.video_begin is not None
 
     @property
     def max_grid(self) -> int:
@@ -84,19 +112,29 @@ class GrammarTables:
             return height * width + 2
         return height * (width + 1) + 4
 
+    def video_length(self, frames: int, height: int, width: int) -> int:
+        """Tokens of one video: begin, the frame count, the frames, end."""
+        return frames * self.image_length(height, width) + 3
+
 
 class Grammar:
-    """Grammar state for B rows. `mode`: "text" (no images), "image" (exactly one image
-    and nothing else) or "any" (interleaved). `image_size`: (height, width) in code
-    rows/columns to force, or None to let the model choose (unirep only)."""
+    """Grammar state for B rows. `mode`: "text" (no images or videos), "image" (exactly one
+    image and nothing else), "video" (exactly one video and nothing else) or "any"
+    (interleaved). `image_size`: (height, width) in code rows/columns to force (of an image or
+    of a video's frames), or None to let the model choose (unirep only). `video_frames`: the
+    frame count to force, or None to let the model choose."""
 
     def __init__(self, tables: GrammarTables, modes: list[str], image_sizes: list[tuple[int, int] | None],
-                 budgets: list[int], device):
+                 budgets: list[int], device, video_frames: list[int | None] | None = None):
         self.t = tables
         b = len(modes)
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown generation mode(s) {bad}; expected one of {MODES}")
+        if "video" in modes and not tables.has_video:
+            raise ValueError("mode 'video' needs a vocabulary with video tokens (video_begin, video_end) "
+                             "and size tokens to count frames")
+        video_frames = video_frames or [None] * b
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -109,30 +147,37 @@ class Grammar:
         fixed = [s if s is not None else (0, 0) for s in image_sizes]
         self.fixed_h = tensor([s[0] for s in fixed])
         self.fixed_w = tensor([s[1] for s in fixed])
+        self.fixed_f = tensor([f or 0 for f in video_frames])
         self.state = torch.full((b,), TEXT, dtype=torch.long, device=device)
         self.h = self.fixed_h.clone()
         self.w = self.fixed_w.clone()
         self.row = torch.zeros(b, dtype=torch.long, device=device)
         self.col = torch.zeros(b, dtype=torch.long, device=device)
         self.remaining = tensor(budgets)
-        self.images_done = torch.zeros(b, dtype=torch.long, device=device)
-        self.allow_text = torch.tensor([m != "image" for m in modes], device=device)
-        self.allow_image = torch.tensor([m != "text" for m in modes], device=device)
-        self.max_images = tensor([1 if m == "image" else (0 if m == "text" else 1 << 30) for m in modes])
+        self.images_done = torch.zeros(b, dtype=torch.long, device=device)  # images outside videos
+        self.videos_done = torch.zeros(b, dtype=torch.long, device=device)
+        self.in_video = torch.zeros(b, dtype=torch.bool, device=device)
+        self.frames = torch.zeros(b, dtype=torch.long, device=device)  # the current video's frame count
+        self.frame = torch.zeros(b, dtype=torch.long, device=device)  # frames of it already closed
+        self.allow_text = torch.tensor([m in ("text", "any") for m in modes], device=device)
+        self.max_images = tensor([{"image": 1, "any": UNLIMITED}.get(m, 0) for m in modes])
+        self.max_videos = tensor([{"video": 1, "any": UNLIMITED}.get(m, 0) if tables.has_video else 0
+                                  for m in modes])
         if tables.layout == "unirep":
             bad = [s for s in image_sizes if s is not None and (s[0] % tables.size_unit or s[1] % tables.size_unit)]
             if bad:
                 raise ValueError(f"image sizes {bad} are not multiples of the size unit {tables.size_unit}")
-        # Code rows/columns each size token stands for, in size-token order.
-        self.sizes = torch.arange(1, tables.size_ids.numel() + 1, device=device) * tables.size_unit
+        # Code rows/columns each size token stands for, in size-token order; and the frame count.
+        self.counts = torch.arange(1, tables.size_ids.numel() + 1, device=device)
+        self.sizes = self.counts * tables.size_unit
 
-    ROW_STATE = ("fixed_h", "fixed_w", "state", "h", "w", "row", "col", "remaining", "images_done", "allow_text",
-                 "allow_image", "max_images")
+    ROW_STATE = ("fixed_h", "fixed_w", "fixed_f", "state", "h", "w", "row", "col", "remaining", "images_done",
+                 "videos_done", "in_video", "frames", "frame", "allow_text", "max_images", "max_videos")
 
     def select(self, rows: torch.Tensor) -> "Grammar":
         """The grammar of some rows (in the given order): requests leaving a running batch."""
         out = object.__new__(Grammar)
-        out.t, out.sizes = self.t, self.sizes
+        out.t, out.sizes, out.counts = self.t, self.sizes, self.counts
         for name in self.ROW_STATE:
             setattr(out, name, getattr(self, name)[rows])
         return out
@@ -140,7 +185,7 @@ class Grammar:
     def concat(self, other: "Grammar") -> "Grammar":
         """This grammar's rows followed by another's: requests joining a running batch."""
         out = object.__new__(Grammar)
-        out.t, out.sizes = self.t, self.sizes
+        out.t, out.sizes, out.counts = self.t, self.sizes, self.counts
         for name in self.ROW_STATE:
             setattr(out, name, torch.cat([getattr(self, name), getattr(other, name)]))
         return out
@@ -151,50 +196,78 @@ class Grammar:
         w = torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit)
         return h * w + 2 if self.t.layout == "flat" else h * (w + 1) + 4
 
+    def min_video_length(self) -> torch.Tensor:
+        return torch.where(self.fixed_f > 0, self.fixed_f, 1) * self.min_image_length() + 3
+
+    def _image_length(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return h * w + 2 if self.t.layout == "flat" else h * (w + 1) + 4
+
     def allowed(self) -> torch.Tensor:
         """Bool [B, V]: the tokens each row may emit now."""
         t, s = self.t, self.state
         b = s.shape[0]
         allowed = torch.zeros(b, t.vocab_size, dtype=torch.bool, device=s.device)
         in_text = s == TEXT
-        want_image = self.images_done < self.max_images
-        begin_ok = in_text & self.allow_image & want_image & (self.remaining >= self.min_image_length())
+        image_len = self.min_image_length()
         allowed |= (in_text & self.allow_text)[:, None] & t.text_mask[None]
-        allowed[:, t.image_begin] |= begin_ok
+        allowed[:, t.image_begin] |= (in_text & (self.images_done < self.max_images) & (self.remaining >= image_len)
+                                      ) | (s == FRAME)
+        size_ok = torch.zeros(b, self.counts.numel(), dtype=torch.bool, device=s.device)
+        if t.has_video:
+            allowed[:, t.video_begin] |= in_text & (self.videos_done < self.max_videos) & (
+                self.remaining >= self.min_video_length())
+            allowed[:, t.video_end] |= s == VIDEO_END
+            # Frame counts: the forced one, or every count whose minimal frames (and video end) fit.
+            n = self.counts[None]
+            count_ok = torch.where(self.fixed_f[:, None] > 0, n == self.fixed_f[:, None],
+                                   n * image_len[:, None] + 2 <= self.remaining[:, None]) & (n <= t.max_frames)
+            size_ok |= (s == COUNT)[:, None] & count_ok
         in_codes = s == CODES
         if t.layout == "unirep":
             need_eol = in_codes & (self.col == self.w)
             allowed |= (in_codes & ~need_eol)[:, None] & t.code_mask[None]
             allowed[:, t.end_of_line] |= need_eol
-            # Size tokens: the forced one, or every size whose image fits the budget.
+            # Size tokens: the forced one (a video's later frames take its first frame's size), or every
+            # size whose image fits the budget, with the video's later frames and its end where in one.
+            later = self.in_video & (self.frame > 0)
+            force_h = torch.where(later, self.h, self.fixed_h)[:, None]
+            force_w = torch.where(later, self.w, self.fixed_w)[:, None]
+            after = torch.where(self.in_video, self.frames - self.frame - 1, 0)[:, None]
+            tail = self.in_video.long()[:, None]
             n = self.sizes[None]
-            w_min = torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit)[:, None]
-            h_ok = torch.where(self.fixed_h[:, None] > 0, n == self.fixed_h[:, None],
-                               n * (w_min + 1) + 3 <= self.remaining[:, None])
-            w_ok = torch.where(self.fixed_w[:, None] > 0, n == self.fixed_w[:, None],
-                               self.h[:, None] * (n + 1) + 2 <= self.remaining[:, None])
-            sizes_ok = ((s == HEIGHT)[:, None] & h_ok) | ((s == WIDTH)[:, None] & w_ok)
-            allowed[:, t.size_ids] |= sizes_ok
+            len_h = self._image_length(n, torch.where(force_w > 0, force_w, t.size_unit))
+            len_w = self._image_length(self.h[:, None], n)
+            remaining = self.remaining[:, None]
+            h_ok = torch.where(force_h > 0, n == force_h, len_h - 1 + after * len_h + tail <= remaining)
+            w_ok = torch.where(force_w > 0, n == force_w, len_w - 2 + after * len_w + tail <= remaining)
+            size_ok |= ((s == HEIGHT)[:, None] & h_ok) | ((s == WIDTH)[:, None] & w_ok)
         else:
             allowed |= in_codes[:, None] & t.code_mask[None]
+        allowed[:, t.size_ids] |= size_ok
         allowed[:, t.image_end] |= s == END
         allowed[:, t.idle] |= s == DONE
-        # A row left with nothing (an "image" row after its image, or one whose image no longer fits) stops.
+        # A row left with nothing (an "image" or "video" row after its span, or one whose span no longer
+        # fits) stops.
         allowed[:, t.final_stop] |= ~allowed.any(-1)
         return allowed
+
+    def visual(self) -> torch.Tensor:
+        """Rows inside an image or a video (they sample with their request's image settings)."""
+        return (self.state > TEXT) & (self.state < DONE)
 
     def in_codes(self) -> torch.Tensor:
         return self.state == CODES
 
     def image_progress(self) -> torch.Tensor:
-        """Fraction of the current image's codes already emitted (for guidance intervals)."""
+        """Fraction of the current image's (or frame's) codes already emitted (for guidance intervals)."""
         done = self.row * self.w + self.col.clamp(max=self.w)
         return done.float() / (self.h * self.w).clamp(min=1).float()
 
     def lookahead(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the next n tokens of each row drawing an image are: kinds [B, n] (AHEAD_*) and the
-        image progress [B, n] before each (as `image_progress` will say then). Inside an image the
-        grammar is a fixed walk over the grid, so this needs no advancing."""
+        """What the next n tokens of each row drawing an image (or a frame) are: kinds [B, n] (AHEAD_*)
+        and the image progress [B, n] before each (as `image_progress` will say then). Inside an image
+        the grammar is a fixed walk over the grid, so this needs no advancing. Past the image end
+        nothing is known (AHEAD_NONE), also inside a video: the next frame begins one token at a time."""
         h, w = self.h[:, None], self.w[:, None]
         flat, row_len, area = self._walk(torch.arange(n, device=self.state.device)[None])
         if self.t.layout == "unirep":
@@ -211,13 +284,34 @@ class Grammar:
         return kind, progress
 
     # -- advancing --------------------------------------------------------------------------
+    def _after_image(self) -> torch.Tensor:
+        """The state after an image end: text, or in a video the next frame or the video's end."""
+        return torch.where(self.in_video, torch.where(self.frame + 1 < self.frames, FRAME, VIDEO_END), TEXT)
+
     def advance(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Consume one token per row; returns per-row flags describing what happened."""
+        """Consume one token per row; returns per-row flags (`FLAGS`) describing what happened:
+        `started`/`ended` an image or a frame opened/closed, `video_started`/`video_ended` a video,
+        `opened` a span (image or video) begun from text (guidance rows restart there), `in_span` the
+        token belongs to a span (guidance rows see it)."""
         t, s = self.t, self.state
         active = s != DONE
         new = s.clone()
-        started = (s == TEXT) & (tokens == t.image_begin)
+        started = ((s == TEXT) | (s == FRAME)) & (tokens == t.image_begin)
         stopped = (s == TEXT) & torch.isin(tokens, t.stop_ids)
+        video_started = torch.zeros_like(started)
+        video_ended = torch.zeros_like(started)
+        if t.has_video:
+            video_started = (s == TEXT) & (tokens == t.video_begin)
+            new = torch.where(video_started, COUNT, new)
+            self.in_video = self.in_video | video_started
+            self.frame = torch.where(video_started, 0, self.frame)
+            got_count = s == COUNT
+            # The count is the size token's index (it counts frames, not size units).
+            self.frames = torch.where(got_count, t.size_value[tokens] // t.size_unit, self.frames)
+            new = torch.where(got_count, FRAME, new)
+            video_ended = (s == VIDEO_END) & (tokens == t.video_end)
+        self.row = torch.where(started, 0, self.row)
+        self.col = torch.where(started, 0, self.col)
         if t.layout == "unirep":
             new = torch.where(started, HEIGHT, new)
             got_h = s == HEIGHT
@@ -226,8 +320,6 @@ class Grammar:
             got_w = s == WIDTH
             self.w = torch.where(got_w, t.size_value[tokens], self.w)
             new = torch.where(got_w, CODES, new)
-            self.row = torch.where(started, 0, self.row)
-            self.col = torch.where(started, 0, self.col)
             code = (s == CODES) & (tokens != t.end_of_line)
             eol = (s == CODES) & (tokens == t.end_of_line)
             self.col = torch.where(code, self.col + 1, torch.where(eol, 0, self.col))
@@ -235,8 +327,6 @@ class Grammar:
             row_done = eol
         else:
             new = torch.where(started, CODES, new)
-            self.row = torch.where(started, 0, self.row)
-            self.col = torch.where(started, 0, self.col)
             code = s == CODES
             wrap = code & (self.col + 1 == self.w)
             self.col = torch.where(code, torch.where(wrap, 0, self.col + 1), self.col)
@@ -245,29 +335,38 @@ class Grammar:
         image_full = (s == CODES) & row_done & (self.row == self.h)
         new = torch.where(image_full, END, new)
         ended = (s == END) & (tokens == t.image_end)
-        new = torch.where(ended, TEXT, new)
-        self.images_done = self.images_done + ended.long()
+        new = torch.where(ended, self._after_image(), new)
+        self.images_done = self.images_done + (ended & ~self.in_video).long()
+        self.frame = self.frame + (ended & self.in_video).long()
+        new = torch.where(video_ended, TEXT, new)
+        self.in_video = self.in_video & ~video_ended
+        self.videos_done = self.videos_done + video_ended.long()
         new = torch.where(stopped, DONE, new)
         self.remaining = self.remaining - active.long()
         truncated = active & (new != DONE) & (self.remaining <= 0)
         new = torch.where(truncated, DONE, new)
         self.state = torch.where(active, new, s)
-        in_image = active & (self.state >= HEIGHT) & (self.state <= END)
-        return {"active": active, "started": started & active, "row_done": row_done & active,
-                "ended": ended & active, "stopped": stopped & active, "truncated": truncated,
-                "in_image": in_image | (ended & active)}
+        opened = (started & (s == TEXT)) | video_started
+        # A span's tokens: everything emitted from inside one (its closing tokens too) and its opening one.
+        in_span = ((s > TEXT) & (s < DONE)) | opened
+        flags = {"started": started, "row_done": row_done, "ended": ended, "video_started": video_started,
+                 "video_ended": video_ended, "stopped": stopped, "opened": opened, "in_span": in_span}
+        return {"active": active, "truncated": truncated, **{k: v & active for k, v in flags.items()}}
 
     def skip(self, n: torch.Tensor) -> None:
-        """Advance rows drawing an image by n [B] tokens of its fixed walk (codes, end-of-lines, the image
-        end) at once: the tokens a row accepted in a speculative step, all of which the grammar allowed."""
+        """Advance rows drawing an image (or a frame) by n [B] tokens of its fixed walk (codes,
+        end-of-lines, the image end) at once: the tokens a row accepted in a speculative step, all of
+        which the grammar allowed. A window never passes the image end, so at most its last token is it."""
         go = n > 0
         flat, row_len, area = self._walk(n)
         at = torch.minimum(flat, area)
-        state = torch.where(flat < area, CODES, torch.where(flat == area, END, TEXT))
+        closed = go & (flat > area)
+        state = torch.where(flat < area, CODES, torch.where(flat == area, END, self._after_image()))
         self.state = torch.where(go, state, self.state)
         self.row = torch.where(go, at // row_len.clamp(min=1), self.row)
         self.col = torch.where(go, at % row_len.clamp(min=1), self.col)
-        self.images_done = self.images_done + (go & (flat > area)).long()
+        self.images_done = self.images_done + (closed & ~self.in_video).long()
+        self.frame = self.frame + (closed & self.in_video).long()
         self.remaining = self.remaining - n
 
     def _walk(self, ahead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..document import Document, ImagePart, TextPart
-from .events import Event, Finished, ImageDone, ImageRow, ImageStarted, TextDelta, TurnEnd
-from .grammar import CODES, END, HEIGHT, WIDTH
+from ..document import Document, ImagePart, TextPart, VideoPart
+from .events import (Event, Finished, FrameDone, FrameRow, FrameStarted, ImageDone, ImageRow, ImageStarted, TextDelta,
+                     TurnEnd, VideoDone, VideoStarted)
+from .grammar import CODES, COUNT, END, TEXT, WIDTH
 from .sampling import SamplingParams
 
 MAX_GUIDANCE_SCALE = 20.0  # far past any useful scale; larger ones only amplify noise into garbage
@@ -35,8 +36,9 @@ class GenerationRequest:
     """One prompt to continue. `prompt_ids` already formatted (bos, turns, generation role)."""
 
     prompt_ids: list[int]
-    mode: str = "any"
-    image_size: tuple[int, int] | None = None  # (height, width) in grid units, forced when given
+    mode: str = "any"  # "text", "image" (one image only), "video" (one video only) or "any"
+    image_size: tuple[int, int] | None = None  # (height, width) in grid units, forced when given (video frames too)
+    video_frames: int | None = None  # frames of a video, forced when given (modes "video" and "any")
     max_new_tokens: int = 256
     text: SamplingParams = field(default_factory=SamplingParams)
     image: SamplingParams = field(default_factory=SamplingParams)
@@ -68,6 +70,15 @@ class GenerationResult:
         return [p.pixels for p in self.image_parts]
 
     @property
+    def video_parts(self) -> list[VideoPart]:
+        return [p for p in self.document.parts if isinstance(p, VideoPart)]
+
+    @property
+    def videos(self):
+        """Each video's frames as PIL images (None for a video whose frames were not decoded)."""
+        return [p.pixels for p in self.video_parts]
+
+    @property
     def text(self) -> str:
         return self.document.text
 
@@ -81,9 +92,11 @@ class RequestOutput:
         self.parts: list = []
         self.text_ids: list[int] = []
         self.text_sent = ""
-        self.codes: list[int] = []
+        self.codes: list[int] = []  # the current image's (or frame's) codes, row-major
         self.rows: list[list[int]] = []
         self.size: tuple[int, int] | None = None
+        self.frames: list[ImagePart] | None = None  # the closed frames of the video being drawn; None outside one
+        self.frame_count = 0
 
     def _flush_text(self, final: bool) -> list[Event]:
         if not self.text_ids:
@@ -100,28 +113,56 @@ class RequestOutput:
             self.text_ids, self.text_sent = [], ""
         return events
 
+    def _image_started(self) -> list[Event]:
+        """The current image's (or frame's) size is known: its start events."""
+        if self.frames is None:
+            return [ImageStarted(self.index, *self.size)]
+        k = len(self.frames)
+        head = [VideoStarted(self.index, self.frame_count, *self.size)] if k == 0 else []
+        return head + [FrameStarted(self.index, k)]
+
+    def _image_done(self) -> list[Event]:
+        h, w = self.size
+        grid = np.array(self.codes, dtype=np.int64).reshape(h, w)
+        pixels = self.engine.decode_image(grid) if self.decode_images else None
+        if self.frames is None:
+            self.parts.append(ImagePart(grid, pixels=pixels))
+            return [ImageDone(self.index, grid, pixels)]
+        self.frames.append(ImagePart(grid, pixels=pixels))
+        return [FrameDone(self.index, len(self.frames) - 1, grid, pixels)]
+
+    def _video_done(self) -> list[Event]:
+        pixels = [f.pixels for f in self.frames]
+        video = VideoPart(self.frames, pixels=None if any(p is None for p in pixels) else pixels)
+        self.parts.append(video)
+        self.frames = None
+        return [VideoDone(self.index, video)]
+
     def feed(self, token: int, state_before: int, flags: dict[str, bool], grammar_hw: tuple[int, int]) -> list[Event]:
         e = self.engine
         self.ids.append(token)
         events: list[Event] = []
-        if flags["started"]:
+        if flags["video_started"]:
+            events += self._flush_text(final=True)
+            self.frames = []
+        elif state_before == COUNT:
+            self.frame_count = e.vocab.size_of_token(token)
+        elif flags["started"]:
             events += self._flush_text(final=True)
             self.codes, self.rows = [], []
             if e.tables.layout == "flat":
                 self.size = e.tables.flat_grid
-                events.append(ImageStarted(self.index, *self.size))
+                events += self._image_started()
         elif state_before == WIDTH:
             self.size = grammar_hw
-            events.append(ImageStarted(self.index, *self.size))
+            events += self._image_started()
         elif state_before == CODES and token != e.tables.end_of_line:
             self.codes.append(int(e.vocab.ids_to_codes(np.array([token]))[0]))
         elif state_before == END and flags["ended"]:
-            h, w = self.size
-            grid = np.array(self.codes, dtype=np.int64).reshape(h, w)
-            pixels = e.decode_image(grid) if self.decode_images else None
-            self.parts.append(ImagePart(grid, pixels=pixels))
-            events.append(ImageDone(self.index, grid, pixels))
-        elif state_before not in (HEIGHT, WIDTH, CODES, END) and not flags["stopped"]:
+            events += self._image_done()
+        elif flags["video_ended"]:
+            events += self._video_done()
+        elif state_before == TEXT and not flags["stopped"]:
             self.text_ids.append(token)
             events += self._flush_text(final=False)
         if flags["row_done"]:
@@ -129,7 +170,8 @@ class RequestOutput:
             r = len(self.rows)
             row = np.array(self.codes[r * w:(r + 1) * w], dtype=np.int64)
             self.rows.append(row.tolist())
-            events.append(ImageRow(self.index, r, row))
+            events.append(ImageRow(self.index, r, row) if self.frames is None else
+                          FrameRow(self.index, len(self.frames), r, row))
         if flags["stopped"] or flags["truncated"]:
             events += self._flush_text(final=True)
             if flags["stopped"] and token == e.vocab.turn_end:

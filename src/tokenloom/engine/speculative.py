@@ -13,12 +13,14 @@ Jacobi: the proposals of the positions after a rejection are the distributions t
 computed there (conditioned on drafts that turned out wrong, but usually close): draws from them
 are the next drafts. Positions new to the window start from `init`: "random" (uniform over the
 codes, as SJD starts), or "above" (the code one row up, else the one to the left: a one-hot
-proposal; images repeat their rows far more often than chance).
+proposal; images repeat their rows far more often than chance; in a video's later frames, the code
+at the same place in the frame before: consecutive frames repeat each other more than their rows).
 
 Each row accepts its own number of codes; its KV cache "rolls back" by moving its next slot to
 the first rejected draft (the key mask hides slots past it until they are written again).
 End-of-line and image end are drafts the grammar forces (q one-hot, always accepted); a window
-never runs past the image end, so every code drawn here is drawn with the image's sampling.
+never runs past the image end, so every code drawn here is drawn with the image's sampling. A
+video's frames are images to this: a window never runs past a frame's end either.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 def next_window(carry: torch.Tensor | None, eol: list[bool], codes: list[int], width: int, init: str,
                 uniform: torch.Tensor, code_ids: torch.Tensor, end_of_line: int | None,
-                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
+                generator: torch.Generator | None, prior: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
     """One row's drafts for its next window and their proposals [k, V], k = len(eol) (True where the
     grammar forces end-of-line). The first positions draw from `carry` (Jacobi: the distributions the
     last forward computed there), the rest start from `init` after this image's `codes` (token ids,
-    row-major, `width` per row); `uniform` is the uniform proposal over the codes."""
+    row-major, `width` per row); `uniform` is the uniform proposal over the codes; `prior`: the frame
+    before in a video (token ids, row-major), which "above" copies."""
     k = len(eol)
     q = torch.zeros((k, uniform.numel()), device=uniform.device)
     c = 0 if carry is None else min(len(carry), k)
@@ -90,7 +93,11 @@ def next_window(carry: torch.Tensor | None, eol: list[bool], codes: list[int], w
             q[j, end_of_line] = 1.0
             continue
         i = len(grid)
-        guess = (grid[i - width] if i >= width else grid[i - 1]) if init == "above" and i else None
+        guess = None
+        if init == "above" and prior:
+            guess = prior[i]
+        elif init == "above" and i:
+            guess = grid[i - width] if i >= width else grid[i - 1]
         if guess is None:
             guess = int(code_ids[torch.randint(len(code_ids), (1,), generator=generator, device=code_ids.device)])
             q[j] = uniform
