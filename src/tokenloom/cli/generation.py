@@ -290,7 +290,7 @@ def run_chat(args) -> int:
     seed = _seed(args)
     pipe = _load(args)
     for path in args.video:
-        read_video(path)  # a bad file fails before the model loads
+        read_video(path, min_frames=2)  # a bad file fails before the model loads; one frame is an --image
     user = pipe.user_document(args.prompt, args.image + args.video)
     result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
                        image_temperature=args.image_temperature, image_top_k=args.image_top_k,

@@ -1,0 +1,114 @@
+"""Video through the pipeline, the command line and the evaluation, on the small random pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenloom.cli import main
+from tokenloom.document import VideoPart
+from tokenloom.evaluation import default_tasks, evaluate
+from tokenloom.video_io import read_video, write_video
+from tokenloom.world.video import Motion, Video, render_video
+
+SIDE = 32  # the random pipeline's image size
+
+
+@pytest.fixture(scope="module")
+def model_dir(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    pipe.save_pretrained(path)
+    return path
+
+
+def _video(frames: int = 4) -> Video:
+    motion = Motion("red", "circle", "large", "left", "right", frames)
+    return Video([f.resize((SIDE, SIDE)) for f in render_video(motion)])
+
+
+def test_generate_videos_is_seeded_and_well_formed(pipe) -> None:
+    a = pipe.generate_videos(["a red circle moves from the left to the right", "x"], frames=3, seed=5)
+    b = pipe.generate_videos(["a red circle moves from the left to the right", "x"], frames=3, seed=5)
+    assert [len(v) for v in a] == [3, 3] and all(f.size == (SIDE, SIDE) for v in a for f in v)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for v, w in zip(a, b) for x, y in zip(v, w))
+    # the same draw as a chat request of mode "video" with that seed
+    result = pipe.chat("x", mode="video", video_frames=3, seed=6)
+    assert np.array_equal(np.asarray(result.videos[0][2]), np.asarray(a[1][2]))
+    with pytest.raises(ValueError, match="frames"):
+        pipe.generate_videos("x", frames=0)
+
+
+def test_videos_are_told_from_images_everywhere(pipe, tmp_path) -> None:
+    video = _video()
+    write_video(video, tmp_path / "clip.gif")
+    write_video(video, tmp_path / "frames")
+    video[0].save(tmp_path / "still.png")
+    for x in (video, pipe.encode_video(video), tmp_path / "clip.gif", str(tmp_path / "frames")):
+        assert pipe.is_video(x)
+    assert not pipe.is_video(tmp_path / "still.png") and not pipe.is_video(video[0])
+    doc = pipe.user_document("Describe the video.", tmp_path / "clip.gif")
+    assert isinstance(doc.parts[0], VideoPart) and doc.parts[0].num_frames == 4
+    # one video is one caption; a list of a video and an image is two
+    assert isinstance(pipe.caption(video, max_new_tokens=3), str)
+    assert len(pipe.caption([video, video[0]], max_new_tokens=3)) == 2
+    with pytest.raises(ValueError, match="one size"):
+        pipe.encode_video([video[0], video[1].resize((48, 32))])
+
+
+def test_generate_video_verb(model_dir, tmp_path, capsys) -> None:
+    base = ["--model", str(model_dir), "--frames", "3", "--seed", "1"]
+    assert main(["generate-video", "a red circle moves", "--out", str(tmp_path / "v.gif"), *base]) == 0
+    assert len(read_video(tmp_path / "v.gif")) == 3
+    assert main(["generate-video", "a red circle moves", "--out", str(tmp_path / "frames"), *base]) == 0
+    assert len(read_video(tmp_path / "frames")) == 3
+    cases = [(["--out", str(tmp_path / "v.mp4")], "unknown video extension"),
+             (["--out", str(tmp_path / "w.gif"), "--fps", "500"], "--fps must be"),
+             (["--out", str(tmp_path / "w.gif"), "--frames", "300"], "1 to 64 frames"),
+             (["--out", str(tmp_path / "w.gif"), "--frames", "60", "--width", "256", "--height", "256"], "context")]
+    for extra, message in cases:
+        capsys.readouterr()
+        args = ["generate-video", "x", "--model", str(model_dir), *extra]
+        assert main(args) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "w.gif").exists()
+
+
+def test_caption_ask_and_chat_take_video_files(model_dir, tmp_path, capsys) -> None:
+    video = _video()
+    write_video(video, tmp_path / "clip.gif")
+    write_video(video[:1], tmp_path / "one.gif")
+    model = ["--model", str(model_dir), "--seed", "0"]
+    assert main(["caption", str(tmp_path / "clip.gif"), *model]) == 0
+    assert main(["ask", str(tmp_path / "clip.gif"), "Where does the red circle start?", *model]) == 0
+    assert main(["caption", str(tmp_path / "one.gif"), *model]) == 0  # one frame: an image
+    out = tmp_path / "chat"
+    assert main(["chat", "Describe the video.", "--video", str(tmp_path / "clip.gif"), "--out", str(out),
+                 "--max-new-tokens", "4", *model]) == 0
+    page = (out / "index.html").read_text()
+    assert 'src="video_000.gif"' in page and len(read_video(out / "video_000.gif")) == 4
+    capsys.readouterr()
+    assert main(["chat", "x", "--video", str(tmp_path / "one.gif"), "--out", str(out), *model]) == 2
+    assert "at least 2" in capsys.readouterr().err
+
+
+def test_eval_scores_the_video_tasks(pipe, tmp_path) -> None:
+    assert set(default_tasks(pipe)) >= {"t2v", "next_frames", "video_caption", "video_qa"}
+    report = evaluate(pipe, tmp_path, n=2, tasks=["t2v", "next_frames", "video_caption", "video_qa"],
+                      batch_size=4, progress=False)
+    assert set(report["scores"]) == {"t2v", "next_frames", "video_caption", "video_qa"}
+    assert all(0.0 <= s <= 1.0 for s in report["scores"].values())
+    t2v = report["details"]["t2v"]
+    assert len(t2v) == 2 and all(r["frames"] == 6 and not r["right"] for r in t2v)  # random weights draw noise
+    with Image.open(tmp_path / "videos-t2v.png") as grid:
+        assert grid.size[0] > 6 * 64  # a row of six framed 64x64 frames
+    assert json.loads((tmp_path / "report.json").read_text())["n"] == 2
+
+
+def test_eval_refuses_video_tasks_without_video_tokens(tmp_path) -> None:
+    import tokenloom
+
+    shipped = tokenloom.load()
+    assert "t2v" not in default_tasks(shipped)
+    with pytest.raises(ValueError, match="need a model with video tokens"):
+        evaluate(shipped, tmp_path, n=1, tasks=["t2v"])
