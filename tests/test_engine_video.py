@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_speculative import run_counting
 import torch
 
 from tokenloom.document import Document, ImagePart, TextPart, VideoPart
@@ -73,19 +74,6 @@ def guided(p, request, scale=3.0):
 
 def jacobi(request, window=4, init="above"):
     return dataclasses.replace(request, speculative="jacobi", speculative_window=window, speculative_init=init)
-
-
-def run_counting(engine, requests):
-    """Results of one batch and the number of forwards (steps) it took."""
-    batcher = ContinuousBatcher(engine, max_batch=len(requests))
-    ids = [batcher.add(r) for r in requests]
-    results, steps = {}, 0
-    while batcher.has_work():
-        for event in batcher.step():
-            if isinstance(event, Finished):
-                results[event.row] = event.result
-        steps += 1
-    return [results[i] for i in ids], steps
 
 
 def reference_greedy(p, request: GenerationRequest) -> list[int]:

@@ -19,17 +19,6 @@ from tokenloom.vocab import VocabularyError
 
 # New native vocabularies (the random test pipelines') have the video tokens from the start.
 @pytest.fixture(scope="module")
-def vpipe(pipe):
-    assert pipe.vocab.has_video
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def vflat(flat_pipe):
-    return flat_pipe
-
-
-@pytest.fixture(scope="module")
 def shipped():
     """The embedded model, whose vocabulary predates video."""
     return tokenloom.load()
@@ -63,8 +52,9 @@ def test_video_round_trips_through_json() -> None:
 
 
 @pytest.mark.parametrize("layout", ["unirep", "flat"])
-def test_video_span_round_trips(layout, vpipe, vflat) -> None:
-    p = vpipe if layout == "unirep" else vflat
+def test_video_span_round_trips(layout, pipe, flat_pipe) -> None:
+    p = pipe if layout == "unirep" else flat_pipe
+    assert p.vocab.has_video
     h, w = (3, 5) if layout == "unirep" else p.config.flat_grid
     rng = np.random.default_rng(1)
     doc = Document([Turn("user", [TextPart("move"), _video(rng, 2, h, w)]),
@@ -85,27 +75,27 @@ def test_video_span_round_trips(layout, vpipe, vflat) -> None:
     assert not mask[start] and mask[second]
 
 
-def test_damaged_video_keeps_what_it_can(vpipe) -> None:
+def test_damaged_video_keeps_what_it_can(pipe) -> None:
     rng = np.random.default_rng(2)
     video = _video(rng, 3, 2, 2)
-    ids = vpipe.format.encode(Document.from_parts([video]), add_bos=False, add_eos=False).ids
+    ids = pipe.format.encode(Document.from_parts([video]), add_bos=False, add_eos=False).ids
     with pytest.warns(DecodeWarning, match="count token says 3"):
-        doc = vpipe.format.decode(ids[:-8])  # last frame cut short, video_end gone
+        doc = pipe.format.decode(ids[:-8])  # last frame cut short, video_end gone
     assert doc.videos[0] == VideoPart(video.codes[:2])
     with pytest.raises(DecodeError, match="truncated"):
-        vpipe.format.decode(ids[:-1], strict=True)
+        pipe.format.decode(ids[:-1], strict=True)
     # a frame of another size is dropped, with a warning naming it
-    odd = vpipe.format.image_ids(rng.integers(0, 64, (3, 3)))
-    frame = vpipe.format.image_ids(video.codes[0])
-    seq = [vpipe.vocab.video_begin, vpipe.vocab.size_token(2), *frame, *odd, vpipe.vocab.video_end]
+    odd = pipe.format.image_ids(rng.integers(0, 64, (3, 3)))
+    frame = pipe.format.image_ids(video.codes[0])
+    seq = [pipe.vocab.video_begin, pipe.vocab.size_token(2), *frame, *odd, pipe.vocab.video_end]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        doc = vpipe.format.decode(seq)
+        doc = pipe.format.decode(seq)
     assert doc.videos[0] == VideoPart(video.codes[:1])
     assert any("frame of 3x3 codes" in str(w.message) for w in caught)
     # a stray video_end in text is skipped
     with pytest.warns(DecodeWarning, match="stray video_end"):
-        assert vpipe.format.decode([vpipe.vocab.video_end]).parts == []
+        assert pipe.format.decode([pipe.vocab.video_end]).parts == []
 
 
 def test_a_vocabulary_without_video_tokens_says_so(shipped) -> None:
@@ -115,21 +105,21 @@ def test_a_vocabulary_without_video_tokens_says_so(shipped) -> None:
 
 
 def test_add_modality_grows_the_model_and_keeps_what_it_knew(shipped) -> None:
-    pipe, vpipe = shipped, add_modality(shipped, "video")
-    old, new = pipe.vocab, vpipe.vocab
+    base, grown = shipped, add_modality(shipped, "video")
+    old, new = base.vocab, grown.vocab
     assert (new.video_begin, new.video_end) == (old.size, old.size + 1) and new.size == old.size + 2
-    assert vpipe.model.config.vocab_size == new.size and pipe.model.config.vocab_size == old.size  # a copy
-    emb, head = vpipe.model.tok_embeddings.weight, vpipe.model.output_weight
-    torch.testing.assert_close(emb[old.size:], pipe.model.tok_embeddings.weight.mean(0).expand(2, -1))
-    torch.testing.assert_close(head[old.size:], pipe.model.output_weight.mean(0).expand(2, -1))
+    assert grown.model.config.vocab_size == new.size and base.model.config.vocab_size == old.size  # a copy
+    emb, head = grown.model.tok_embeddings.weight, grown.model.output_weight
+    torch.testing.assert_close(emb[old.size:], base.model.tok_embeddings.weight.mean(0).expand(2, -1))
+    torch.testing.assert_close(head[old.size:], base.model.output_weight.mean(0).expand(2, -1))
     ids = torch.tensor([[old.bos, 5, 6, old.image_begin]])
     with torch.no_grad():
-        before, after = pipe.model(ids), vpipe.model(ids)
+        before, after = base.model(ids), grown.model(ids)
     torch.testing.assert_close(after[..., :old.size], before)  # old logits unchanged
     with pytest.raises(VocabularyError, match="already has the video tokens"):
-        add_modality(vpipe, "video")
+        add_modality(grown, "video")
     with pytest.raises(ValueError, match="unknown modality"):
-        add_modality(pipe, "smell")
+        add_modality(base, "smell")
 
 
 def test_add_modality_verb_writes_a_loadable_model(tmp_path, shipped, capsys) -> None:
