@@ -349,6 +349,24 @@ def test_context_dropout_replaces_exactly_the_context_before_an_image(pipe):
     assert len(outcomes) == 3
 
 
+def test_context_dropout_cuts_a_video_before_it_never_between_its_frames(pipe):
+    from tokenloom.document import VideoPart
+
+    v = pipe.vocab
+    rng = np.random.default_rng(3)
+    video = VideoPart(rng.integers(0, v.codebook_size, (3, 2, 2)))
+    doc = Document.chat([("user", [TextPart("a red circle moves")]), ("assistant", [video, TextPart("ok")])])
+    enc = pipe.format.encode(doc)
+    ids, mask = np.array(enc.ids), np.array(enc.loss_mask)
+    start = int(np.flatnonzero(ids == v.video_begin)[0])
+    assert (ids == v.image_begin).sum() == 3
+    for seed in range(20):
+        out, out_mask = context_dropout(ids, mask, image_begin=v.image_begin, uncond_prefix=[v.bos, v.uncond], p=1.0,
+                                        rng=np.random.default_rng(seed), video=(v.video_begin, v.video_end))
+        assert out.tolist() == [v.bos, v.uncond, *ids[start:]]  # what the engine's guidance row sees
+        assert out_mask.tolist() == [False, False, *mask[start:]]
+
+
 def test_loader_applies_context_dropout_deterministically(pipe, tmp_path):
     write_images(tmp_path / "img")
     path = write_jsonl(tmp_path / "d.jsonl", corpus_lines(12))

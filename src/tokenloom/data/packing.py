@@ -189,16 +189,24 @@ def non_pad_fraction(batch: dict[str, Any]) -> float:
 
 def context_dropout(
     ids: np.ndarray, loss_mask: np.ndarray, *, image_begin: int, uncond_prefix: Sequence[int], p: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator, video: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """With probability `p` per image, replace everything before it by `uncond_prefix`.
+    """With probability `p` per image (or video), replace everything before it by `uncond_prefix`.
 
     `uncond_prefix` is the engine's unconditional context ([bos, uncond], or nothing where the
     vocabulary has no uncond token), so the model learns the unconditional distribution that
     classifier-free guidance samples from. Where several images are picked the last one wins
     (its context contains the others). The prefix is never trained; the rest keeps its mask.
+
+    `video`: the (video_begin, video_end) ids. A video is cut before its video_begin, never between
+    its frames: the engine's guidance row restarts at video_begin and sees the earlier frames.
     """
-    starts = np.flatnonzero(np.asarray(ids) == image_begin)
+    ids_ = np.asarray(ids)
+    begins = ids_ == image_begin
+    if video is not None:
+        opened = np.cumsum(ids_ == video[0]) - np.cumsum(ids_ == video[1])  # > 0 from a video's begin to its end
+        begins = (begins & (opened <= 0)) | (ids_ == video[0])
+    starts = np.flatnonzero(begins)
     if p <= 0 or not len(starts):
         return ids, loss_mask
     picked = starts[rng.random(len(starts)) < p]
@@ -419,13 +427,14 @@ class BatchLoader:
 
     def __init__(self, dataset: ShardDataset, sampler: LengthBucketSampler | MixtureSampler, *, pad_id: int,
                  image_begin: int | None = None, uncond_prefix: Sequence[int] = (), context_dropout: float = 0.0,
-                 sources: Sequence[int] | None = None):
+                 sources: Sequence[int] | None = None, video: tuple[int, int] | None = None):
         if not 0.0 <= context_dropout <= 1.0:
             raise ValueError(f"context_dropout must be in [0, 1], got {context_dropout}")
         if context_dropout > 0 and image_begin is None:
             raise ValueError("context dropout needs the image_begin id")
         self.dataset, self.sampler, self.pad_id = dataset, sampler, pad_id
         self.image_begin, self.uncond_prefix, self.p = image_begin, list(uncond_prefix), context_dropout
+        self.video = video  # (video_begin, video_end) ids where the vocabulary has them
         self.batches = 0  # served so far (part of the state: it keys the dropout generator)
         # Document offsets of the sources (K + 1): batches then carry "sources", each position's source
         # (-1 on padding), for losses per source.
@@ -444,7 +453,8 @@ class BatchLoader:
                     ids, mask = self.dataset[i]
                     if self.p > 0:
                         ids, mask = context_dropout(ids, mask, image_begin=self.image_begin,
-                                                    uncond_prefix=self.uncond_prefix, p=self.p, rng=rng)
+                                                    uncond_prefix=self.uncond_prefix, p=self.p, rng=rng,
+                                                    video=self.video)
                     docs[-1].append((ids, mask))
             width = self.sampler.seq_len
             if not self.sampler.packing:

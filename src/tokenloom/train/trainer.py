@@ -229,7 +229,8 @@ class Trainer:
         self.loader = BatchLoader(self.train_data, sampler, pad_id=self.pad_id, image_begin=vocab.image_begin,
                                   uncond_prefix=self.pipeline.unconditional_prompt(),
                                   context_dropout=c.data.context_dropout,
-                                  sources=self.train_data.dir_starts if len(self.train_sources) > 1 else None)
+                                  sources=self.train_data.dir_starts if len(self.train_sources) > 1 else None,
+                                  video=(vocab.video_begin, vocab.video_end) if vocab.has_video else None)
 
         self.hook = None
         self.adapter = None  # a LoRA run's PeftModel (self.model is its Transformer, adapted in place)
