@@ -14,6 +14,9 @@ grid x grid images with classifier-free guidance (scale 3, temperature 1, top-k 
 * engine -- one call for the whole batch: conditional and unconditional rows in one forward over
   one static KV cache, the grammar forcing the flat grid.
 
+With --int8 the engine also runs a copy of the model whose linears are dynamic int8
+(`tokenloom.quantize`, what `--dtype int8` loads; CPU only), on the same prompts and seeds.
+
 Tokens/s counts image codes only (grid^2 per image). Also reported: the machine's measured matmul
 peak and the fraction of it the engine reaches at the largest batch (model FLOPs: 2 x parameters
 per row-token plus attention over the filled cache). Prints a table and writes JSON.
@@ -179,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--speculative-window", type=int, default=16,
                    help="drafts per step of speculative Jacobi decoding, run beside plain decoding (0: not run)")
     p.add_argument("--speculative-init", default="above", choices=["random", "above"])
+    p.add_argument("--int8", action="store_true", help="also time the engine with dynamic int8 linears (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
     args = p.parse_args(argv)
@@ -200,6 +204,14 @@ def main(argv=None) -> int:
     pipe.model.to(device)
     engine = Engine(pipe.model, pipe.vocab, pipe.text_tokenizer, pipe.config.layout, pipe.config.flat_grid,
                     None, compile=args.compile)
+    int8_engine = None
+    if args.int8:
+        import copy
+
+        from tokenloom.quantize import quantize_int8
+
+        int8_engine = Engine(quantize_int8(copy.deepcopy(pipe.model)), pipe.vocab, pipe.text_tokenizer,
+                             pipe.config.layout, pipe.config.flat_grid, None)
     vocab = pipe.vocab
     code_ids = torch.as_tensor(vocab.code_ids)
     uncond_ids = pipe.unconditional_prompt()
@@ -244,6 +256,12 @@ def main(argv=None) -> int:
                         "jacobi_speedup": round(spec_tps / ref_tps, 2)})
             line += (f"   jacobi {spec_tps:9.1f} tok/s ({spec_steps} forwards, {steps / spec_steps:.2f}x fewer; "
                      f"{t_engine / t_spec:.2f}x plain, {spec_tps / ref_tps:.2f}x reference)")
+        if int8_engine is not None:
+            t_int8, _ = run_engine(int8_engine, prompts, uncond_ids, args.grid, args.guidance_scale, args.top_k,
+                                   args.seed)
+            row.update({"int8_seconds": round(t_int8, 3), "int8_speedup_over_plain": round(t_engine / t_int8, 2),
+                        "int8_speedup": round(b * n_codes / t_int8 / ref_tps, 2)})
+            line += f"   int8 {t_engine / t_int8:.2f}x plain"
         rows.append(row)
         print(line, flush=True)
 
@@ -255,7 +273,7 @@ def main(argv=None) -> int:
                   "parameters": sum(p.numel() for p in pipe.model.parameters())},
         "image_grid": args.grid, "guidance_scale": args.guidance_scale, "top_k": args.top_k,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "compile": args.compile, "speculative": {"window": args.speculative_window, "init": args.speculative_init},
+        "compile": args.compile, "int8": args.int8, "speculative": {"window": args.speculative_window, "init": args.speculative_init},
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "rows": rows, "matmul_peak_flops_per_s": peak,
         "engine_fraction_of_peak_at_largest_batch": largest["engine_flops_per_s"] / peak,

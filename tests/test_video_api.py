@@ -112,3 +112,20 @@ def test_eval_refuses_video_tasks_without_video_tokens(tmp_path) -> None:
     assert "t2v" not in default_tasks(shipped)
     with pytest.raises(ValueError, match="need a model with video tokens"):
         evaluate(shipped, tmp_path, n=1, tasks=["t2v"])
+
+
+def test_the_server_answers_a_video_as_an_animated_gif(tmp_path) -> None:
+    import base64
+
+    from tokenloom.document import Document, TextPart
+    from tokenloom.serve import answer_content
+
+    video = _video()
+    part = VideoPart(np.zeros((4, 4, 4), np.int64), pixels=list(video))
+    content = answer_content(Document.from_parts([TextPart("here"), part]))
+    assert content[0] == {"type": "text", "text": "here"} and content[1]["type"] == "image_url"
+    url = content[1]["image_url"]["url"]
+    assert url.startswith("data:image/gif;base64,")
+    (tmp_path / "answer.gif").write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    back = read_video(tmp_path / "answer.gif")
+    assert len(back) == 4 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back, video))

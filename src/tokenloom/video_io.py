@@ -17,6 +17,7 @@ must survive.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -165,25 +166,10 @@ def write_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: flo
     ``frame-*.png``). Returns the path. A GIF quantises frames of more than 256 colours (see the
     module docstring); a folder keeps no frame rate."""
     path = Path(path)
-    frames = list(frames)
-    if not frames:
-        raise ValueError(f"cannot write video {path}: no frames")
-    bad = next((i for i, f in enumerate(frames) if not isinstance(f, Image.Image)), None)
-    if bad is not None:
-        raise TypeError(f"cannot write video {path}: frame {bad} is a {type(frames[bad]).__name__}, not a PIL image")
-    sizes = {f.size for f in frames}
-    if len(sizes) > 1:
-        raise ValueError(f"cannot write video {path}: frames of different sizes {sorted(sizes)}; a video's frames "
-                         f"must all be one size")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
-        raise ValueError(f"cannot write video {path}: fps must be a number from {MIN_FPS} to {MAX_FPS}, got {fps!r}")
-    frames = [whiten_transparency(f) for f in frames]
+    frames = _checked(frames, fps, f"cannot write video {path}")
     suffix = path.suffix.lower()
     if suffix in (".gif", ".webp"):
-        tag = f"{_FPS_TAG}{float(fps)!r}"
-        options: dict = {"comment": tag.encode()} if suffix == ".gif" else {"lossless": True, "exif": _exif(tag)}
-        frames[0].save(path, format=suffix[1:].upper(), save_all=True, append_images=frames[1:],
-                       duration=1000 / fps, loop=0, **options)
+        path.write_bytes(animation_bytes(frames, suffix[1:], fps))
         return path
     if suffix and not path.is_dir():
         raise ValueError(f"cannot write video {path}: unknown video suffix {path.suffix!r} (write .gif, .webp, or "
@@ -196,6 +182,36 @@ def write_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: flo
     for i, frame in enumerate(frames):
         frame.save(path / f"frame-{i:0{digits}d}.png")
     return path
+
+
+def animation_bytes(frames: Sequence[Image.Image], format: str = "gif", fps: float = 4) -> bytes:
+    """The frames as an animated GIF or lossless WebP file's bytes (`format` "gif" or "webp"), the frame
+    rate recorded so that `read_video` gives repeated frames back."""
+    if format not in ("gif", "webp"):
+        raise ValueError(f"format must be 'gif' or 'webp', got {format!r}")
+    frames = _checked(frames, fps, f"cannot encode a {format.upper()} video")
+    tag = f"{_FPS_TAG}{float(fps)!r}"
+    options: dict = {"comment": tag.encode()} if format == "gif" else {"lossless": True, "exif": _exif(tag)}
+    buf = io.BytesIO()
+    frames[0].save(buf, format=format.upper(), save_all=True, append_images=frames[1:], duration=1000 / fps,
+                   loop=0, **options)
+    return buf.getvalue()
+
+
+def _checked(frames: Sequence[Image.Image], fps: float, what: str) -> list[Image.Image]:
+    """The frames, transparency whitened, or ValueError / TypeError starting with `what`."""
+    frames = list(frames)
+    if not frames:
+        raise ValueError(f"{what}: no frames")
+    bad = next((i for i, f in enumerate(frames) if not isinstance(f, Image.Image)), None)
+    if bad is not None:
+        raise TypeError(f"{what}: frame {bad} is a {type(frames[bad]).__name__}, not a PIL image")
+    sizes = {f.size for f in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"{what}: frames of different sizes {sorted(sizes)}; a video's frames must all be one size")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"{what}: fps must be a number from {MIN_FPS} to {MAX_FPS}, got {fps!r}")
+    return [whiten_transparency(f) for f in frames]
 
 
 def _exif(description: str) -> bytes:

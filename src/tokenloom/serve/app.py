@@ -18,14 +18,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..document import ImagePart, TextPart, check_text
+from ..document import ImagePart, TextPart, VideoPart, check_text
 from ..engine import check_guidance_scale
 from ..engine.sampling import MAX_TOP_K
 from .errors import APIError, bad_request, error_body
 from .jobs import ChatJob, ChatOptions, ImageOptions, ImagesJob, Job
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ImageGenerationRequest, check_range, decode_data_uri, image_part,
-                       message_parts, modalities_mode, parse_body, parse_size, png_base64)
+                       message_parts, modalities_mode, parse_body, parse_size, png_base64, video_part)
 from .settings import ServeSettings
 from .worker import EngineWorker
 
@@ -505,6 +505,9 @@ async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, 
                 if message[2] is not None:
                     part = await run_in_threadpool(image_part, message[2], kind == "preview")
                     yield chunk(message[1], {"content": [part]})
+            elif kind == "video":
+                part = await run_in_threadpool(video_part, message[2])
+                yield chunk(message[1], {"content": [part]})
             elif kind == "finished":
                 result = message[2]
                 yield chunk(message[1], {}, result.finish_reason, seed=result.seed)
@@ -526,7 +529,8 @@ async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, 
 
 
 def answer_content(document):
-    """An answer's content: a string when it is text only, else text and image_url parts in order."""
+    """An answer's content: a string when it is text only, else text and image_url parts in order (a
+    video as an animated GIF)."""
     parts: list[dict] = []
     for part in document.parts:
         if isinstance(part, TextPart):
@@ -538,6 +542,8 @@ def answer_content(document):
                 parts.append({"type": "text", "text": part.text})
         elif isinstance(part, ImagePart) and part.pixels is not None:
             parts.append(image_part(part.pixels))
+        elif isinstance(part, VideoPart) and part.pixels is not None:
+            parts.append(video_part(list(part.pixels)))
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts

@@ -61,6 +61,9 @@ class Job:
     def on_image(self, index: int, image) -> None:
         pass
 
+    def on_video(self, index: int, frames) -> None:
+        pass
+
     def on_finished(self, index: int, result, pipe) -> bool:
         """A request of this job finished; True when the whole job is done."""
         raise NotImplementedError
@@ -127,6 +130,9 @@ class ChatJob(Job):
 
     def on_image(self, index: int, image) -> None:
         self.post("image", index, image, None)
+
+    def on_video(self, index: int, frames) -> None:
+        self.post("video", index, frames)
 
     def on_finished(self, index: int, result, pipe) -> bool:
         self.results[index] = result

@@ -220,6 +220,15 @@ def image_part(image: Image.Image, partial: bool = False) -> dict:
     return part
 
 
+def video_part(frames: list[Image.Image]) -> dict:
+    """A drawn video as an `image_url` part holding an animated GIF: what chat clients and browsers show
+    (OpenAI's chat format has no video output part)."""
+    from ..video_io import animation_bytes
+
+    return {"type": "image_url", "image_url": {"url": "data:image/gif;base64,"
+                                                      + base64.b64encode(animation_bytes(frames)).decode("ascii")}}
+
+
 def message_parts(content, index: int) -> list[tuple[str, Any]]:
     """A message's content -> [("text", str) | ("image", data URI)], checked; param names point into it."""
     param = f"messages[{index}].content"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine import Finished, ImageDone, ImageRow, ImageStarted, TextDelta
+from ..engine import Finished, ImageDone, ImageRow, ImageStarted, TextDelta, VideoDone, VideoStarted
 from ..engine.continuous import ContinuousBatcher
 from .errors import APIError, from_value_error
 from .jobs import Job
@@ -263,7 +263,7 @@ class EngineWorker:
             return  # a cancelled request's last events
         job = row.job
         try:
-            if isinstance(event, (TextDelta, ImageStarted)) and job.first_output is None:
+            if isinstance(event, (TextDelta, ImageStarted, VideoStarted)) and job.first_output is None:
                 job.first_output = time.monotonic()
                 self.metrics.observe_ttft(job.first_output - job.created)
             if isinstance(event, TextDelta):
@@ -282,6 +282,9 @@ class EngineWorker:
                         row.sent += 1
             elif isinstance(event, ImageDone):
                 job.on_image(row.index, event.image)
+            elif isinstance(event, VideoDone):
+                if event.video.pixels is not None:
+                    job.on_video(row.index, list(event.video.pixels))
             elif isinstance(event, Finished):
                 del self._rows[event.row]
                 self.metrics.add_tokens(len(event.result.ids))
