@@ -13,10 +13,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenloom"
 LAYERS = [
     # the pieces, and the shapes world (a domain: it knows nothing of models)
     {"document", "vocab", "text_tokenizer", "formats", "model", "vqgan", "image_processing", "checkpoint",
-     "precision", "report", "world", "adapters"},
+     "precision", "report", "world", "adapters", "video_io", "quantize"},
     {"engine", "scoring"},  # generation
     {"pipeline"},
-    {"data", "train", "convert", "evaluation", "serve"},  # what is built on the pipeline
+    {"data", "train", "convert", "evaluation", "evaluation_parts", "video_evaluation", "serve",
+     "modalities"},  # what is built on the pipeline
     {"cli", "__main__"},  # __main__: python -m tokenloom (what torchrun -m tokenloom runs)
 ]
 

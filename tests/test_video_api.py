@@ -129,3 +129,10 @@ def test_the_server_answers_a_video_as_an_animated_gif(tmp_path) -> None:
     (tmp_path / "answer.gif").write_bytes(base64.b64decode(url.split(",", 1)[1]))
     back = read_video(tmp_path / "answer.gif")
     assert len(back) == 4 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back, video))
+
+
+def test_the_demo_shows_a_video_for_a_model_that_has_video(model_dir, tmp_path) -> None:
+    assert main(["demo", "--model", str(model_dir), "--out", str(tmp_path), "--max-new-tokens", "20"]) == 0
+    page = (tmp_path / "index.html").read_text()
+    assert 'src="video_000.gif"' in page and 'src="video_001.gif"' in page  # drawn, and described
+    assert len(read_video(tmp_path / "video_000.gif")) == 6

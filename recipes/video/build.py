@@ -13,7 +13,9 @@ tasks mixed with replay of its old tasks, and measure both.
 3. train: video.yaml (written to WORK/video.yaml): 60% of rows from the video set, 40% from replay, loss
    logged per source; WORK/video/final is the model;
 4. eval-before / eval: `tokenloom.evaluation.evaluate` of the shipped model on the old tasks and of the
-   trained one on every task, WORK/eval-before/ and WORK/eval/ (report.json, summary.md, pictures).
+   trained one on every task, WORK/eval-before/ and WORK/eval/ (report.json, summary.md, pictures);
+5. with --install-to DIR (e.g. src/tokenloom/assets/shapes-tiny of a checkout): WORK/video/final is
+   copied there, as the shapes-tiny recipe installs (never into an installed package).
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
 docs/video.md.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -92,12 +95,20 @@ def evaluate_model(model: Path, out: Path, tasks, n: int) -> dict:
     return evaluate(tokenloom.load(model), out, n=n, tasks=tasks)
 
 
+def install_video_model(work: Path, target: Path) -> Path:
+    sys.path.insert(0, str(HERE.parent / "shapes-tiny"))  # its install() and its checks of the target
+    from build import install
+
+    return install(work / "video" / "final", target)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
     ap.add_argument("--only", choices=STEPS, help="run one step")
     ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
     ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
+    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
@@ -115,6 +126,8 @@ def main(argv=None) -> int:
             train_video(work, a.smoke)
         else:
             evaluate_model(work / "video" / "final", work / "eval", OLD_TASKS + VIDEO_TASKS, n)
+    if a.install_to is not None:
+        print(f"installed {install_video_model(work, a.install_to)}")
     return 0
 
 

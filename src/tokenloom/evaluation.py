@@ -18,12 +18,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .document import Document, TextPart
+from .document import TextPart
+from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
 from .report import image_grid
+from .video_evaluation import VIDEO_TASKS, eval_next_frames, eval_t2v, eval_video_text, videos_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
-from .video_evaluation import (VIDEO_TASKS, eval_next_frames, eval_t2v, eval_video_text, videos_grid)
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
 MAX_SAMPLES = 5000
@@ -52,31 +53,6 @@ def default_tasks(pipe) -> tuple[str, ...]:
     return tuple(t for t in TASKS if t not in VIDEO_TASKS or pipe.vocab.has_video)
 
 
-def _batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _user_doc(pipe, sample) -> Document:
-    parts = []
-    for p in sample.prompt:
-        if isinstance(p, str):
-            parts.append(TextPart(p))
-        else:
-            encode = pipe.encode_video if pipe.is_video(p) else pipe.encode_image
-            parts.append(encode(p, *p.size))
-    return Document.chat([("user", parts)])
-
-
-def _run(pipe, requests, batch_size, progress, desc):
-    from tqdm.auto import tqdm
-
-    results = []
-    for chunk in tqdm(list(_batches(requests, batch_size)), desc=desc, disable=not progress, unit="batch"):
-        results.extend(pipe.engine.generate(chunk))
-    return results
-
-
 def _grid_size(pipe, sample):
     w, h = sample.size
     return pipe.grid_size(w, h)
@@ -95,29 +71,9 @@ def eval_t2i(pipe, samples, batch_size, progress, seed):
     return score_t2i(samples, images)
 
 
-def _tally(stats, key: str, hit: bool) -> None:
-    """Count one case of slice `key` in {slice: [hits, total]}."""
-    stats[key][0] += hit
-    stats[key][1] += 1
-
-
-def _shares(stats) -> dict[str, float]:
-    """{slice: [hits, total]} -> {slice: hits / total}, slices sorted."""
-    return {k: hits / total for k, (hits, total) in sorted(stats.items())}
-
-
 def _breakdown_table(title: str, column: str, breakdown: dict[str, float]) -> list[str]:
     return ["", title, "", f"| slice | {column} |", "| --- | --- |",
             *(f"| {k} | {100 * v:.1f}% |" for k, v in breakdown.items())]
-
-
-def _border(right: bool) -> tuple[int, int, int]:
-    return (40, 170, 60) if right else (220, 40, 40)
-
-
-def _framed(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """The image inside a 2-pixel border of `fill`, as the grids show it."""
-    return ImageOps.expand(image, border=2, fill=fill)
 
 
 def score_t2i(samples, images):
@@ -130,7 +86,7 @@ def score_t2i(samples, images):
         ok = matches(scene, query)
         right.append(ok)
         n = len(query.objects)
-        _tally(stats, f"objects_{n}", ok)
+        tally(stats, f"objects_{n}", ok)
         # Attribute breakdown: does the parsed scene have the asked multiset of each attribute?
         for attr in ("color", "shape", "size", "cell"):
             asked = sorted(getattr(q, attr) for q in query.objects if getattr(q, attr) is not None)
@@ -139,18 +95,18 @@ def score_t2i(samples, images):
             got = sorted(getattr(o, attr) for o in scene.objects)
             if attr in ("size", "cell") and len(asked) < n:
                 continue  # only some objects named it: no clean multiset comparison
-            _tally(stats, f"attribute_{attr}", asked == got)
+            tally(stats, f"attribute_{attr}", asked == got)
         records.append({"prompt": s.info["caption"], "size": list(s.size), "right": ok,
                         "parsed": [vars(o) for o in scene.objects]})
-        shown.append(_framed(im, _border(ok)))
-    breakdown = _shares(stats)
+        shown.append(framed(im, border(ok)))
+    breakdown = shares(stats)
     return sum(right) / len(right), breakdown, records, shown
 
 
 def eval_text(pipe, samples, batch_size, progress, task):
-    requests = [pipe.chat_request(_user_doc(pipe, s), mode="text", seed=0,
+    requests = [pipe.chat_request(sample_document(pipe, s), mode="text", seed=0,
                                   text_sampling={"temperature": 0.0}) for s in samples]
-    results = _run(pipe, requests, batch_size, progress, task)
+    results = run_requests(pipe, requests, batch_size, progress, task)
     return score_text(samples, [r.text for r in results])
 
 
@@ -166,26 +122,26 @@ def score_text(samples, texts):
         ok = text.strip() == s.info["answer"]
         right.append(ok)
         key = f"objects_{len(s.scenes[0])}" if s.task == "caption" else f"kind_{_question_kind(s.info['question'])}"
-        _tally(stats, key, ok)
+        tally(stats, key, ok)
         records.append({"question": s.info["question"], "expected": s.info["answer"], "got": text, "right": ok})
-    return sum(right) / len(right), _shares(stats), records
+    return sum(right) / len(right), shares(stats), records
 
 
 def eval_edit(pipe, samples, batch_size, progress):
     requests = []
     for s in samples:
-        req = pipe.chat_request(_user_doc(pipe, s), mode="image", seed=0, image_size=_grid_size(pipe, s),
+        req = pipe.chat_request(sample_document(pipe, s), mode="image", seed=0, image_size=_grid_size(pipe, s),
                                 guidance_scale=EDIT_GUIDANCE_SCALE)
         req.max_new_tokens = pipe.format.image_length(*req.image_size) + 1
         requests.append(req)
-    results = _run(pipe, requests, batch_size, progress, "edit")
+    results = run_requests(pipe, requests, batch_size, progress, "edit")
     drawn = [r.images[0] if r.images else None for r in results]
     score, breakdown, records = score_edit(samples, drawn)
     # Per edit: source, drawn (green border = right; blank = no image drawn), target (grey borders).
     shown = []
     for s, im, rec in zip(samples[:EDITS_SHOWN], drawn, records):
         im = im if im is not None else Image.new("RGB", s.images[1].size, "white")
-        shown += [_framed(s.images[0], FRAME), _framed(im, _border(rec["right"])), _framed(s.images[1], FRAME)]
+        shown += [framed(s.images[0], FRAME), framed(im, border(rec["right"])), framed(s.images[1], FRAME)]
     return score, breakdown, records, shown
 
 
@@ -206,10 +162,10 @@ def score_edit(samples, images):
         unchanged = scene is not None and matches(scene, before)
         right.append(ok)
         for key, value in ((f"kind_{change['kind']}", ok), ("kept_rest", kept_rest), ("unchanged", unchanged)):
-            _tally(stats, key, value)
+            tally(stats, key, value)
         records.append({"instruction": s.info["instruction"], "kind": change["kind"], "right": ok,
                         "kept_rest": kept_rest, "unchanged": unchanged})
-    breakdown = _shares(stats)
+    breakdown = shares(stats)
     return sum(right) / len(right), breakdown, records
 
 
@@ -221,11 +177,11 @@ def eval_story(pipe, samples, batch_size, progress, seed):
     greedy text would open every "Tell a story." with the same caption, scoring one story n times."""
     requests = []
     for i, s in enumerate(samples):
-        req = pipe.chat_request(_user_doc(pipe, s), mode="any", seed=seed * MAX_SAMPLES + i,
+        req = pipe.chat_request(sample_document(pipe, s), mode="any", seed=seed * MAX_SAMPLES + i,
                                 image_size=_grid_size(pipe, s), text_sampling=STORY_TEXT_SAMPLING)
         req.max_new_tokens = 4 * pipe.format.image_length(*req.image_size) + 120
         requests.append(req)
-    results = _run(pipe, requests, batch_size, progress, "story")
+    results = run_requests(pipe, requests, batch_size, progress, "story")
     return score_story(samples, [r.document for r in results])
 
 
@@ -257,16 +213,16 @@ def score_story(samples, documents):
             except ValueError:
                 ok = False
             sample_right.append(ok)
-            _tally(stats, f"image_{len(sample_right)}", ok)
+            tally(stats, f"image_{len(sample_right)}", ok)
             text_before = None
         # A story that drew too few images counts each expected image it did not draw as wrong.
         for k in range(len(sample_right), len(s.scenes)):
-            _tally(stats, f"image_{k + 1}", False)
+            tally(stats, f"image_{k + 1}", False)
         records.append({"prompt": s.info["prompt"], "text": doc.text, "images": len(sample_right),
                         "right": sample_right})
     hits = sum(h for h, _ in stats.values())
     total = sum(t for _, t in stats.values())
-    return hits / max(1, total), _shares(stats), records
+    return hits / max(1, total), shares(stats), records
 
 
 def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size: int = 32,

@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from PIL import Image
 
+from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
 from .world.video import motion_of, parse_motion_caption, score_frames, score_video
 
 VIDEO_TASKS = ("t2v", "next_frames", "video_caption", "video_qa")
@@ -23,25 +24,14 @@ VIDEOS_SHOWN = 12  # videos drawn in videos.png, per task
 NEXT_FRAMES_GUIDANCE_SCALE = 1.0
 
 
-def _tally(stats, key: str, hit: bool) -> None:
-    stats[key][0] += hit
-    stats[key][1] += 1
-
-
-def _shares(stats) -> dict[str, float]:
-    return {k: hits / total for k, (hits, total) in sorted(stats.items())}
-
-
 def _frames_of(result) -> list:
     videos = result.document.videos
     return list(videos[0].pixels) if videos and videos[0].pixels is not None else []
 
 
 def _shown(frames: list, right: bool, size: tuple[int, int]) -> list:
-    from .evaluation import _border, _framed
-
     frames = frames or [Image.new("RGB", size, "white")]
-    return [_framed(f, _border(right)) for f in frames]
+    return [framed(f, border(right)) for f in frames]
 
 
 def eval_t2v(pipe, samples, batch_size, progress, seed):
@@ -65,28 +55,26 @@ def score_t2v(samples, videos):
         query = parse_motion_caption(s.info["caption"])
         verdict = score_video(frames, query, motion_of(s).frames)
         right.append(verdict["right"])
-        _tally(stats, "size_named" if query.size else "size_left_out", verdict["right"])
-        _tally(stats, "frame_count_right", len(frames) == motion_of(s).frames)
+        tally(stats, "size_named" if query.size else "size_left_out", verdict["right"])
+        tally(stats, "frame_count_right", len(frames) == motion_of(s).frames)
         records.append({"prompt": s.info["caption"], "frames": len(frames), **verdict})
         if len(shown) < VIDEOS_SHOWN:
             shown.append(_shown(frames, verdict["right"], s.size))
-    return sum(right) / len(right), _shares(stats), records, shown
+    return sum(right) / len(right), shares(stats), records, shown
 
 
 def eval_next_frames(pipe, samples, batch_size, progress):
     """The rest of a video after its first frames: drawn as one video span, scored frame by frame."""
-    from .evaluation import _run, _user_doc
-
     requests = []
     for s in samples:
         motion, first = motion_of(s), s.info["first_index"]
         grid = pipe.grid_size(*s.size)
-        req = pipe.chat_request(_user_doc(pipe, s), mode="video", seed=0, image_size=grid,
+        req = pipe.chat_request(sample_document(pipe, s), mode="video", seed=0, image_size=grid,
                                 guidance_scale=NEXT_FRAMES_GUIDANCE_SCALE)
         req.video_frames = motion.frames - first
         req.max_new_tokens = pipe.format.video_length(req.video_frames, *grid) + 1
         requests.append(req)
-    results = _run(pipe, requests, batch_size, progress, "next_frames")
+    results = run_requests(pipe, requests, batch_size, progress, "next_frames")
     return score_next_frames(samples, [_frames_of(r) for r in results])
 
 
@@ -97,20 +85,18 @@ def score_next_frames(samples, videos):
         first = s.info["first_index"]
         verdict = score_frames(frames, motion_of(s), first)
         right.append(verdict["right"])
-        _tally(stats, f"given_{first}", verdict["right"])
+        tally(stats, f"given_{first}", verdict["right"])
         records.append({"given": first, "frames": len(frames), **verdict})
         if len(shown) < VIDEOS_SHOWN:
             shown.append(_shown(frames, verdict["right"], s.size))
-    return sum(right) / len(right), _shares(stats), records, shown
+    return sum(right) / len(right), shares(stats), records, shown
 
 
 def eval_video_text(pipe, samples, batch_size, progress, task):
     """Video captions and questions: greedy text answers, exact."""
-    from .evaluation import _run, _user_doc
-
-    requests = [pipe.chat_request(_user_doc(pipe, s), mode="text", seed=0, text_sampling={"temperature": 0.0})
+    requests = [pipe.chat_request(sample_document(pipe, s), mode="text", seed=0, text_sampling={"temperature": 0.0})
                 for s in samples]
-    texts = [r.text for r in _run(pipe, requests, batch_size, progress, task)]
+    texts = [r.text for r in run_requests(pipe, requests, batch_size, progress, task)]
     stats = defaultdict(lambda: [0, 0])
     records, right = [], []
     for s, text in zip(samples, texts):
@@ -118,9 +104,9 @@ def eval_video_text(pipe, samples, batch_size, progress, task):
         right.append(ok)
         question = s.info["question"]
         kind = "start" if "start" in question else "end" if "end up" in question else "describe"
-        _tally(stats, f"kind_{kind}", ok)
+        tally(stats, f"kind_{kind}", ok)
         records.append({"question": question, "expected": s.info["answer"], "got": text, "right": ok})
-    return sum(right) / len(right), _shares(stats), records
+    return sum(right) / len(right), shares(stats), records
 
 
 def videos_grid(rows: list[list]):

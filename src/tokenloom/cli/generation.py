@@ -358,8 +358,26 @@ def demo_arguments(p) -> None:
     _model_args(p)
 
 
+DEMO_VIDEO_PROMPT = "a large blue square moves from the top left to the bottom right"
+
+
+def _demo_video(pipe, seed: int) -> list:
+    import numpy as np
+
+    from ..document import TextPart
+    from ..world.video import random_motion, render_video
+
+    frames = pipe.generate_videos(DEMO_VIDEO_PROMPT, seed=seed)[0]
+    drawn = pipe.encode_video(frames) if frames else TextPart("(no video drawn)")
+    seen = pipe.encode_video(render_video(random_motion(np.random.default_rng(seed))))
+    return [("user", [TextPart(DEMO_VIDEO_PROMPT)]), ("assistant", [drawn]),
+            ("user", [seen, TextPart(pipe.config.video_caption_prompt)]),
+            ("assistant", [TextPart(pipe.caption(seen, seed=seed))])]
+
+
 def run_demo(args) -> int:
-    """The main job on the embedded default: draw, describe, answer, tell a story; one HTML page."""
+    """The main job on the embedded default: draw, describe, answer, tell a story (and, for a model with
+    video tokens, draw and describe a video); one HTML page."""
     import numpy as np
 
     from ..document import Document, TextPart
@@ -380,6 +398,8 @@ def run_demo(args) -> int:
         answer = pipe.ask(scene_image, question, seed=args.seed)
         turns.append(("user", [pipe.encode_image(scene_image), TextPart(question)]))
         turns.append(("assistant", [TextPart(answer)]))
+    if pipe.vocab.has_video:  # a model that learned video: draw one, and describe another
+        turns += _demo_video(pipe, args.seed)
     story = pipe.chat("Tell a story.", seed=args.seed, max_new_tokens=args.max_new_tokens)
     turns.append(("user", [TextPart("Tell a story.")]))
     doc = Document.chat(turns)

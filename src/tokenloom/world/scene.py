@@ -44,7 +44,7 @@ def cell_index(cell: str) -> int:
     return CELLS.index(cell)
 
 
-def _check(value: str, allowed) -> None:
+def check_choice(value: str, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{value!r} is not one of {list(allowed)}")
 
@@ -58,7 +58,7 @@ class Obj:
 
     def __post_init__(self):
         for value, allowed in ((self.color, COLORS), (self.shape, SHAPES), (self.size, SIZES), (self.cell, CELLS)):
-            _check(value, allowed)
+            check_choice(value, allowed)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -117,7 +117,7 @@ class Scene:
         return [c for c in CELLS if c not in used]
 
 
-def _pick(rng: np.random.Generator, items):
+def pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
@@ -131,7 +131,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     keys = rng.choice(len(COLORS) * len(SHAPES), size=n, replace=False)
     colors = list(COLORS)
     objects = [
-        Obj(colors[k // len(SHAPES)], SHAPES[k % len(SHAPES)], _pick(rng, list(SIZES)), CELLS[c])
+        Obj(colors[k // len(SHAPES)], SHAPES[k % len(SHAPES)], pick(rng, list(SIZES)), CELLS[c])
         for c, k in zip(cells, keys)
     ]
     return Scene(tuple(objects)).validate()
@@ -166,7 +166,7 @@ class Change:
         for value, allowed in ((self.color, COLORS), (self.shape, SHAPES), (self.size, SIZES),
                                (self.cell, CELLS), (self.new_color, COLORS)):
             if value is not None:
-                _check(value, allowed)
+                check_choice(value, allowed)
 
 
 def apply_change(scene: Scene, change: Change) -> Scene:
@@ -207,17 +207,17 @@ def random_change(rng: np.random.Generator, scene: Scene, kinds: tuple[str, ...]
     options = [k for k in possible_kinds(scene) if kinds is None or k in kinds]
     if not options:
         raise ValueError(f"none of {kinds} applies to a scene of {len(scene)} objects")
-    kind = _pick(rng, options)
+    kind = pick(rng, options)
     if kind == "add":
         taken = {o.key for o in scene.objects}
         keys = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken]
-        color, shape = _pick(rng, keys)
-        return Change("add", color, shape, size=_pick(rng, list(SIZES)), cell=_pick(rng, scene.free_cells()))
-    target = _pick(rng, scene.objects)
+        color, shape = pick(rng, keys)
+        return Change("add", color, shape, size=pick(rng, list(SIZES)), cell=pick(rng, scene.free_cells()))
+    target = pick(rng, scene.objects)
     if kind == "move":
-        return Change("move", target.color, target.shape, cell=_pick(rng, scene.free_cells()))
+        return Change("move", target.color, target.shape, cell=pick(rng, scene.free_cells()))
     if kind == "remove":
         return Change("remove", target.color, target.shape)
     taken = {o.key for o in scene.objects}
     colors = [c for c in COLORS if (c, target.shape) not in taken]
-    return Change("recolor", target.color, target.shape, new_color=_pick(rng, colors))
+    return Change("recolor", target.color, target.shape, new_color=pick(rng, colors))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .parse import find_regions
 from .render import cell_centre, check_canvas, draw
-from .scene import CELLS, COLORS, SHAPES, SIZES, Obj, _check, _pick
+from .scene import CELLS, COLORS, SHAPES, SIZES, Obj, check_choice, pick
 
 MIN_FRAMES, MAX_FRAMES = 2, 16
 DEFAULT_FRAMES = 6
@@ -59,7 +59,7 @@ class Motion:
     def __post_init__(self):
         for value, allowed in ((self.color, COLORS), (self.shape, SHAPES), (self.size, SIZES),
                                (self.start, CELLS), (self.end, CELLS)):
-            _check(value, allowed)
+            check_choice(value, allowed)
         if self.start == self.end:
             raise ValueError(f"a motion must change the cell, got {self.start!r} twice")
         _check_frames(self.frames)
@@ -92,8 +92,8 @@ def _check_frames(n: int) -> None:
 
 def random_motion(rng: np.random.Generator, frames: int = DEFAULT_FRAMES) -> Motion:
     """A uniform random motion: color, shape, size and start cell uniform, end uniform among the other 8 cells."""
-    color, shape, size, start = (_pick(rng, list(v)) for v in (COLORS, SHAPES, SIZES, CELLS))
-    end = _pick(rng, [c for c in CELLS if c != start])
+    color, shape, size, start = (pick(rng, list(v)) for v in (COLORS, SHAPES, SIZES, CELLS))
+    end = pick(rng, [c for c in CELLS if c != start])
     return Motion(color, shape, size, start, end, frames)
 
 
