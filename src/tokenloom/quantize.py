@@ -3,7 +3,7 @@
 
 It pays where the linears dominate a step: on two CPU cores a decode step's [2, 768] x [768, 2048]
 matmul is 3.2x faster than float32, a 7B-size one 6.3x; for shapes-tiny's small layers it is slower
-(docs/engine.md, "The decode step"). The embedding and the output head stay float32 (the head's rows
+(docs/engine.md, "Speed"). The embedding and the output head stay float32 (the head's rows
 are what sampling reads, and LoRA and scoring use its weight); so does the VQGAN.
 
 The feed-forward's down projection (w2) stays float32 too: its input, the SwiGLU product, has outlier
