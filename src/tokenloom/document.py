@@ -135,7 +135,6 @@ class VideoPart:
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
-VISUAL_PARTS = (ImagePart, VideoPart)
 
 
 def _as_part(part: Part | str | np.ndarray) -> Part:

@@ -131,7 +131,7 @@ class Format:
         if not v.has_video:
             raise ValueError("the vocabulary has no video tokens (video_begin, video_end); "
                              "a model gains them with `tokenloom add-modality` and learns them by training on videos")
-        most = min(MAX_FRAMES, v.max_grid_size)
+        most = v.max_video_frames
         if not 1 <= frames <= most:
             raise ValueError(f"a video has 1 to {most} frames here, got {frames}")
 

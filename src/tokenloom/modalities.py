@@ -16,10 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .vocab import Vocabulary, VocabularyError
-
-# The special roles each modality brings. Images are part of every vocabulary.
-MODALITY_ROLES: dict[str, tuple[str, ...]] = {"video": ("video_begin", "video_end")}
+from .vocab import MODALITY_ROLES, Vocabulary, VocabularyError
 
 
 def missing_roles(vocab: Vocabulary, modality: str) -> list[str]:

@@ -485,14 +485,15 @@ class Pipeline:
         if isinstance(x, VideoPart) or isinstance(getattr(x, "frames", None), list):
             return True
         if isinstance(x, (str, Path)):
+            from .video_io import stored_frames
+
             path = Path(x)
             if path.is_dir():
                 return True
             if path.suffix.lower() in (".gif", ".webp") and path.is_file():
                 try:
-                    with Image.open(path) as im:
-                        return getattr(im, "n_frames", 1) > 1
-                except OSError:
+                    return stored_frames(path) > 1
+                except ValueError:  # not an animation (or too long): not a video to read as one
                     return False
         return False
 
@@ -504,14 +505,9 @@ class Pipeline:
         check_integer(frames, "frames", low=1)
         self.format.check_video(frames)
         doc = Document.chat([("user", [TextPart(check_text(prompt, "prompt"))])])
-        ids = self.format.encode(doc, generation_role="assistant").ids
-        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance_scale(scale)
-        params = self.sampling("image", temperature=temperature, top_k=top_k, top_p=top_p)
-        return GenerationRequest(ids, mode="video", image_size=grid, video_frames=frames,
-                                 max_new_tokens=self.format.video_length(frames, *grid) + 1, image=params,
-                                 guidance_scale=scale, uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
-                                 **self.speculation(speculative, speculative_window))
+        return self.chat_request(doc, mode="video", video_frames=frames, image_size=grid, seed=seed,
+                                 guidance_scale=guidance_scale, image_temperature=temperature, image_top_k=top_k,
+                                 image_top_p=top_p, speculative=speculative, speculative_window=speculative_window)
 
     def generate_videos(self, prompts: str | list[str], *, frames: int | None = None, width: int | None = None,
                         height: int | None = None, num_videos: int = 1, seed: int | None = None,

@@ -23,15 +23,18 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .document import MAX_FRAMES
 from .text_tokenizer import TextTokenizer
 
 SPECIAL_ROLES: tuple[str, ...] = (
     "bos", "eos", "pad", "image_begin", "image_end", "end_of_line",
     "turn_end", "uncond", "user", "assistant", "system", "video_begin", "video_end",
 )  # fmt: skip
-# Roles a vocabulary may lack: a modality beyond text and images is there only where its tokens are
-# (the shipped tokenizers of Chameleon, Anole and Lumina-mGPT have none; `expand_vocabulary` adds them).
-OPTIONAL_ROLES: tuple[str, ...] = ("video_begin", "video_end")
+# The special roles each modality beyond text and images brings. A vocabulary may lack them: the
+# modality is there only where its tokens are (the shipped tokenizers of Chameleon, Anole and
+# Lumina-mGPT have none; `tokenloom.modalities.add_modality` adds them).
+MODALITY_ROLES: dict[str, tuple[str, ...]] = {"video": ("video_begin", "video_end")}
+OPTIONAL_ROLES: tuple[str, ...] = tuple(r for roles in MODALITY_ROLES.values() for r in roles)
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 NATIVE_SPECIAL_TOKENS: dict[str, str] = {role: f"<|{role}|>" for role in SPECIAL_ROLES}
 
@@ -201,6 +204,12 @@ class Vocabulary:
     @property
     def has_video(self) -> bool:
         return self.video_begin is not None and self.video_end is not None
+
+    @property
+    def max_video_frames(self) -> int:
+        """The most frames a video may have here: the frame count is a size token, so as many as there
+        are size tokens, at most MAX_FRAMES; 0 without video tokens."""
+        return min(MAX_FRAMES, self.max_grid_size) if self.has_video else 0
 
     def role_id(self, role: str) -> int | None:
         if role not in SPECIAL_ROLES:

@@ -104,7 +104,7 @@ def run_merge_adapter(a) -> int:
 
 
 def add_modality_arguments(p) -> None:
-    from ..modalities import MODALITY_ROLES
+    from ..vocab import MODALITY_ROLES
 
     p.description = ("Add a modality's tokens to a model: the vocabulary grows by new ids after its last one, the "
                      "embedding and output head by one row each (the mean of the old rows). Train the result on the "

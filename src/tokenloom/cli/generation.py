@@ -287,11 +287,11 @@ def run_chat(args) -> int:
 
     check_at_least(args, "max_new_tokens")
     out = _writable_dir(args.out, "--out")
+    # Read before the model loads, so a bad file fails fast; one frame is an --image.
+    videos = [read_video(path, min_frames=2) for path in args.video]
     seed = _seed(args)
     pipe = _load(args)
-    for path in args.video:
-        read_video(path, min_frames=2)  # a bad file fails before the model loads; one frame is an --image
-    user = pipe.user_document(args.prompt, args.image + args.video)
+    user = pipe.user_document(args.prompt, args.image + [pipe.encode_video(frames) for frames in videos])
     result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
                        image_temperature=args.image_temperature, image_top_k=args.image_top_k,
                        **_text_sampling(args))

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..document import MAX_FRAMES
 from ..vocab import Vocabulary
 
 TEXT, HEIGHT, WIDTH, CODES, END, COUNT, FRAME, VIDEO_END, DONE = range(9)
@@ -89,13 +88,13 @@ class GrammarTables:
             size_value[size_ids] = torch.arange(1, len(size_ids) + 1) * unit
         idle = vocab.pad if vocab.pad is not None else stops[-1]
         # A video's frame count is a size token: without size tokens there is no way to say it.
-        video = vocab.has_video and vocab.max_grid_size > 0
+        video = vocab.max_video_frames > 0
         return cls(layout, tuple(flat_grid) if flat_grid else None, vocab.size, text_mask.to(device),
                    vocab.code_mask.to(device), size_ids.to(device), size_value.to(device),
                    unit, torch.tensor(stops, dtype=torch.long, device=device), vocab.image_begin, vocab.image_end,
                    vocab.end_of_line, stops[0], idle, torch.as_tensor(vocab.code_ids, dtype=torch.long, device=device),
                    vocab.video_begin if video else None, vocab.video_end if video else None,
-                   min(MAX_FRAMES, vocab.max_grid_size) if video else 0)
+                   vocab.max_video_frames)
 
     @property
     def has_video(self) -> bool:
@@ -191,16 +190,16 @@ class Grammar:
         return out
 
     # -- what may come next ---------------------------------------------------------------
+    def _min_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's smallest image (or frame): its fixed size, else one size unit a side."""
+        return (torch.where(self.fixed_h > 0, self.fixed_h, self.t.size_unit),
+                torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit))
+
     def min_image_length(self) -> torch.Tensor:
-        h = torch.where(self.fixed_h > 0, self.fixed_h, self.t.size_unit)
-        w = torch.where(self.fixed_w > 0, self.fixed_w, self.t.size_unit)
-        return h * w + 2 if self.t.layout == "flat" else h * (w + 1) + 4
+        return self.t.image_length(*self._min_grid())
 
     def min_video_length(self) -> torch.Tensor:
-        return torch.where(self.fixed_f > 0, self.fixed_f, 1) * self.min_image_length() + 3
-
-    def _image_length(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return h * w + 2 if self.t.layout == "flat" else h * (w + 1) + 4
+        return self.t.video_length(torch.where(self.fixed_f > 0, self.fixed_f, 1), *self._min_grid())
 
     def allowed(self) -> torch.Tensor:
         """Bool [B, V]: the tokens each row may emit now."""
@@ -235,8 +234,8 @@ class Grammar:
             after = torch.where(self.in_video, self.frames - self.frame - 1, 0)[:, None]
             tail = self.in_video.long()[:, None]
             n = self.sizes[None]
-            len_h = self._image_length(n, torch.where(force_w > 0, force_w, t.size_unit))
-            len_w = self._image_length(self.h[:, None], n)
+            len_h = t.image_length(n, torch.where(force_w > 0, force_w, t.size_unit))
+            len_w = t.image_length(self.h[:, None], n)
             remaining = self.remaining[:, None]
             h_ok = torch.where(force_h > 0, n == force_h, len_h - 1 + after * len_h + tail <= remaining)
             w_ok = torch.where(force_w > 0, n == force_w, len_w - 2 + after * len_w + tail <= remaining)
