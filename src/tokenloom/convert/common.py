@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME, atomic_write_json
+from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME, atomic_directory, atomic_write_json
 from ..image_processing import ImageTokenizer
 from ..model import ModelConfig, Transformer
 from ..vqgan import VQGAN, VQGANConfig, load_vqgan_checkpoint
@@ -55,6 +55,24 @@ class ConversionWarning(UserWarning):
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+def save_derived(pipe, base: Path, dst: Path, key: str, record: dict) -> Path:
+    """Write `pipe`, a model made from the model directory `base` (an adapter merged, a modality
+    added), to `dst` under a temporary name renamed into place; its config keeps what the base's
+    conversion recorded (whether its VQGAN can draw) and says under `key` how it was made (`record`,
+    with the tokenloom version and the base's path)."""
+    from ..pipeline import CONFIG_NAME
+
+    conversion = json.loads((base / CONFIG_NAME).read_text()).get("conversion")
+    with atomic_directory(dst) as tmp:
+        pipe.save_pretrained(tmp)
+        config = json.loads((tmp / CONFIG_NAME).read_text())
+        if conversion is not None:
+            config["conversion"] = conversion
+        config[key] = {"tokenloom_version": __version__, "base": str(base.resolve()), **record}
+        atomic_write_json(tmp / CONFIG_NAME, config)
+    return dst
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

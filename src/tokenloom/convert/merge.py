@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import atomic_directory, atomic_write_json
-from ..pipeline import CONFIG_NAME, Pipeline
-from .common import prepare_destination, resolve_dtype
+from ..pipeline import Pipeline
+from .common import prepare_destination, resolve_dtype, save_derived
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, overwrite: bool = False,
@@ -23,13 +20,4 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, ove
     pipe = Pipeline.from_pretrained(base, adapter=adapter)
     if dtype is not None:
         pipe.model.to(resolve_dtype(dtype))
-    record = json.loads((base / CONFIG_NAME).read_text())
-    with atomic_directory(dst) as tmp:
-        pipe.save_pretrained(tmp)
-        config = json.loads((tmp / CONFIG_NAME).read_text())
-        if "conversion" in record:  # what the base's conversion recorded (whether its VQGAN can draw)
-            config["conversion"] = record["conversion"]
-        config["merged_adapter"] = {"tokenloom_version": __version__, "base": str(base.resolve()),
-                                    "adapter": str(adapter.resolve())}
-        atomic_write_json(tmp / CONFIG_NAME, config)
-    return dst
+    return save_derived(pipe, base, dst, "merged_adapter", {"adapter": str(adapter.resolve())})
