@@ -23,7 +23,7 @@ from PIL import Image
 from .document import TextPart
 from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
 from .report import image_grid
-from .video_evaluation import VIDEO_TASKS, eval_next_frames, eval_t2v, eval_video_text, videos_grid
+from .video_evaluation import VIDEO_TASKS, eval_next_frames, eval_t2v, video_question_kind, videos_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
 
@@ -114,15 +114,24 @@ def _question_kind(question: str) -> str:
     return next((kind for kind, opening in QUESTION_KINDS.items() if question.startswith(opening)), "other")
 
 
+def _text_slice(sample) -> str:
+    """The breakdown slice of a text answer: captions by number of objects, questions by kind."""
+    if sample.task == "caption":
+        return f"objects_{len(sample.scenes[0])}"
+    if sample.task in VIDEO_TASKS:
+        return f"kind_{video_question_kind(sample.info['question'])}"
+    return f"kind_{_question_kind(sample.info['question'])}"
+
+
 def score_text(samples, texts):
-    """Exact answers, with a breakdown: questions by kind, captions by number of objects."""
+    """Exact answers, with a breakdown: questions by kind, captions by number of objects (video
+    captions and questions by what they ask)."""
     records, right = [], []
     stats = defaultdict(lambda: [0, 0])
     for s, text in zip(samples, texts):
         ok = text.strip() == s.info["answer"]
         right.append(ok)
-        key = f"objects_{len(s.scenes[0])}" if s.task == "caption" else f"kind_{_question_kind(s.info['question'])}"
-        tally(stats, key, ok)
+        tally(stats, _text_slice(s), ok)
         records.append({"question": s.info["question"], "expected": s.info["answer"], "got": text, "right": ok})
     return sum(right) / len(right), shares(stats), records
 
@@ -251,7 +260,7 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size:
         samples = heldout_samples(task, n, seed)
         if task == "t2i":
             score, breakdown, records, shown = eval_t2i(pipe, samples, batch_size, progress, seed)
-        elif task in ("caption", "qa"):
+        elif task in ("caption", "qa", "video_caption", "video_qa"):
             score, breakdown, records = eval_text(pipe, samples, batch_size, progress, task)
         elif task == "edit":
             score, breakdown, records, edits_shown = eval_edit(pipe, samples, batch_size, progress)
@@ -259,8 +268,6 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size:
             score, breakdown, records, videos_shown[task] = eval_t2v(pipe, samples, batch_size, progress, seed)
         elif task == "next_frames":
             score, breakdown, records, videos_shown[task] = eval_next_frames(pipe, samples, batch_size, progress)
-        elif task in ("video_caption", "video_qa"):
-            score, breakdown, records = eval_video_text(pipe, samples, batch_size, progress, task)
         else:
             score, breakdown, records = eval_story(pipe, samples, batch_size, progress, seed)
         report["scores"][task] = score

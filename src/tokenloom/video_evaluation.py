@@ -6,7 +6,7 @@
     video_caption  a video -> its motion caption, exact
     video_qa       a video and a question (where does it start / end up) -> the answer, exact
 
-Each drawn video is shown as one row of frames in videos.png (green border = right).
+The last two are text answers, scored as captions and questions are (`evaluation.eval_text`). Each drawn video is shown as one row of frames in videos.png (green border = right).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import defaultdict
 from PIL import Image
 
 from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
+from .report import image_grid
 from .world.video import motion_of, parse_motion_caption, score_frames, score_video
 
 VIDEO_TASKS = ("t2v", "next_frames", "video_caption", "video_qa")
@@ -92,30 +93,13 @@ def score_next_frames(samples, videos):
     return sum(right) / len(right), shares(stats), records, shown
 
 
-def eval_video_text(pipe, samples, batch_size, progress, task):
-    """Video captions and questions: greedy text answers, exact."""
-    requests = [pipe.chat_request(sample_document(pipe, s), mode="text", seed=0, text_sampling={"temperature": 0.0})
-                for s in samples]
-    texts = [r.text for r in run_requests(pipe, requests, batch_size, progress, task)]
-    stats = defaultdict(lambda: [0, 0])
-    records, right = [], []
-    for s, text in zip(samples, texts):
-        ok = text.strip() == s.info["answer"]
-        right.append(ok)
-        question = s.info["question"]
-        kind = "start" if "start" in question else "end" if "end up" in question else "describe"
-        tally(stats, f"kind_{kind}", ok)
-        records.append({"question": question, "expected": s.info["answer"], "got": text, "right": ok})
-    return sum(right) / len(right), shares(stats), records
+def video_question_kind(question: str) -> str:
+    """What a question about a video asks: where the object starts, where it ends up, or the caption."""
+    return "start" if "start" in question else "end" if "end up" in question else "describe"
 
 
 def videos_grid(rows: list[list]):
-    """One row of frames per video, on white."""
-    width = max(len(r) for r in rows)
-    w, h = rows[0][0].size
-    pad = 2
-    grid = Image.new("RGB", (width * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    for r, frames in enumerate(rows):
-        for c, frame in enumerate(frames):
-            grid.paste(frame, (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
+    """One row of frames per video, on white (a shorter video's row padded with blank frames)."""
+    columns = max(len(r) for r in rows)
+    blank = Image.new("RGB", rows[0][0].size, "white")
+    return image_grid([f for r in rows for f in r + [blank] * (columns - len(r))], columns=columns)
