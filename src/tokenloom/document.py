@@ -1,10 +1,12 @@
-"""Documents: interleaved text, images and videos, optionally split into chat turns.
+"""Documents: interleaved text, images, videos and speech, optionally split into chat turns.
 
 A `Document` is what formats encode to token ids and decode back to. Images
-are grids of codebook indices (what the VQ tokenizer produces) and a video is
-a stack of such grids of one size (its frames), so a document round-trips
-through ids without any pixels; decoded pixels may ride along on `.pixels`
-but never take part in equality.
+are grids of codebook indices (what the VQ tokenizer produces), a video is
+a stack of such grids of one size (its frames), and speech is a stack of
+residual-VQ code rows (one per codebook level, the first the content), so a
+document round-trips through ids without any pixels or samples; decoded
+pixels or audio may ride along (`.pixels`, `.audio`) but never take part in
+equality.
 """
 
 from __future__ import annotations
@@ -134,7 +136,57 @@ class VideoPart:
         return f"VideoPart({self.num_frames} frames of {self.height}x{self.width})"
 
 
-Part = Union[TextPart, ImagePart, VideoPart]
+MAX_SPEECH_FRAMES = 1500  # the most code frames one utterance may have (a minute at 25 frames a second)
+
+
+@dataclass(eq=False)
+class SpeechPart:
+    """One utterance as an int64 [levels, frames] array of residual-VQ codes: row 0 the content
+    codebook, rows 1.. the timbre codebooks in order. A content-only utterance (how inputs are fed by
+    default, as MIO does) has one row. `audio`, when decoded, is the float32 waveform at the codec's
+    sample rate."""
+
+    codes: np.ndarray
+    audio: Any = field(default=None, compare=False, repr=False)  # np.ndarray | None
+
+    def __post_init__(self) -> None:
+        codes = np.asarray(self.codes)
+        if codes.ndim == 1:
+            codes = codes[None]
+        if codes.ndim != 2 or min(codes.shape) < 1:
+            raise ValueError(f"speech codes must be a non-empty [levels, frames] array, got shape {codes.shape}")
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"speech codes must be integers, got dtype {codes.dtype}")
+        if codes.shape[1] > MAX_SPEECH_FRAMES:
+            raise ValueError(f"an utterance has at most {MAX_SPEECH_FRAMES} code frames, got {codes.shape[1]}")
+        self.codes = codes.astype(np.int64, copy=False)
+
+    @property
+    def levels(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def content(self) -> SpeechPart:
+        """This utterance with its content codebook only."""
+        return SpeechPart(self.codes[:1])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpeechPart):
+            return NotImplemented
+        return self.codes.shape == other.codes.shape and bool(np.array_equal(self.codes, other.codes))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return f"SpeechPart({self.levels} levels x {self.num_frames} frames)"
+
+
+Part = Union[TextPart, ImagePart, VideoPart, SpeechPart]
+PART_TYPES = (TextPart, ImagePart, VideoPart, SpeechPart)
 
 
 def _as_part(part: Part | str | np.ndarray) -> Part:
@@ -142,9 +194,13 @@ def _as_part(part: Part | str | np.ndarray) -> Part:
         return TextPart(part)
     if isinstance(part, np.ndarray):
         return VideoPart(part) if part.ndim == 3 else ImagePart(part)
-    if isinstance(part, (TextPart, ImagePart, VideoPart)):
+    if isinstance(part, PART_TYPES):
         return part
-    raise TypeError(f"a part must be TextPart, ImagePart, VideoPart or str, got {type(part).__name__}")
+    raise TypeError(f"a part must be TextPart, ImagePart, VideoPart, SpeechPart or str, got {type(part).__name__}")
+
+
+_JSON_TYPES = {ImagePart: "image", VideoPart: "video", SpeechPart: "speech"}
+_JSON_PARTS = {name: cls for cls, name in _JSON_TYPES.items()}
 
 
 @dataclass
@@ -172,7 +228,7 @@ class Document:
         """Turns from (role, parts) pairs; a single part may stand for its list."""
         turns = []
         for role, parts in messages:
-            if isinstance(parts, (str, TextPart, ImagePart, VideoPart, np.ndarray)):
+            if isinstance(parts, (str, np.ndarray, *PART_TYPES)):
                 parts = [parts]
             turns.append(Turn(role, list(parts)))
         return cls(turns)
@@ -188,6 +244,10 @@ class Document:
     @property
     def videos(self) -> list[VideoPart]:
         return [p for p in self.parts if isinstance(p, VideoPart)]
+
+    @property
+    def speech(self) -> list[SpeechPart]:
+        return [p for p in self.parts if isinstance(p, SpeechPart)]
 
     @property
     def text(self) -> str:
@@ -224,12 +284,13 @@ class Document:
         return Document(turns)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict; images and videos become nested lists of codes (pixels are not kept)."""
+        """A JSON-able dict; images, videos and speech become nested lists of codes (pixels and audio are
+        not kept)."""
 
         def part(p: Part) -> dict[str, Any]:
             if isinstance(p, TextPart):
                 return {"type": "text", "text": p.text}
-            return {"type": "image" if isinstance(p, ImagePart) else "video", "codes": p.codes.tolist()}
+            return {"type": _JSON_TYPES[type(p)], "codes": p.codes.tolist()}
 
         return {"turns": [{"role": t.role, "parts": [part(p) for p in t.parts]} for t in self.turns]}
 
@@ -244,10 +305,8 @@ class Document:
             for p in t["parts"]:
                 if p["type"] == "text":
                     parts.append(TextPart(p["text"]))
-                elif p["type"] == "image":
-                    parts.append(ImagePart(np.asarray(p["codes"], dtype=np.int64)))
-                elif p["type"] == "video":
-                    parts.append(VideoPart(np.asarray(p["codes"], dtype=np.int64)))
+                elif p["type"] in _JSON_PARTS:
+                    parts.append(_JSON_PARTS[p["type"]](np.asarray(p["codes"], dtype=np.int64)))
                 else:
                     raise ValueError(f"unknown part type {p['type']!r}")
             turns.append(Turn(t.get("role"), parts))

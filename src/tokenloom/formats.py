@@ -11,6 +11,15 @@ Video (both layouts, where the vocabulary has video tokens): ``video_begin, size
 the F frames as an image span of the layout (all of one size), then ``video_end``. The frame count
 is the size token whose index is F (it counts frames, not size units).
 
+Speech (both image layouts, where the vocabulary has speech codes): ``speech_begin``, the codes of an
+[L, T] `SpeechPart` (L codebook levels, T frames), ``speech_end``, in one of two speech layouts:
+
+* ``blocks`` (MIO, the default): all T content codes (level 0), then all T codes of level 1, ...,
+  then level L-1. A content-only utterance (L = 1; how MIO feeds inputs) is just its content block.
+* ``interleaved``: frame by frame, the L codes of each frame in level order.
+
+Each level has its own ids, so the levels (and the block boundaries) read off the ids themselves.
+
 Chat layout
 -----------
 ``[bos]``, then per turn: the role token (when the turn has a role and the vocabulary has that
@@ -43,9 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .document import MAX_FRAMES, Document, ImagePart, Part, TextPart, Turn, VideoPart
+from .document import MAX_FRAMES, MAX_SPEECH_FRAMES, Document, ImagePart, Part, SpeechPart, TextPart, Turn, VideoPart
 from .text_tokenizer import TextTokenizer
-from .vocab import CHAT_ROLES, KIND_CODE, KIND_SIZE, KIND_TEXT, Vocabulary, VocabularyError
+from .vocab import CHAT_ROLES, KIND_CODE, KIND_SIZE, KIND_SPEECH, KIND_TEXT, Vocabulary, VocabularyError
+
+SPEECH_LAYOUTS = ("blocks", "interleaved")
 
 
 class DecodeError(ValueError):
@@ -97,11 +108,17 @@ class _OpenTurn:
 class Format:
     name: str = ""
 
-    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer) -> None:
+    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer, *, speech_layout: str = "blocks") -> None:
+        if speech_layout not in SPEECH_LAYOUTS:
+            raise ValueError(f"unknown speech layout {speech_layout!r}; expected one of {SPEECH_LAYOUTS}")
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
+        self.speech_layout = speech_layout
         self._kinds: list[int] = vocab.kinds.tolist()
         self._id_to_code: list[int] = vocab.ids_to_codes(np.arange(vocab.size)).tolist()
+        level, code = vocab.ids_to_speech(np.arange(vocab.size))
+        self._speech_level: list[int] = level.tolist()
+        self._speech_code: list[int] = code.tolist()
         self._roles_by_id = {i: r for r, i in vocab.specials.items()}
         self._chat_role_ids = {r: vocab.role_id(r) for r in CHAT_ROLES if vocab.role_id(r) is not None}
         # Ids that no tokenizer entry names (e.g. a vocabulary padded past the tokenizer)
@@ -187,6 +204,105 @@ class Format:
             return None, pos
         return VideoPart(np.stack([f.codes for f in frames[:MAX_FRAMES]])), pos
 
+    # -- speech (both image layouts) -------------------------------------------
+
+    def check_speech(self, levels: int = 1, frames: int = 1) -> None:
+        """ValueError unless this vocabulary can write an utterance of `levels` x `frames` codes."""
+        v = self.vocab
+        if not v.has_speech:
+            raise ValueError("the vocabulary has no speech tokens (speech_begin, speech_end, speech codes); a model "
+                             "gains them with `tokenloom add-modality --modality speech` and learns them by training")
+        if not 1 <= levels <= v.speech_codebooks:
+            raise ValueError(f"an utterance has 1 to {v.speech_codebooks} codebook levels here, got {levels}")
+        if not 1 <= frames <= MAX_SPEECH_FRAMES:
+            raise ValueError(f"an utterance has 1 to {MAX_SPEECH_FRAMES} code frames, got {frames}")
+
+    def speech_ids(self, codes: np.ndarray) -> list[int]:
+        codes = np.asarray(codes)
+        if codes.ndim == 1:
+            codes = codes[None]
+        if codes.ndim != 2 or 0 in codes.shape:
+            raise ValueError(f"speech codes must be a non-empty [levels, frames] array, got shape {codes.shape}")
+        self.check_speech(*codes.shape)
+        v = self.vocab
+        body = v.speech_codes_to_ids(codes)  # [levels, frames]
+        if self.speech_layout == "interleaved":
+            body = body.T
+        return [v.speech_begin, *body.ravel().tolist(), v.speech_end]
+
+    def speech_length(self, levels: int, frames: int) -> int:
+        """Tokens of one utterance, its begin and end included."""
+        return levels * frames + 2
+
+    def _parse_speech(self, seq: list[int], start: int, report: _Reporter) -> tuple[SpeechPart | None, int]:
+        """Parse an utterance whose speech_begin is at `start`; return it (or None) and the next position."""
+        v = self.vocab
+        pos = start + 1
+        levels: list[int] = []
+        codes: list[int] = []
+        closed = False
+        while pos < len(seq):
+            t = self._check_id(seq, pos)
+            if self._kinds[t] != KIND_SPEECH:
+                if t == v.speech_end:
+                    pos, closed = pos + 1, True
+                else:
+                    report(pos, f"speech at {start} not closed by speech_end (found id {t})")
+                break
+            levels.append(self._speech_level[t])
+            codes.append(self._speech_code[t])
+            pos += 1
+        if not closed and pos >= len(seq):
+            report(pos, "sequence ends inside speech (truncated)")
+        rows = (self._speech_blocks if self.speech_layout == "blocks" else self._speech_frames)(
+            levels, codes, start, report)
+        if not rows or not rows[0]:
+            report(start, "speech with no complete frame dropped")
+            return None, pos
+        return SpeechPart(np.array(rows, dtype=np.int64)[:, :MAX_SPEECH_FRAMES]), pos
+
+    @staticmethod
+    def _speech_blocks(levels: list[int], codes: list[int], start: int, report: _Reporter) -> list[list[int]]:
+        """Rows of a blocks-layout body: runs of one level, in level order 0, 1, ..., all of the content
+        block's length. The first run out of order or of another length ends the utterance (what came
+        before it is kept)."""
+        rows: list[list[int]] = []
+        i = 0
+        while i < len(levels):
+            j = i
+            while j < len(levels) and levels[j] == levels[i]:
+                j += 1
+            if levels[i] != len(rows):
+                report(start, f"speech at {start}: a block of level {levels[i]} where level {len(rows)} belongs; "
+                              f"the rest dropped")
+                break
+            if rows and j - i != len(rows[0]):
+                report(start, f"speech at {start}: level {levels[i]} has {j - i} codes, the content block "
+                              f"{len(rows[0])}; it and the rest dropped")
+                break
+            rows.append(codes[i:j])
+            i = j
+        return rows
+
+    @staticmethod
+    def _speech_frames(levels: list[int], codes: list[int], start: int, report: _Reporter) -> list[list[int]]:
+        """Rows of an interleaved body: frames of levels 0..L-1, L set by the first frame. A frame out of
+        that pattern ends the utterance; an incomplete last frame is dropped."""
+        width = 1
+        while width < len(levels) and levels[width] == width:
+            width += 1
+        frames: list[list[int]] = []
+        for i in range(0, len(levels), width):
+            if len(levels) - i < width:
+                report(start, f"speech at {start}: incomplete last frame of {len(levels) - i} codes dropped")
+                break
+            if levels[i:i + width] != list(range(width)):
+                report(start, f"speech at {start}: frame {len(frames)} is not levels 0..{width - 1} in order; "
+                              f"it and the rest dropped")
+                break
+            frames.append(codes[i:i + width])
+        return [list(row) for row in zip(*frames)] if frames else []
+
     # -- encoding --------------------------------------------------------------
 
     def _part_ids(self, part: Part) -> list[int]:
@@ -194,6 +310,8 @@ class Format:
             return self.text_tokenizer.encode(part.text)
         if isinstance(part, VideoPart):
             return self.video_ids(part.codes)
+        if isinstance(part, SpeechPart):
+            return self.speech_ids(part.codes)
         return self.image_ids(part.codes)
 
     def _require(self, role: str) -> int:
@@ -307,15 +425,20 @@ class Format:
                 report(pos, f"stray size token id {t} outside an image; skipped")
                 pos += 1
                 continue
+            if kind == KIND_SPEECH:
+                report(pos, f"stray speech code id {t} outside speech; skipped")
+                pos += 1
+                continue
             role = self._roles_by_id[t]
             if role == "eos":
                 break
             if t in skip:
                 pos += 1
                 continue
-            if role in ("image_begin", "video_begin"):
+            if role in ("image_begin", "video_begin", "speech_begin"):
                 flush_text()
-                parse = self._parse_image if role == "image_begin" else self._parse_video
+                parse = {"image_begin": self._parse_image, "video_begin": self._parse_video,
+                         "speech_begin": self._parse_speech}[role]
                 part, pos = parse(seq, pos, report)
                 if part is not None:
                     cur.parts.append(part)
@@ -334,8 +457,9 @@ class Format:
                 turns.append(cur)
                 cur = _OpenTurn(None)
                 saw_turn_end = True
-            else:  # image_end, end_of_line, video_end
-                report(pos, f"stray {role} id {t} outside an {'video' if role == 'video_end' else 'image'}; skipped")
+            else:  # image_end, end_of_line, video_end, speech_end
+                where = {"video_end": "a video", "speech_end": "speech"}.get(role, "an image")
+                report(pos, f"stray {role} id {t} outside {where}; skipped")
             pos += 1
         flush_text()
         if cur.role is not None or cur.parts:
@@ -385,10 +509,10 @@ class UniRepFormat(Format):
 
     name = "unirep"
 
-    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer) -> None:
+    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer, **kwargs: Any) -> None:
         if vocab.end_of_line is None or vocab.max_grid_size == 0:
             raise VocabularyError("the unirep layout needs end_of_line and size tokens in the vocabulary")
-        super().__init__(vocab, text_tokenizer)
+        super().__init__(vocab, text_tokenizer, **kwargs)
 
     def _units(self, extent: int, what: str) -> int:
         unit = self.vocab.size_unit
@@ -453,10 +577,11 @@ class FlatFormat(Format):
 
     name = "flat"
 
-    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer, grid: tuple[int, int] = (32, 32)) -> None:
+    def __init__(self, vocab: Vocabulary, text_tokenizer: TextTokenizer, grid: tuple[int, int] = (32, 32),
+                 **kwargs: Any) -> None:
         if len(grid) != 2 or min(grid) < 1:
             raise ValueError(f"grid must be (height, width) with positive sides, got {grid}")
-        super().__init__(vocab, text_tokenizer)
+        super().__init__(vocab, text_tokenizer, **kwargs)
         self.grid = (int(grid[0]), int(grid[1]))
 
     def image_ids(self, codes: np.ndarray) -> list[int]:

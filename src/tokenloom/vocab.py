@@ -1,4 +1,4 @@
-"""The joint vocabulary: which ids are text, image codes, special and size tokens.
+"""The joint vocabulary: which ids are text, image codes, speech codes, special and size tokens.
 
 A `Vocabulary` is plain data derived from a tokenizer, never hard-coded ids, so
 one code path serves every model family:
@@ -9,6 +9,10 @@ one code path serves every model family:
               codes appended after its last id;
 * chameleon -- Chameleon / Anole / Lumina-mGPT: image tokens are `IMGIMG*` entries
               already inside the 65k BPE vocabulary, scattered and shuffled.
+
+Speech codes (residual-VQ levels of a speech codec, MIO style) are a second block of codes: one id per
+(level, code) pair, level-major, so a content code and a timbre code are never the same id. Like the
+video markers they are optional: a vocabulary has speech only where it has them (`has_speech`).
 
 Id <-> code lookups are table gathers (numpy or torch), so they run on whole
 batches on any device without Python loops.
@@ -28,12 +32,13 @@ from .text_tokenizer import TextTokenizer
 
 SPECIAL_ROLES: tuple[str, ...] = (
     "bos", "eos", "pad", "image_begin", "image_end", "end_of_line",
-    "turn_end", "uncond", "user", "assistant", "system", "video_begin", "video_end",
+    "turn_end", "uncond", "user", "assistant", "system", "video_begin", "video_end", "speech_begin", "speech_end",
 )  # fmt: skip
 # The special roles each modality beyond text and images brings. A vocabulary may lack them: the
 # modality is there only where its tokens are (the shipped tokenizers of Chameleon, Anole and
 # Lumina-mGPT have none; `tokenloom.modalities.add_modality` adds them).
-MODALITY_ROLES: dict[str, tuple[str, ...]] = {"video": ("video_begin", "video_end")}
+MODALITY_ROLES: dict[str, tuple[str, ...]] = {"video": ("video_begin", "video_end"),
+                                              "speech": ("speech_begin", "speech_end")}
 OPTIONAL_ROLES: tuple[str, ...] = tuple(r for roles in MODALITY_ROLES.values() for r in roles)
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 NATIVE_SPECIAL_TOKENS: dict[str, str] = {role: f"<|{role}|>" for role in SPECIAL_ROLES}
@@ -69,7 +74,7 @@ def lumina_size_token(n: int) -> str:
 
 
 # Per-id kinds, as stored in `Vocabulary.kinds`.
-KIND_TEXT, KIND_CODE, KIND_SPECIAL, KIND_SIZE = 0, 1, 2, 3
+KIND_TEXT, KIND_CODE, KIND_SPECIAL, KIND_SIZE, KIND_SPEECH = 0, 1, 2, 3, 4
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -108,11 +113,15 @@ class Vocabulary:
         size_token_ids: Sequence[int] | np.ndarray = (),
         *,
         size_unit: int = 1,
+        speech_code_ids: Sequence[int] | np.ndarray = (),
+        speech_codebooks: int = 0,
     ) -> None:
         """`code_ids[c]` is the id of codebook entry c; `size_token_ids[n-1]` means n size units.
 
         `size_unit` is the number of code rows (or columns) one size unit stands for:
         1 for tokenloom, 2 for Lumina-mGPT whose sizes count 32-pixel patches.
+        `speech_code_ids[l * N + c]` is the id of code c of speech codebook level l (N codes a level,
+        `speech_codebooks` levels).
         """
         if int(size) < 1:
             raise VocabularyError(f"vocabulary size must be positive, got {size}")
@@ -131,23 +140,34 @@ class Vocabulary:
         self._size_ids = np.asarray(size_token_ids, dtype=np.int64).reshape(-1)
         if len(self._code_ids) == 0:
             raise VocabularyError("a vocabulary needs at least one image code")
+        self._speech_ids = np.asarray(speech_code_ids, dtype=np.int64).reshape(-1)
+        self._speech_levels = int(speech_codebooks)
+        if (self._speech_levels == 0) != (len(self._speech_ids) == 0) or (
+                self._speech_levels and len(self._speech_ids) % self._speech_levels):
+            raise VocabularyError(f"{len(self._speech_ids)} speech code ids do not split into "
+                                  f"{self._speech_levels} codebook levels of one size")
 
         special_ids = np.array(list(self._specials.values()), dtype=np.int64)
-        everything = np.concatenate([self._code_ids, special_ids, self._size_ids])
+        everything = np.concatenate([self._code_ids, special_ids, self._size_ids, self._speech_ids])
         bad = everything[(everything < 0) | (everything >= self._size)]
         if len(bad):
             raise VocabularyError(f"ids {bad[:8].tolist()} are outside the vocabulary of size {self._size}")
         uniq, counts = np.unique(everything, return_counts=True)
         if (counts > 1).any():
-            raise VocabularyError(f"ids used twice across codes/specials/size tokens: {uniq[counts > 1][:8].tolist()}")
+            raise VocabularyError(f"ids used twice across codes/specials/size tokens/speech codes: "
+                                  f"{uniq[counts > 1][:8].tolist()}")
 
         kinds = np.full(self._size, KIND_TEXT, dtype=np.int8)
         kinds[self._code_ids] = KIND_CODE
         kinds[special_ids] = KIND_SPECIAL
         kinds[self._size_ids] = KIND_SIZE
+        kinds[self._speech_ids] = KIND_SPEECH
         self._kinds = kinds
         self._id_to_code = np.full(self._size, -1, dtype=np.int64)
         self._id_to_code[self._code_ids] = np.arange(len(self._code_ids))
+        # level * N + code per speech id, -1 elsewhere: one gather gives both level and code
+        self._id_to_speech = np.full(self._size, -1, dtype=np.int64)
+        self._id_to_speech[self._speech_ids] = np.arange(len(self._speech_ids))
         self._size_of = {int(i): n + 1 for n, i in enumerate(self._size_ids)}
         self._torch_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
@@ -200,10 +220,29 @@ class Vocabulary:
     uncond = _special_property("uncond")
     video_begin = _special_property("video_begin")
     video_end = _special_property("video_end")
+    speech_begin = _special_property("speech_begin")
+    speech_end = _special_property("speech_end")
 
     @property
     def has_video(self) -> bool:
         return self.video_begin is not None and self.video_end is not None
+
+    @property
+    def has_speech(self) -> bool:
+        return self.speech_begin is not None and self.speech_end is not None and self._speech_levels > 0
+
+    @property
+    def speech_codebooks(self) -> int:
+        """Levels of the speech codec this vocabulary holds codes for (0 without speech)."""
+        return self._speech_levels
+
+    @property
+    def speech_codebook_size(self) -> int:
+        return len(self._speech_ids) // self._speech_levels if self._speech_levels else 0
+
+    @property
+    def speech_code_ids(self) -> np.ndarray:
+        return self._speech_ids.copy()
 
     @property
     def max_video_frames(self) -> int:
@@ -229,7 +268,8 @@ class Vocabulary:
         key = (name, like.device)
         table = self._torch_tables.get(key)
         if table is None:
-            source = {"id_to_code": self._id_to_code, "code_to_id": self._code_ids}[name]
+            source = {"id_to_code": self._id_to_code, "code_to_id": self._code_ids,
+                      "id_to_speech": self._id_to_speech, "speech_to_id": self._speech_ids}[name]
             table = torch.from_numpy(source).to(like.device)
             self._torch_tables[key] = table
         return table
@@ -263,6 +303,60 @@ class Vocabulary:
             raise VocabularyError(f"image codes must lie in [0, {n}), got [{codes.min()}, {codes.max()}]")
         return self._code_ids[codes]
 
+    # -- speech codes ----------------------------------------------------------
+
+    def speech_codes_to_ids(self, codes: ArrayT, first_level: int = 0) -> ArrayT:
+        """Ids of an [levels, frames] array of speech codes whose row r is codebook level
+        first_level + r (a 1-D array is one level)."""
+        n, levels = self.speech_codebook_size, self._speech_levels
+        if not levels:
+            raise VocabularyError("this vocabulary has no speech codes (tokenloom add-modality --modality speech)")
+        is_torch = isinstance(codes, torch.Tensor)
+        arr = codes.long() if is_torch else np.asarray(codes)
+        if not is_torch and arr.dtype.kind not in "iu":
+            raise VocabularyError(f"speech codes must be integers, got dtype {arr.dtype}")
+        rows = arr.reshape(1, -1) if arr.ndim == 1 else arr
+        if first_level < 0 or first_level + rows.shape[0] > levels:
+            raise VocabularyError(f"speech code levels {first_level}..{first_level + rows.shape[0] - 1} do not "
+                                  f"exist: this vocabulary has {levels} levels")
+        if rows.numel() if is_torch else rows.size:
+            lo, hi = int(rows.min()), int(rows.max())
+            if lo < 0 or hi >= n:
+                raise VocabularyError(f"speech codes must lie in [0, {n}), got [{lo}, {hi}]")
+        offsets = (first_level + (torch.arange if is_torch else np.arange)(rows.shape[0])) * n
+        if is_torch:
+            flat = self._table("speech_to_id", rows)[rows + offsets.to(rows.device)[:, None]]
+        else:
+            flat = self._speech_ids[rows.astype(np.int64) + offsets[:, None]]
+        return flat.reshape(arr.shape)
+
+    def ids_to_speech(self, ids: ArrayT) -> tuple[ArrayT, ArrayT]:
+        """(level, code) per id; both -1 where the id is not a speech code."""
+        n = max(self.speech_codebook_size, 1)
+        if isinstance(ids, torch.Tensor):
+            ids = ids.long()
+            inside = (ids >= 0) & (ids < self._size)
+            flat = self._table("id_to_speech", ids)[ids.clamp(0, self._size - 1)]
+            flat = torch.where(inside, flat, torch.full_like(flat, -1))
+            return torch.where(flat >= 0, flat // n, flat), torch.where(flat >= 0, flat % n, flat)
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < self._size)
+        flat = np.where(inside, self._id_to_speech[np.clip(ids, 0, self._size - 1)], -1)
+        return np.where(flat >= 0, flat // n, flat), np.where(flat >= 0, flat % n, flat)
+
+    def speech_level_mask(self, level: int) -> torch.Tensor:
+        """bool [size]: the ids of speech codebook level `level`."""
+        name = f"speech_level_{level}"
+        mask = self._masks.get(name)
+        if mask is None:
+            if not 0 <= level < self._speech_levels:
+                raise VocabularyError(f"no speech codebook level {level}; this vocabulary has {self._speech_levels}")
+            n = self.speech_codebook_size
+            mask = torch.zeros(self._size, dtype=torch.bool)
+            mask[torch.from_numpy(self._speech_ids[level * n:(level + 1) * n])] = True
+            self._masks[name] = mask
+        return mask
+
     # -- size tokens ---------------------------------------------------------
 
     def size_token(self, n: int) -> int:
@@ -288,8 +382,13 @@ class Vocabulary:
 
     @property
     def special_mask(self) -> torch.Tensor:
-        """Special and size tokens, so code/text/special masks partition the vocabulary."""
+        """Special and size tokens, so code/text/special/speech masks partition the vocabulary."""
         return self._mask("special", [KIND_SPECIAL, KIND_SIZE])
+
+    @property
+    def speech_mask(self) -> torch.Tensor:
+        """Speech codes of every level."""
+        return self._mask("speech", [KIND_SPEECH])
 
     @property
     def size_mask(self) -> torch.Tensor:
@@ -302,13 +401,17 @@ class Vocabulary:
     # -- serialisation ---------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "size": self._size,
             "specials": dict(self._specials),
             "code_ids": _pack_ids(self._code_ids),
             "size_token_ids": _pack_ids(self._size_ids),
             "size_unit": self._size_unit,
         }
+        if self._speech_levels:  # absent for vocabularies without speech, so their configs read as before
+            data["speech_code_ids"] = _pack_ids(self._speech_ids)
+            data["speech_codebooks"] = self._speech_levels
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
@@ -318,6 +421,8 @@ class Vocabulary:
             _unpack_ids(data["code_ids"]),
             _unpack_ids(data.get("size_token_ids", [])),
             size_unit=data.get("size_unit", 1),
+            speech_code_ids=_unpack_ids(data.get("speech_code_ids", [])),
+            speech_codebooks=data.get("speech_codebooks", 0),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -329,6 +434,8 @@ class Vocabulary:
             and self._size_unit == other._size_unit
             and np.array_equal(self._code_ids, other._code_ids)
             and np.array_equal(self._size_ids, other._size_ids)
+            and self._speech_levels == other._speech_levels
+            and np.array_equal(self._speech_ids, other._speech_ids)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -336,7 +443,8 @@ class Vocabulary:
     def __repr__(self) -> str:
         return (
             f"Vocabulary(size={self._size}, codebook_size={self.codebook_size}, "
-            f"max_grid_size={self.max_grid_size}, specials={sorted(self._specials)})"
+            f"max_grid_size={self.max_grid_size}, speech={self._speech_levels}x{self.speech_codebook_size}, "
+            f"specials={sorted(self._specials)})"
         )
 
     def with_new_specials(self, roles: Sequence[str]) -> Vocabulary:
@@ -349,14 +457,29 @@ class Vocabulary:
         specials = dict(self._specials)
         specials.update({r: self._size + k for k, r in enumerate(roles)})
         return Vocabulary(self._size + len(roles), specials, self._code_ids, self._size_ids,
-                          size_unit=self._size_unit)
+                          size_unit=self._size_unit, speech_code_ids=self._speech_ids,
+                          speech_codebooks=self._speech_levels)
+
+    def with_speech_codes(self, codebooks: int, codebook_size: int) -> Vocabulary:
+        """This vocabulary grown by a block of `codebooks` x `codebook_size` speech codes appended after
+        its last id (Liquid's way with image codes). A vocabulary that has speech codes is an error."""
+        if self._speech_levels:
+            raise VocabularyError(f"the vocabulary already has {self._speech_levels} levels of speech codes")
+        if codebooks < 1 or codebook_size < 1:
+            raise VocabularyError(f"speech codebooks and codebook_size must be positive, got {codebooks} and "
+                                  f"{codebook_size}")
+        ids = np.arange(self._size, self._size + codebooks * codebook_size)
+        return Vocabulary(self._size + len(ids), self._specials, self._code_ids, self._size_ids,
+                          size_unit=self._size_unit, speech_code_ids=ids, speech_codebooks=codebooks)
 
     # -- constructors from tokenizers ------------------------------------------
 
     @classmethod
-    def native(cls, tokenizer: TextTokenizer, codebook_size: int, max_grid_size: int) -> Vocabulary:
+    def native(cls, tokenizer: TextTokenizer, codebook_size: int, max_grid_size: int, *, speech_codebooks: int = 0,
+               speech_codebook_size: int = 0) -> Vocabulary:
         """tokenloom's own layout: every native special and size token must be in the tokenizer (the
-        optional ones, `OPTIONAL_ROLES`, are taken where it has them)."""
+        optional ones, `OPTIONAL_ROLES`, are taken where it has them). Speech codes, when asked for,
+        follow the image codes."""
         names = {r: n for r, n in NATIVE_SPECIAL_TOKENS.items() if r not in OPTIONAL_ROLES}
         size_names = [native_size_token(n) for n in range(1, max_grid_size + 1)]
         missing = [n for n in [*names.values(), *size_names] if tokenizer.token_to_id(n) is None]
@@ -364,7 +487,12 @@ class Vocabulary:
             raise VocabularyError(f"tokenizer lacks tokenloom tokens: {', '.join(missing[:12])}")
         specials = {role: tokenizer.token_to_id(name) for role, name in NATIVE_SPECIAL_TOKENS.items()}
         size_ids = [tokenizer.token_to_id(n) for n in size_names]
-        return cls._append_codes(tokenizer, specials, size_ids, codebook_size)
+        vocab = cls._append_codes(tokenizer, specials, size_ids, codebook_size)
+        if speech_codebooks:
+            if vocab.speech_begin is None:
+                raise VocabularyError("tokenizer lacks the speech markers <|speech_begin|>, <|speech_end|>")
+            vocab = vocab.with_speech_codes(speech_codebooks, speech_codebook_size)
+        return vocab
 
     @classmethod
     def expand_llm(
@@ -472,7 +600,8 @@ def chameleon_image_token(code: int) -> str:
 
 
 def build_native(
-    texts: Iterable[str], text_vocab_size: int, codebook_size: int, max_grid_size: int
+    texts: Iterable[str], text_vocab_size: int, codebook_size: int, max_grid_size: int, *,
+    speech_codebooks: int = 0, speech_codebook_size: int = 0,
 ) -> tuple[TextTokenizer, Vocabulary]:
     """Train a tiny byte-level BPE with tokenloom's special/size tokens and its native vocabulary.
 
@@ -481,4 +610,5 @@ def build_native(
     """
     specials = list(NATIVE_SPECIAL_TOKENS.values()) + [native_size_token(n) for n in range(1, max_grid_size + 1)]
     tokenizer = TextTokenizer.train(texts, text_vocab_size + len(specials), specials)
-    return tokenizer, Vocabulary.native(tokenizer, codebook_size, max_grid_size)
+    return tokenizer, Vocabulary.native(tokenizer, codebook_size, max_grid_size, speech_codebooks=speech_codebooks,
+                                        speech_codebook_size=speech_codebook_size)
