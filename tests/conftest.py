@@ -18,3 +18,9 @@ def pipe():
 @pytest.fixture(scope="module")
 def flat_pipe():
     return random_pipeline(seed=1, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, layout="flat")
+
+
+@pytest.fixture(scope="module")
+def speech_pipe():
+    """Speech codes of 4 levels of 32 (blocks layout) and a random speech codec beside the image codes."""
+    return random_pipeline(seed=2, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, speech=(4, 32))

@@ -15,8 +15,8 @@ LAYERS = [
     {"document", "vocab", "text_tokenizer", "formats", "model", "vqgan", "image_processing", "checkpoint",
      "precision", "report", "world", "adapters", "video_io", "quantize", "audio_io", "speech_codec"},
     {"engine", "scoring"},  # generation
-    {"pipeline"},
-    {"data", "train", "convert", "evaluation", "evaluation_parts", "video_evaluation", "serve",
+    {"pipeline", "speech_pipeline"},
+    {"data", "train", "convert", "evaluation", "evaluation_parts", "video_evaluation", "speech_evaluation", "serve",
      "modalities"},  # what is built on the pipeline
     {"cli", "__main__"},  # __main__: python -m tokenloom (what torchrun -m tokenloom runs)
 ]

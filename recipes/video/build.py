@@ -24,20 +24,16 @@ docs/video.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import yaml
-
-import tokenloom
-from tokenloom.convert import add_modality_dir
-from tokenloom.data.pretokenize import pretokenize
-from tokenloom.pipeline import Pipeline
-from tokenloom.world.tasks import build_dataset
-
 HERE = Path(__file__).resolve().parent
-SHIPPED = Path(tokenloom.__file__).resolve().parent / "assets" / "shapes-tiny"
+sys.path.insert(0, str(HERE.parent))
+from modality import SHIPPED, build_sets, evaluate_model, install_model  # noqa: E402
+from modality import write_config as write_from  # noqa: E402
+
+from tokenloom.convert import add_modality_dir  # noqa: E402
+
 VIDEO_TASKS = ("t2v", "video_caption", "next_frames", "video_qa")
 OLD_TASKS = ("t2i", "caption", "qa", "story", "edit")
 SETS = {  # name: (seed, documents per task); seeds 0-57 went to earlier recipes
@@ -45,8 +41,6 @@ SETS = {  # name: (seed, documents per task); seeds 0-57 went to earlier recipes
     "replay": (59, {"t2i": 8000, "caption": 3000, "qa": 6000, "story": 5000, "edit": 8000}),
     "eval": (60, {**{t: 40 for t in VIDEO_TASKS}, **{t: 20 for t in OLD_TASKS}}),
 }
-SMOKE_COUNT = 6
-SHARD_SIZE = 5000
 STEPS = ("base", "data", "eval-before", "train", "eval")
 
 
@@ -57,49 +51,14 @@ def build_base(work: Path) -> Path:
     return base
 
 
-def build_data(work: Path, smoke: bool) -> None:
-    pipe = Pipeline.from_pretrained(work / "base")
-    for name, (seed, counts) in SETS.items():
-        shards = work / "shards" / name
-        if (shards / "manifest.json").exists() and json.loads((shards / "manifest.json").read_text()).get("complete"):
-            continue
-        data = work / "data" / name
-        if not (data / "train.jsonl").exists():
-            build_dataset(data, {t: SMOKE_COUNT if smoke else n for t, n in counts.items()}, seed=seed)
-        pretokenize(data / "train.jsonl", pipe, shards, shard_size=SHARD_SIZE)
-
-
 def write_config(work: Path, smoke: bool) -> Path:
-    config = yaml.safe_load((HERE / "video.yaml").read_text())
-    if smoke:
-        config["train"].update(max_steps=4, eval_every=2, save_every=2, log_every=1)
-        config["optim"]["warmup_steps"] = 1
-        config["data"]["batch_size"] = 2
-    path = work / "video.yaml"
-    path.write_text("# written by recipes/video/build.py from recipes/video/video.yaml; paths are relative "
-                    "to this folder\n" + yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_from(HERE / "video.yaml", work, smoke)
 
 
 def train_video(work: Path, smoke: bool) -> dict:
     from tokenloom.train import train
 
     return train(write_config(work, smoke), out_dir=(work / "video").resolve())
-
-
-def evaluate_model(model: Path, out: Path, tasks, n: int) -> dict:
-    from tokenloom.evaluation import evaluate
-
-    if (out / "report.json").exists():
-        return json.loads((out / "report.json").read_text())
-    return evaluate(tokenloom.load(model), out, n=n, tasks=tasks)
-
-
-def install_video_model(work: Path, target: Path) -> Path:
-    sys.path.insert(0, str(HERE.parent / "shapes-tiny"))  # its install() and its checks of the target
-    from build import install
-
-    return install(work / "video" / "final", target)
 
 
 def main(argv=None) -> int:
@@ -119,7 +78,7 @@ def main(argv=None) -> int:
         if step == "base":
             build_base(work)
         elif step == "data":
-            build_data(work, a.smoke)
+            build_sets(work, SETS, a.smoke)
         elif step == "eval-before":
             evaluate_model(SHIPPED, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
@@ -127,7 +86,7 @@ def main(argv=None) -> int:
         else:
             evaluate_model(work / "video" / "final", work / "eval", OLD_TASKS + VIDEO_TASKS, n)
     if a.install_to is not None:
-        print(f"installed {install_video_model(work, a.install_to)}")
+        print(f"installed {install_model(work / 'video' / 'final', a.install_to)}")
     return 0
 
 

@@ -23,12 +23,12 @@ import io
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 MIN_SAMPLE_RATE = 4000  # below this, even telephone speech (300-3400 Hz) has no band left
@@ -92,10 +92,11 @@ def _mix_down(array: np.ndarray, what: str) -> np.ndarray:
 
 def quantize_16bit(samples) -> np.ndarray:
     """Samples rounded to the 16-bit PCM grid (int16 / 32768): exactly what a written WAV reads back as."""
-    return (_to_int16(check_samples(samples)).astype(np.float32) / np.float32(_PCM16_SCALE))
+    return (to_pcm16(check_samples(samples)).astype(np.float32) / np.float32(_PCM16_SCALE))
 
 
-def _to_int16(samples: np.ndarray) -> np.ndarray:
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """float samples in [-1, 1] as int16 PCM (x 32768, rounded)."""
     # +1.0 has no int16 (32768 > 32767): it is clipped to the largest step below it
     return np.clip(np.round(samples.astype(np.float64) * _PCM16_SCALE), -32768, 32767).astype(np.int16)
 
@@ -110,6 +111,8 @@ def resample(samples, from_rate: int, to_rate: int) -> np.ndarray:
     samples = check_samples(samples)
     if from_rate == to_rate:
         return samples
+    from scipy.signal import resample_poly  # here, not at the top: importing scipy.signal takes about a second
+
     common = math.gcd(int(from_rate), int(to_rate))
     out = resample_poly(samples.astype(np.float64), int(to_rate) // common, int(from_rate) // common)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
@@ -218,5 +221,41 @@ def write_audio(path: str | os.PathLike, samples, sample_rate: int = SAMPLE_RATE
 def _write_wav(file: BinaryIO, samples, sample_rate: int) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
-    pcm = _to_int16(check_samples(samples))
+    pcm = to_pcm16(check_samples(samples))
     sf.write(file, pcm, int(sample_rate), format="WAV", subtype="PCM_16")
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    """Samples with their rate: what the pipeline speaks and hears (the PIL image of speech). `samples` is
+    float32 mono in [-1, 1]."""
+
+    samples: np.ndarray
+    sample_rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", check_samples(self.samples) if len(np.asarray(self.samples))
+                           else np.zeros(0, np.float32))
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) or \
+                self.sample_rate < MIN_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be a whole number of Hz >= {MIN_SAMPLE_RATE}, got {self.sample_rate!r}")
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def at(self, sample_rate: int) -> np.ndarray:
+        """The samples at another rate (resampled when it differs)."""
+        if sample_rate == self.sample_rate or not len(self.samples):
+            return self.samples
+        return resample(self.samples, self.sample_rate, sample_rate)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a 16-bit PCM WAV file (atomically)."""
+        return write_audio(path, self.samples, self.sample_rate)
+
+    def to_bytes(self) -> bytes:
+        return audio_bytes(self.samples, self.sample_rate)
+
+    def __repr__(self) -> str:
+        return f"Audio({self.seconds:.2f} s at {self.sample_rate} Hz)"

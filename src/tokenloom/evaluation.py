@@ -7,8 +7,10 @@ is parsed back into a scene (the spec's parse), so scores are exact matches, not
 
 writes report.json, summary.md, samples.png (t2i prompts' images, green border = right), edits.png
 (per edit: source, drawn, target) and, for a model with video tokens, videos-<task>.png (one row of
-frames per video: `tokenloom.video_evaluation`). The default tasks are every task the model's
-vocabulary can express: the video tasks only where it has video tokens.
+frames per video: `tokenloom.video_evaluation`) and, for a model with speech, speech/ (its tts
+utterances: `tokenloom.speech_evaluation`). The default tasks are every task the model can express:
+the video tasks only where it has video tokens, the speech tasks only where it has speech codes and a
+speech codec.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 from .document import TextPart
 from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
 from .report import image_grid
+from .speech_evaluation import SPEECH_TASKS, eval_tts
 from .video_evaluation import VIDEO_TASKS, eval_next_frames, eval_t2v, video_question_kind, videos_grid
 from .world import apply_change, matches, parse, parse_caption, parse_change_sentence
 from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, query_of
@@ -45,12 +48,23 @@ BREAKDOWN_TITLES = {
     "next_frames": ("Next frames by frames given:", "right"),
     "video_caption": ("Video captions:", "exact"),
     "video_qa": ("Video questions by kind:", "right"),
+    "asr": ("Transcriptions by number of objects:", "exact"),
+    "spoken_qa": ("Spoken questions by kind:", "right"),
+    "speech_t2i": ("Speech-to-image breakdown:", "exact"),
+    "tts": ("Text to speech: the recogniser's rate on espeak-ng's renders of the same texts (its ceiling), on "
+            "those renders through the model's codec, and the model's share of the first:", "rate"),
 }
 
 
+def can_speak(pipe) -> bool:
+    return pipe.vocab.has_speech and pipe.speech_tokenizer is not None
+
+
 def default_tasks(pipe) -> tuple[str, ...]:
-    """Every task the model's vocabulary can express: the video ones only with video tokens."""
-    return tuple(t for t in TASKS if t not in VIDEO_TASKS or pipe.vocab.has_video)
+    """Every task the model can express: the video ones only with video tokens, the speech ones only
+    with speech codes and a codec."""
+    return tuple(t for t in TASKS if (t not in VIDEO_TASKS or pipe.vocab.has_video)
+                 and (t not in SPEECH_TASKS or can_speak(pipe)))
 
 
 def _grid_size(pipe, sample):
@@ -69,6 +83,15 @@ def eval_t2i(pipe, samples, batch_size, progress, seed):
         for i, im in zip(idx, outs):
             images[i] = im
     return score_t2i(samples, images)
+
+
+def eval_speech_t2i(pipe, samples, batch_size, progress, seed):
+    """Draw what you hear: a spoken caption -> an image, scored as text-to-image is."""
+    requests = [pipe.chat_request(sample_document(pipe, s), mode="image", seed=seed * MAX_SAMPLES + i,
+                                  image_size=_grid_size(pipe, s)) for i, s in enumerate(samples)]
+    results = run_requests(pipe, requests, batch_size, progress, "speech_t2i")
+    blank = [r.images[0] if r.images else Image.new("RGB", s.size, "white") for r, s in zip(results, samples)]
+    return score_t2i(samples, blank)
 
 
 def _breakdown_table(title: str, column: str, breakdown: dict[str, float]) -> list[str]:
@@ -116,7 +139,7 @@ def _question_kind(question: str) -> str:
 
 def _text_slice(sample) -> str:
     """The breakdown slice of a text answer: captions by number of objects, questions by kind."""
-    if sample.task == "caption":
+    if sample.task in ("caption", "asr"):
         return f"objects_{len(sample.scenes[0])}"
     if sample.task in VIDEO_TASKS:
         return f"kind_{video_question_kind(sample.info['question'])}"
@@ -245,6 +268,10 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size:
     if not pipe.vocab.has_video and any(t in VIDEO_TASKS for t in tasks):
         raise ValueError(f"tasks {[t for t in tasks if t in VIDEO_TASKS]} need a model with video tokens; this "
                          "model has none (tokenloom add-modality, then train it on videos: recipes/video/)")
+    if not can_speak(pipe) and any(t in SPEECH_TASKS for t in tasks):
+        raise ValueError(f"tasks {[t for t in tasks if t in SPEECH_TASKS]} need a model with speech codes and a "
+                         "speech codec; this model has none (tokenloom add-modality --modality speech, then train "
+                         "it on speech: recipes/speech/)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"n": n, "seed": seed, "settings": {"guidance_scale": pipe.config.guidance_scale,
@@ -260,8 +287,12 @@ def evaluate(pipe, out_dir, n: int = 200, tasks=None, seed: int = 0, batch_size:
         samples = heldout_samples(task, n, seed)
         if task == "t2i":
             score, breakdown, records, shown = eval_t2i(pipe, samples, batch_size, progress, seed)
-        elif task in ("caption", "qa", "video_caption", "video_qa"):
+        elif task in ("caption", "qa", "video_caption", "video_qa", "asr", "spoken_qa"):
             score, breakdown, records = eval_text(pipe, samples, batch_size, progress, task)
+        elif task == "speech_t2i":
+            score, breakdown, records, _ = eval_speech_t2i(pipe, samples, batch_size, progress, seed)
+        elif task == "tts":
+            score, breakdown, records = eval_tts(pipe, samples, batch_size, progress, seed, out)
         elif task == "edit":
             score, breakdown, records, edits_shown = eval_edit(pipe, samples, batch_size, progress)
         elif task == "t2v":

@@ -18,6 +18,8 @@ def sample_document(pipe, sample) -> Document:
     for p in sample.prompt:
         if isinstance(p, str):
             parts.append(TextPart(p))
+        elif pipe.is_speech(p):
+            parts.append(pipe.encode_speech(p))
         else:
             encode = pipe.encode_video if pipe.is_video(p) else pipe.encode_image
             parts.append(encode(p, *p.size))

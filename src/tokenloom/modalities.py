@@ -1,7 +1,8 @@
 """Teaching a model a new modality: grow its vocabulary by the modality's tokens.
 
-A modality beyond text and images (video now, speech next) is a set of special tokens (and, for a
-new codec, a block of codes) that the layouts and the grammar use where the vocabulary has them.
+A modality beyond text and images is a set of special tokens (video: its begin and end markers) and,
+for a modality with its own codec, a block of codes (speech: one id per codebook level and code) that
+the layouts and the grammar use where the vocabulary has them.
 A model that lacks them gains them as Liquid gains image codes: the vocabulary grows by new ids
 appended after its last one, and the model's input embedding and output head grow by one row per
 new id, initialised to the mean of the existing rows (a new token starts as an average token, not
@@ -33,19 +34,30 @@ def _grown(weight: torch.Tensor, rows: int, where: slice) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_modality(pipeline, modality: str):
+def add_modality(pipeline, modality: str, speech_tokenizer=None):
     """A new Pipeline whose vocabulary and model have `modality`'s tokens (the given one is left as it
-    was). A pipeline that already has them is an error, so a run never silently re-adds rows."""
+    was). A pipeline that already has them is an error, so a run never silently re-adds rows.
+    Speech needs the codec (`speech_tokenizer`, a `tokenloom.speech_codec.SpeechTokenizer`) whose codes
+    the vocabulary gains; the new pipeline carries it."""
     from .pipeline import Pipeline
 
     roles = missing_roles(pipeline.vocab, modality)
-    if not roles:
+    new_codes = modality == "speech" and not pipeline.vocab.speech_codebooks
+    if modality == "speech" and speech_tokenizer is None:
+        raise ValueError("adding speech needs its codec: add_modality(pipe, 'speech', speech_tokenizer) "
+                         "(CLI: --codec DIR, a `tokenloom train-codec` run's best/)")
+    if modality != "speech" and speech_tokenizer is not None:
+        raise ValueError(f"a speech codec is for --modality speech, not {modality!r}")
+    if not roles and not new_codes:
         raise VocabularyError(f"the model already has the {modality} tokens")
     if pipeline.model.config.vocab_size != pipeline.vocab.size:
         # Padding rows past the vocabulary would be where the new ids go; keep the ids and rows one.
         raise VocabularyError(f"model has {pipeline.model.config.vocab_size} embedding rows for a vocabulary of "
                               f"{pipeline.vocab.size} ids; add_modality needs them equal")
-    vocab = pipeline.vocab.with_new_specials(roles)
+    vocab = pipeline.vocab.with_new_specials(roles) if roles else pipeline.vocab
+    if new_codes:
+        codec = speech_tokenizer.config
+        vocab = vocab.with_speech_codes(codec.codebooks, codec.codebook_size)
     old = pipeline.vocab.size
     new_rows = slice(old, vocab.size)
     model = copy.deepcopy(pipeline.model)
@@ -60,4 +72,4 @@ def add_modality(pipeline, modality: str):
                                  dtype=head.weight.dtype)
         model.output.weight.copy_(_grown(head.weight, vocab.size, new_rows))
     return Pipeline(model, vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
-                    dataclasses.replace(pipeline.config))
+                    dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)

@@ -5,6 +5,7 @@ Directory layout (Hugging Face style):
     model.safetensors       (or shards + model.safetensors.index.json)
     tokenizer.json          text tokenizer
     vq.safetensors, vq_config.json   image tokenizer (VQGAN), when the model draws or reads images
+    speech_codec.safetensors, speech_codec.json   speech tokenizer (RVQ codec), when it speaks or listens
 
 A LoRA adapter (`tokenloom.adapters`: what a `train.trainable: lora` run writes) loads onto its base:
 `load(base, adapter=DIR)`, or `load(DIR)`, which finds the base in DIR/tokenloom_adapter.json.
@@ -18,6 +19,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -32,8 +34,12 @@ from .engine.speculative import check_speculative
 from .formats import Format, get_format, resolution_prompt
 from .image_processing import ImageTokenizer, check_image_size, load_image
 from .model import ModelConfig, Transformer
+from .speech_pipeline import SpeechMixin
 from .text_tokenizer import TextTokenizer
 from .vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from .speech_codec import SpeechTokenizer
 
 CONFIG_NAME = "config.json"
 
@@ -68,6 +74,11 @@ class PipelineConfig:
     # fewer forwards; engine.speculative), `speculative_window` drafts a step. None: one code a step.
     speculative: str | None = None
     speculative_window: int = 16
+    speech_layout: str = "blocks"  # "blocks" (MIO: content block, then each timbre block) or "interleaved"
+    speech_sampling: dict = field(default_factory=dict)  # SamplingParams fields, inside speech spans
+    speak_prompt: str = "Say: {text}"  # what `speak` asks ({text}: the text to say)
+    transcribe_prompt: str = "Transcribe the speech."  # what `transcribe` asks after the utterance
+    max_speech_seconds: float = 10.0  # the longest utterance `speak` draws unless asked otherwise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,16 +155,24 @@ def _prompt_list(prompts, name: str = "prompts") -> tuple[list, bool]:
     raise ValueError(f"{name} must be a string, a Document or a non-empty list of them, got {prompts!r:.80}")
 
 
-class Pipeline:
+class Pipeline(SpeechMixin):
     def __init__(self, model: Transformer, vocab: Vocabulary, text_tokenizer: TextTokenizer,
-                 image_tokenizer: ImageTokenizer | None, config: PipelineConfig | None = None):
+                 image_tokenizer: ImageTokenizer | None, config: PipelineConfig | None = None,
+                 speech_tokenizer: "SpeechTokenizer | None" = None):
         self.model, self.vocab, self.text_tokenizer = model, vocab, text_tokenizer
         self.image_tokenizer = image_tokenizer
+        self.speech_tokenizer = speech_tokenizer
         self.config = config or PipelineConfig()
         if model.config.vocab_size < vocab.size:
             raise ValueError(f"model vocab_size {model.config.vocab_size} < vocabulary size {vocab.size}")
+        if speech_tokenizer is not None and vocab.has_speech:
+            codec = speech_tokenizer.config
+            if (codec.codebooks, codec.codebook_size) != (vocab.speech_codebooks, vocab.speech_codebook_size):
+                raise ValueError(f"the speech codec has {codec.codebooks} codebooks of {codec.codebook_size}, the "
+                                 f"vocabulary {vocab.speech_codebooks} of {vocab.speech_codebook_size}")
         grid = {"grid": self.config.flat_grid} if self.config.layout == "flat" else {}
-        self.format: Format = get_format(self.config.layout, vocab, text_tokenizer, **grid)
+        self.format: Format = get_format(self.config.layout, vocab, text_tokenizer,
+                                         speech_layout=self.config.speech_layout, **grid)
         self._engine: Engine | None = None
         self.compile = False  # torch.compile the decode step (pays on GPUs for long generations)
 
@@ -195,7 +214,14 @@ class Pipeline:
             with _reading(path, ["vq_config.json", "vq.safetensors"]):
                 image_tokenizer = ImageTokenizer.from_pretrained(path, device=device)
             image_tokenizer.can_decode = config.get("conversion", {}).get("vq_decoder", True) is not False
-        return cls(model, vocab, text_tokenizer, image_tokenizer, PipelineConfig.from_dict(config["pipeline"]))
+        speech_tokenizer = None
+        if (path / "speech_codec.json").exists():
+            from .speech_codec import SpeechTokenizer
+
+            with _reading(path, ["speech_codec.json", "speech_codec.safetensors"]):
+                speech_tokenizer = SpeechTokenizer.from_pretrained(path)
+        return cls(model, vocab, text_tokenizer, image_tokenizer, PipelineConfig.from_dict(config["pipeline"]),
+                   speech_tokenizer)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         path = Path(path)
@@ -204,6 +230,8 @@ class Pipeline:
         self.text_tokenizer.save_pretrained(path)
         if self.image_tokenizer is not None:
             self.image_tokenizer.save_pretrained(path)
+        if self.speech_tokenizer is not None:
+            self.speech_tokenizer.save_pretrained(path)
         # config.json last: a directory with a config is a complete one.
         atomic_write_json(path / CONFIG_NAME, {"tokenloom_version": __version__, "model": self.model.config.to_dict(),
                                                "vocab": self.vocab.to_dict(), "pipeline": self.config.to_dict()})
@@ -228,7 +256,8 @@ class Pipeline:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(self.model, self.vocab, self.text_tokenizer, self.config.layout,
-                                  self.config.flat_grid, self.image_tokenizer, compile=self.compile)
+                                  self.config.flat_grid, self.image_tokenizer, compile=self.compile,
+                                  speech_tokenizer=self.speech_tokenizer, speech_layout=self.config.speech_layout)
         return self._engine
 
     @property
@@ -238,10 +267,16 @@ class Pipeline:
         return self.image_tokenizer.factor
 
     def sampling(self, modality: str, **overrides) -> SamplingParams:
-        """Sampling for "text", "image", or "candidate" (reranked text-to-image draws: the image
-        settings updated by candidate_sampling); overrides that are not None win."""
+        """Sampling for "text", "image", "speech" (inside utterances: the speech defaults updated by
+        speech_sampling), or "candidate" (reranked text-to-image draws: the image settings updated by
+        candidate_sampling); overrides that are not None win."""
         if modality == "text":
             base = {**default_text_sampling().to_dict(), **self.config.text_sampling}
+        elif modality == "speech":
+            from .engine.sampling import default_speech_sampling
+
+            base = {**default_speech_sampling(self.vocab.speech_codebook_size).to_dict(),
+                    **self.config.speech_sampling}
         else:
             base = {**default_image_sampling(self.vocab.codebook_size).to_dict(), **self.config.image_sampling}
             if modality == "candidate":
@@ -399,7 +434,8 @@ class Pipeline:
                      image_top_p: float | None = None, width: int | None = None, height: int | None = None,
                      text_sampling: dict | None = None, image_sampling: dict | None = None,
                      image_size: tuple[int, int] | None = None, speculative: str | bool | None = None,
-                     speculative_window: int | None = None, video_frames: int | None = None) -> GenerationRequest:
+                     speculative_window: int | None = None, video_frames: int | None = None,
+                     speech_sampling: dict | None = None) -> GenerationRequest:
         """One engine request for a document, with Hugging Face `generate` keyword names: `temperature`,
         `top_k`, `top_p`, `repetition_penalty` for text, `image_temperature`, `image_top_k`,
         `image_top_p` for images, `do_sample=False` for greedy decoding of both; `width` and `height`
@@ -407,7 +443,8 @@ class Pipeline:
         and `image_sampling` take the same settings as dicts (the keywords win). `speculative`
         ("jacobi" or "off") and `speculative_window` override the config's speculative decoding.
         `mode="video"` answers with one video (frames of the image size); `video_frames` fixes its
-        frame count (None: the model's choice), and without `max_new_tokens` the budget is what it needs."""
+        frame count (None: the model's choice), and without `max_new_tokens` the budget is what it needs.
+        `mode="speech"` answers with one utterance (see `speak`); `speech_sampling` sets its sampling."""
         if not isinstance(document, Document):
             raise ValueError(f"expected a Document, got {type(document).__name__}")
         if do_sample is not None and not isinstance(do_sample, bool):
@@ -437,7 +474,10 @@ class Pipeline:
             max_new_tokens = self.format.video_length(frames, *grid) + 1
         return GenerationRequest(
             ids, mode=mode, image_size=image_size, max_new_tokens=max_new_tokens, video_frames=video_frames,
-            text=self.sampling("text", **text), image=self.sampling("image", **image), guidance_scale=scale,
+            text=self.sampling("text", **text), image=self.sampling("image", **image),
+            **({"speech": self.sampling("speech", **{**(speech_sampling or {}), **greedy})}
+               if self.vocab.has_speech else {}),
+            guidance_scale=scale,
             uncond_prompt_ids=self.unconditional_prompt(), seed=seed,
             **self.speculation(speculative, speculative_window))
 
@@ -537,10 +577,12 @@ class Pipeline:
         return videos
 
     def user_document(self, prompt: str, images=()) -> Document:
-        """A user turn: the images (or videos: see `is_video`) and then the prompt's text."""
-        if isinstance(images, (str, Path, Image.Image, VideoPart)) or self.is_video(images):
+        """A user turn: the images (or videos, or speech: see `is_video`, `is_speech`) and then the
+        prompt's text. Speech is heard content-only (`encode_speech`)."""
+        if isinstance(images, (str, Path, Image.Image, VideoPart)) or self.is_video(images) or self.is_speech(images):
             images = [images]
-        parts = [self.encode_video(im) if self.is_video(im) else self.encode_image(im) for im in images]
+        parts = [self.encode_speech(im) if self.is_speech(im) else
+                 self.encode_video(im) if self.is_video(im) else self.encode_image(im) for im in images]
         if prompt:
             parts.append(TextPart(check_text(prompt, "prompt")))
         return Document.chat([("user", parts)])
@@ -640,8 +682,10 @@ def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: tor
 
 
 def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, codebook_size: int = 256,
-                    image_size: int = 64, layout: str = "unirep") -> Pipeline:
-    """A tiny randomly initialised pipeline (tests, demos before a trained model exists)."""
+                    image_size: int = 64, layout: str = "unirep", speech: tuple[int, int] | None = None,
+                    speech_layout: str = "blocks") -> Pipeline:
+    """A tiny randomly initialised pipeline (tests, demos before a trained model exists). `speech`:
+    (codebooks, codebook_size) of a random speech codec whose codes the vocabulary gets."""
     from .vocab import build_native
     from .vqgan import VQGANConfig
 
@@ -651,15 +695,23 @@ def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 
                             embed_dim=16, codebook_size=codebook_size, resolution=image_size)
     factor = vq_config.downsample_factor
     max_grid = 1024 // factor
-    text_tokenizer, vocab = build_native(corpus, 300, codebook_size, max_grid)
+    levels, speech_codes = speech or (0, 0)
+    text_tokenizer, vocab = build_native(corpus, 300, codebook_size, max_grid, speech_codebooks=levels,
+                                         speech_codebook_size=speech_codes)
     grid = image_size // factor
     model_config = ModelConfig(vocab_size=vocab.size, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
                                num_kv_heads=2, qk_norm=True, max_position_embeddings=4096)
     model = Transformer.random(model_config, seed=seed).eval()
     image_tokenizer = ImageTokenizer.random(vq_config, seed=seed)
     config = PipelineConfig(layout=layout, flat_grid=(grid, grid) if layout == "flat" else None,
-                            image_width=image_size, image_height=image_size)
-    return Pipeline(model, vocab, text_tokenizer, image_tokenizer, config)
+                            image_width=image_size, image_height=image_size, speech_layout=speech_layout)
+    speech_tokenizer = None
+    if speech:
+        from .speech_codec import SpeechCodecConfig, SpeechTokenizer
+
+        speech_tokenizer = SpeechTokenizer.random(SpeechCodecConfig(codebooks=levels, codebook_size=speech_codes,
+                                                                    channels=32, dim=16), seed=seed)
+    return Pipeline(model, vocab, text_tokenizer, image_tokenizer, config, speech_tokenizer)
 
 
 def load(path: str | Path | None = None, device=None, dtype=None, compile: bool = False,

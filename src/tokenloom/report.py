@@ -6,19 +6,20 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .document import Document, ImagePart, TextPart, VideoPart
+from .document import Document, ImagePart, SpeechPart, TextPart, VideoPart
 
 VIDEO_FPS = 4  # frames a second of a video's animated GIF
 
 
 def save_document(doc: Document, out_dir: str | Path, title: str = "tokenloom") -> dict[str, Path]:
-    """Write out_dir/index.md, out_dir/index.html, one PNG per image part with pixels and one animated
-    GIF (and a PNG strip of its frames) per video part with pixels."""
+    """Write out_dir/index.md, out_dir/index.html, one PNG per image part with pixels, one animated
+    GIF (and a PNG strip of its frames) per video part with pixels and one WAV file (an `<audio>` element
+    in the page) per speech part with audio (at the codec's 16 kHz)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
     body = []
-    n = n_videos = 0
+    n = n_videos = n_speech = 0
     for turn in doc.turns:
         role = turn.role or "document"
         md += [f"**{role}**", ""]
@@ -53,6 +54,19 @@ def save_document(doc: Document, out_dir: str | Path, title: str = "tokenloom") 
                 width = max(256, part.pixels[0].width)
                 body.append(f'<img src="{name}" alt="video {n_videos} ({what})" width="{width}">'
                             f'<img src="{strip}" alt="video {n_videos}, frame by frame" class="frames">')
+            elif isinstance(part, SpeechPart):
+                what = f"speech, {part.num_frames} frames x {part.levels} codebooks"
+                if part.audio is None:
+                    md += [f"*[{what}, not decoded]*", ""]
+                    body.append(f"<p><em>{what}, not decoded</em></p>")
+                    continue
+                from .audio_io import write_audio
+
+                n_speech += 1
+                name = f"speech_{n_speech - 1:03d}.wav"
+                write_audio(out / name, part.audio)
+                md += [f"[speech {n_speech}]({name}) ({what})", ""]
+                body.append(f'<audio controls src="{name}" title="speech {n_speech} ({what})"></audio>')
         body.append("</div>")
     (out / "index.md").write_text("\n".join(md))
     page = f"""<!doctype html>

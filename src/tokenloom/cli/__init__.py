@@ -26,6 +26,7 @@ class Verb:
 
 
 _G, _T, _C = "tokenloom.cli.generation", "tokenloom.cli.training", "tokenloom.cli.conversion"
+_S = "tokenloom.cli.speech"
 VERBS = {
     "info": Verb("describe a model: config, vocabulary, layout", f"{_G}:info_arguments", f"{_G}:run_info"),
     "demo": Verb("the main job: draw, caption, answer and tell a story; writes an HTML page",
@@ -33,16 +34,20 @@ VERBS = {
     "generate": Verb("text to image: PNG files", f"{_G}:generate_arguments", f"{_G}:run_generate"),
     "generate-video": Verb("text to video: an animated GIF / WebP or a folder of PNG frames",
                            f"{_G}:generate_video_arguments", f"{_G}:run_generate_video"),
-    "chat": Verb("interleaved answer (text and images) to a prompt with optional images",
+    "chat": Verb("interleaved answer (text and images) to a prompt with optional images, videos and audio",
                  f"{_G}:chat_arguments", f"{_G}:run_chat"),
     "caption": Verb("describe an image or a video", f"{_G}:caption_arguments", f"{_G}:run_ask"),
     "ask": Verb("answer a question about an image or a video", f"{_G}:ask_arguments", f"{_G}:run_ask"),
+    "transcribe": Verb("speech to text: what an audio file says", f"{_S}:transcribe_arguments", f"{_S}:run_transcribe"),
+    "speak": Verb("text to speech: a WAV file", f"{_S}:speak_arguments", f"{_S}:run_speak"),
     "init-random": Verb("write a small randomly initialised pipeline (for tests and demos)",
                         f"{_G}:init_random_arguments", f"{_G}:run_init_random"),
     "train": Verb("train or fine-tune from a YAML/TOML config (resumes automatically)",
                   f"{_T}:train_arguments", f"{_T}:run_train"),
     "train-vq": Verb("train a VQGAN image tokenizer on shapes-world renders from a YAML/TOML config",
                      f"{_T}:train_vq_arguments", f"{_T}:run_train_vq"),
+    "train-codec": Verb("train the speech codec (speech <-> residual-VQ codes) on rendered speech manifests",
+                        f"{_T}:train_codec_arguments", f"{_T}:run_train_codec"),
     "pretokenize": Verb("raw JSONL or imagefolder directories -> Parquet token shards (resumable)",
                         f"{_T}:pretokenize_arguments",
                         f"{_T}:run_pretokenize"),

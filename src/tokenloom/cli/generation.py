@@ -267,6 +267,8 @@ def chat_arguments(p) -> None:
     p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
     p.add_argument("--video", action="append", default=[],
                    help="input video: an animated GIF / WebP or a folder of frames (repeatable)")
+    p.add_argument("--audio", action="append", default=[],
+                   help="input speech: a WAV / FLAC / OGG file, heard content-only (repeatable)")
     p.add_argument("--out", required=True, help="output directory for index.md, index.html and PNGs")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
@@ -281,7 +283,8 @@ def _text_sampling(args) -> dict:
 
 
 def run_chat(args) -> int:
-    from ..document import Document, ImagePart, TextPart, VideoPart
+    from ..audio_io import Audio, read_audio
+    from ..document import Document, ImagePart, SpeechPart, TextPart, VideoPart
     from ..report import save_document
     from ..video_io import read_video
 
@@ -289,9 +292,10 @@ def run_chat(args) -> int:
     out = _writable_dir(args.out, "--out")
     # Read before the model loads, so a bad file fails fast; one frame is an --image.
     videos = [read_video(path, min_frames=2) for path in args.video]
+    audio = [Audio(read_audio(path)) for path in args.audio]
     seed = _seed(args)
     pipe = _load(args)
-    user = pipe.user_document(args.prompt, args.image + [pipe.encode_video(frames) for frames in videos])
+    user = pipe.user_document(args.prompt, args.image + [pipe.encode_video(frames) for frames in videos] + audio)
     result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
                        image_temperature=args.image_temperature, image_top_k=args.image_top_k,
                        **_text_sampling(args))
@@ -308,6 +312,8 @@ def run_chat(args) -> int:
             print(f"[image {part.width}x{part.height} codes: {out / name}]")
         elif isinstance(part, VideoPart):
             print(f"[video of {part.num_frames} frames of {part.width}x{part.height} codes]")
+        elif isinstance(part, SpeechPart):
+            print(f"[speech of {part.num_frames} frames x {part.levels} codebooks]")
     if args.verbose:
         print(f"wrote {paths['markdown']} and {paths['html']}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""The data, training and evaluation verbs: pretokenize, train, train-vq, eval."""
+"""The data, training and evaluation verbs: pretokenize, train, train-vq, train-codec, eval."""
 
 from __future__ import annotations
 
@@ -168,6 +168,60 @@ def run_train_vq(args) -> int:
     if args.eval_images:
         # a seed the run never evaluated on: not the numbers the best was picked by
         final = evaluate_vq(tok, args.eval_images, train.seed + 1, args.eval_sizes)
+        atomic_write_json(Path(out) / "final_eval.json", final)
+        result["final_eval"] = final
+    if args.export:
+        tok.save_pretrained(args.export)
+        result["export"] = str(args.export)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# -- train-codec -------------------------------------------------------------------------------------------
+def train_codec_arguments(p) -> None:
+    p.description = ("Train the spectral speech codec (residual VQ; codebook 0 carries the phonemes) on rendered "
+                     "speech manifests from a YAML/TOML config (model:, data: and train: sections); resumes from "
+                     "the run directory's newest intact checkpoint.")
+    p.add_argument("config", help="speech codec training config (.yaml, .yml or .toml)")
+    p.add_argument("--out", default=None, help="run directory (default: the config's out_dir)")
+    p.add_argument("--steps", type=_count, default=None,
+                   help="override train.steps (the schedule spans them; a resumed run must pass the same)")
+    p.add_argument("--max-steps", type=_count, default=None,
+                   help="stop at this step (checkpointed; the schedule still spans train.steps)")
+    p.add_argument("--max-minutes", type=float, default=None, help="override train.max_minutes")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the newest checkpoint in the run directory (default: yes)")
+    p.add_argument("--export", default=None, help="also save the best tokenizer here (save_pretrained)")
+    p.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads (overrides train.threads)")
+    p.add_argument("--eval-audio", type=_count, default=16,
+                   help="final evaluation of best/ on the whole eval manifest (when data.eval is set): how many "
+                        "utterances to round-trip through Griffin-Lim too (default 16)")
+
+
+def run_train_codec(args) -> int:
+    import dataclasses
+    import time
+
+    from ..checkpoint import atomic_write_json
+    from ..train.codec import SUMMARY_NAME, evaluate_codec, load_codec_config, read_manifest, train_codec
+    from ..train.config import ConfigError
+
+    run_config = load_codec_config(args.config)
+    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes),
+                                   ("threads", args.threads or None)) if v is not None}
+    try:
+        train = dataclasses.replace(run_config.train, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{args.config} with the command line's overrides: {e}") from None
+    out = args.out or run_config.out_dir
+    if out is None:
+        raise ConfigError(f"{args.config}: no output directory (set 'out_dir' or pass --out)")
+    start = time.monotonic()
+    tok = train_codec(run_config.model, run_config.data, out, train, resume=args.resume, max_steps=args.max_steps)
+    result: dict[str, Any] = {"out": str(out), "train_seconds": round(time.monotonic() - start, 1),
+                              **json.loads((Path(out) / SUMMARY_NAME).read_text())}
+    if run_config.data.eval is not None:
+        final = evaluate_codec(tok.codec, read_manifest(run_config.data.eval), args.eval_audio)
         atomic_write_json(Path(out) / "final_eval.json", final)
         result["final_eval"] = final
     if args.export:

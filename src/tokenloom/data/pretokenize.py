@@ -25,6 +25,11 @@ image size must cover it too); and, once there are videos, ``video_sizes``: kept
 A video's frames are VQ-encoded like images (in the same batches) and written as a video span; a
 pipeline whose vocabulary has no video tokens refuses an input holding a video before anything is
 written (whatever `on_error` says: skipping would quietly drop every video).
+
+A speech part's audio is read (resampled to the codec's rate) and encoded by the pipeline's speech
+codec. `speech_inputs="content"` (the default, MIO's way) keeps only the content codebook of
+utterances outside assistant turns (what the model hears) and every level of the assistant's (what it
+learns to say); "all" keeps every level everywhere. The counts then include ``speech_seconds``.
 """
 
 from __future__ import annotations
@@ -44,17 +49,19 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_json
-from ..document import Document, ImagePart, TextPart, Turn, VideoPart
+from .. import audio_io
+from ..document import Document, ImagePart, SpeechPart, TextPart, Turn, VideoPart
 from ..formats import resolution_prompt
 from ..image_processing import ImageLoadError, load_image
 from .pairs import PairSource, check_task, pair_documents, read_dataset, read_imagefolder
-from .raw import (DataError, DataSummary, RawDocument, RawImage, RawVideo, RawVisual, check_on_error, iter_lines,
-                  parse_line, report_error)
+from .raw import (DataError, DataSummary, RawDocument, RawImage, RawSpeech, RawVideo, RawVisual, check_on_error,
+                  iter_lines, parse_line, report_error)
 
 MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 1 << 20  # bytes read at a time when fingerprinting an input
 MANIFEST_FORMAT = "tokenloom-shards/1"
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
+SPEECH_INPUTS = ("content", "all")
 SCHEMA = pa.schema([("ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_())), ("length", pa.int32())])
 
 
@@ -78,6 +85,10 @@ def pipeline_fingerprint(pipeline) -> str:
         "image_size": [pipeline.config.image_width, pipeline.config.image_height],
         "vq": vq,
     }
+    if pipeline.speech_tokenizer is not None:  # only then, so fingerprints made before speech stay valid
+        parts["speech_codec"] = pipeline.speech_tokenizer.config.to_dict()
+    if pipeline.vocab.has_speech:
+        parts["speech_layout"] = pipeline.config.speech_layout
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -127,7 +138,8 @@ class _Pending:
 class _Run:
     """State of one pre-tokenization; its `manifest` is what gets saved after every shard."""
 
-    def __init__(self, pipeline, out_dir: Path, manifest: dict, on_error: str, image_batch_size: int):
+    def __init__(self, pipeline, out_dir: Path, manifest: dict, on_error: str, image_batch_size: int,
+                 speech_inputs: str = "content"):
         self.pipeline = pipeline
         self.out_dir = out_dir
         self.manifest = manifest
@@ -143,6 +155,8 @@ class _Run:
         self.image_sizes: dict[str, int] | None = c.get("image_sizes", None if manifest["shards"] else {})
         self.video_sizes: dict[str, int] = dict(c.get("video_sizes", {}))  # "WxH" -> videos kept (frame size)
         self.default_size = s.get("image_size")  # [W, H] for images without their own size (None: the model's)
+        self.speech_inputs = speech_inputs
+        self.speech_seconds = float(c.get("speech_seconds", 0.0))
         self.pending: list[_Pending] = []
         self.pending_images = 0
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
@@ -156,6 +170,8 @@ class _Run:
             counts["image_sizes"] = dict(sorted(self.image_sizes.items()))
         if self.video_sizes:  # only once there are videos, so image-only manifests read as they always have
             counts["video_sizes"] = dict(sorted(self.video_sizes.items()))
+        if self.speech_seconds:
+            counts["speech_seconds"] = round(self.speech_seconds, 3)
         return counts
 
     def save_manifest(self, cursor: dict[str, int], complete: bool = False) -> None:
@@ -168,7 +184,7 @@ class _Run:
         return self.shard_size - len(self.buffer)
 
     def add(self, where: str, doc: RawDocument) -> None:
-        if doc.videos and not self.pipeline.vocab.has_video:  # a backstop: `_refuse_videos` finds these first
+        if doc.videos and not self.pipeline.vocab.has_video:  # a backstop: `_refuse_modalities` finds these first
             raise DataError(no_video_tokens(where))
         self.pending.append(_Pending(where, doc))
         # a video's frames fill batches like images (its stored frames: a deterministic count, which is
@@ -190,6 +206,7 @@ class _Run:
         images: dict[tuple[int, int], list[tuple[int, int, int, Any]]] = {}
         frames: dict[tuple[int, int], int] = {}  # (doc, visual) -> frames loaded
         ok = [True] * len(pending)
+        speech: dict[tuple[int, int], np.ndarray] = {}  # (doc, utterance) -> codes
         for d, item in enumerate(pending):
             for k, raw in enumerate(item.doc.visuals):
                 try:
@@ -201,6 +218,13 @@ class _Run:
                     break
                 frames[d, k] = len(pils)
                 images.setdefault(size, []).extend((d, k, f, pil) for f, pil in enumerate(pils))
+            for k, raw in enumerate(item.doc.speech if ok[d] else []):
+                try:
+                    speech[d, k] = self._speech_codes(raw)
+                except ValueError as e:
+                    self._error(f"{item.where}: {e}")
+                    ok[d] = False
+                    break
         codes: dict[tuple[int, int, int], np.ndarray] = {}
         tokenizer = self.pipeline.image_tokenizer
         for (w, h), group in images.items():
@@ -213,7 +237,17 @@ class _Run:
             if ok[d]:
                 self._encode(item, [codes[d, k, 0] if isinstance(raw, RawImage)
                                     else np.stack([codes[d, k, f] for f in range(frames[d, k])])
-                                    for k, raw in enumerate(item.doc.visuals)])
+                                    for k, raw in enumerate(item.doc.visuals)],
+                             [speech[d, k] for k in range(len(item.doc.speech))])
+
+    def _speech_codes(self, raw: RawSpeech) -> np.ndarray:
+        """The utterance's codes, every level ([codebooks, frames])."""
+        codec = self.pipeline.speech_tokenizer
+        if codec is None or not self.pipeline.vocab.has_speech:
+            raise ValueError(no_speech_tokens())
+        samples = audio_io.read_audio(raw.path, codec.config.sample_rate)
+        self.speech_seconds += len(samples) / codec.config.sample_rate
+        return codec.encode(samples)
 
     @staticmethod
     def _load(raw: RawVisual) -> list[Any]:
@@ -235,17 +269,21 @@ class _Run:
         f = self.pipeline.factor
         return w * f, h * f
 
-    def _encode(self, item: _Pending, grids: list[np.ndarray]) -> None:
+    def _encode(self, item: _Pending, grids: list[np.ndarray], utterances: Sequence[np.ndarray] = ()) -> None:
         """Encode a document given its visuals' codes: a grid per image, a [frames, h, w] stack per video
-        (every frame is encoded at the video's one size, so its grids stack)."""
-        grids_iter = iter(grids)
+        (every frame is encoded at the video's one size, so its grids stack); and its utterances' codes."""
+        grids_iter, speech_iter = iter(grids), iter(utterances)
 
-        def part(p):
+        def part(p, role):
             if isinstance(p, TextPart):
                 return p
+            if isinstance(p, RawSpeech):
+                codes = next(speech_iter)
+                heard = self.speech_inputs == "content" and role not in ("assistant", None)
+                return SpeechPart(codes[:1] if heard else codes)
             return VideoPart(next(grids_iter)) if isinstance(p, RawVideo) else ImagePart(next(grids_iter))
 
-        turns = [Turn(t.role, [part(p) for p in t.parts]) for t in item.doc.turns]
+        turns = [Turn(t.role, [part(p, t.role) for p in t.parts]) for t in item.doc.turns]
         try:
             enc = self.pipeline.format.encode(Document(turns))
         except ValueError as e:
@@ -366,6 +404,7 @@ def pretokenize(
     text_column: str | None = None,
     image_column: str = "image",
     split: str | None = None,
+    speech_inputs: str = "content",
 ) -> dict[str, Any]:
     """Pre-tokenize inputs with `pipeline` into Parquet shards under `out_dir`.
 
@@ -382,13 +421,16 @@ def pretokenize(
     image_size: N or (W, H) pixels for every image without a size of its own (JSONL parts without
     width/height, every image of pairs); default: the pipeline's image size. The manifest counts the
     images kept per size (``counts.image_sizes``), which a training stage's ``image_size`` is checked
-    against.
+    against. speech_inputs: "content" (utterances outside assistant turns keep their content codebook
+    only) or "all" (see the module docstring).
     A directory left by an interrupted run with the same inputs (the same bytes: each input's SHA-256
     is checked) and settings is resumed; one made from other inputs or settings is refused unless
     `overwrite`, which starts it over. Returns the summary of counts.
     """
     check_on_error(on_error)
     check_task(task)
+    if speech_inputs not in SPEECH_INPUTS:
+        raise ValueError(f"speech_inputs must be one of {SPEECH_INPUTS}, got {speech_inputs!r}")
     if isinstance(inputs, (str, os.PathLike)) or _is_dataset(inputs):
         inputs = [inputs]
     inputs = list(inputs)
@@ -402,10 +444,12 @@ def pretokenize(
     # Every input is read (and an imagefolder or Dataset checked whole) before anything is written.
     readers = [_open_input(x, fi, pipeline, on_error=on_error, task=task, size=size, text_column=text_column,
                            image_column=image_column, split=split) for fi, x in enumerate(inputs)]
-    _refuse_videos(readers, pipeline)
+    _refuse_modalities(readers, pipeline)
     if max_length is None:
         max_length = pipeline.model.config.max_position_embeddings
     settings = _settings(readers, pipeline, shard_size, image_batch_size, max_length, truncate, size)
+    if pipeline.vocab.has_speech:  # only then, so directories made before speech still resume
+        settings["speech_inputs"] = speech_inputs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp"):  # left by a run killed mid-write
@@ -429,7 +473,7 @@ def pretokenize(
             old.unlink(missing_ok=True)
         manifest = _new_manifest(settings)
     # Shards past the manifest's list were written after its last save: they will be rewritten.
-    run = _Run(pipeline, out_dir, manifest, on_error, image_batch_size)
+    run = _Run(pipeline, out_dir, manifest, on_error, image_batch_size, speech_inputs)
     cursor = dict(manifest["cursor"])
     done = sum(r.size for r in readers[: cursor["file"]])
     if cursor["file"] < len(readers):
@@ -467,28 +511,39 @@ def pretokenize(
 # --------------------------------------------------------------------------- inputs
 
 
+def no_speech_tokens() -> str:
+    return ("a speech part, but the pipeline has no speech codes or no speech codec; give the model them with "
+            "`tokenloom add-modality BASE OUT --modality speech --codec CODEC` (a `tokenloom train-codec` run's best/)")
+
+
 def no_video_tokens(where: str) -> str:
     return (f"{where}: a video part, but the pipeline's vocabulary has no video tokens (video_begin, video_end); "
             f"give the model them with `tokenloom add-modality BASE OUT --modality video` (or "
             f"tokenloom.modalities.add_modality) and pre-tokenize with the grown model")
 
 
-def _refuse_videos(readers: list[_JsonlInput | _PairInput], pipeline) -> None:
-    """DataError at the first video part of a JSONL input when the pipeline cannot write videos."""
-    if pipeline.vocab.has_video:
+def _refuse_modalities(readers: list[_JsonlInput | _PairInput], pipeline) -> None:
+    """DataError at the first video (speech) part of a JSONL input when the pipeline cannot write videos
+    (speech): skipping them one by one would quietly drop a whole modality."""
+    video = not pipeline.vocab.has_video
+    speech = not (pipeline.vocab.has_speech and pipeline.speech_tokenizer is not None)
+    if not (video or speech):
         return
     for reader in readers:
         if not isinstance(reader, _JsonlInput):  # pairs are images only
             continue
         for number, _, raw in iter_lines(reader.path):
-            if b"video" not in raw:  # a cheap filter: a video part's line says "video"
+            # a cheap filter: a video (speech) part's line says "video" ("speech")
+            if not ((video and b"video" in raw) or (speech and b"speech" in raw)):
                 continue
             try:
                 doc = parse_line(raw, reader.path, number)
             except DataError:
                 continue  # reported (or skipped) in order by the run itself
-            if doc is not None and doc.videos:
+            if doc is not None and video and doc.videos:
                 raise DataError(no_video_tokens(f"{reader.path}:{number}"))
+            if doc is not None and speech and doc.speech:
+                raise DataError(f"{reader.path}:{number}: {no_speech_tokens()}")
 
 
 @dataclass

@@ -23,6 +23,10 @@ A video part is its frames as image files, or one file or folder (`tokenloom.vid
 with paths resolved like image paths, at most `MAX_FRAMES` frames, all of one size, and the same
 optional "width"/"height" (every frame is encoded at that size).
 
+A speech part is an audio file (WAV, FLAC or OGG: `tokenloom.audio_io`, resampled to the codec's rate)::
+
+    {"type": "speech", "path": "audio/0001.wav"}
+
 Every malformed line is reported as ``file:line: what``: raised as `DataError`, or with
 ``on_error="skip"`` warned (`DataWarning`) and counted in a `DataSummary`, never dropped silently.
 """
@@ -82,7 +86,14 @@ class RawVideo:
         return video_io.read_video(self.path)
 
 
-RawPart = TextPart | RawImage | RawVideo
+@dataclass(frozen=True)
+class RawSpeech:
+    """An utterance still in its audio file (read and codec-encoded by pre-tokenization)."""
+
+    path: Path
+
+
+RawPart = TextPart | RawImage | RawVideo | RawSpeech
 RawVisual = RawImage | RawVideo
 
 
@@ -109,7 +120,11 @@ class RawDocument:
     @property
     def visuals(self) -> list[RawVisual]:
         """Images and videos in document order (what pre-tokenization VQ-encodes)."""
-        return [p for t in self.turns for p in t.parts if not isinstance(p, TextPart)]
+        return [p for t in self.turns for p in t.parts if isinstance(p, (RawImage, RawVideo))]
+
+    @property
+    def speech(self) -> list[RawSpeech]:
+        return [p for t in self.turns for p in t.parts if isinstance(p, RawSpeech)]
 
 
 @dataclass
@@ -233,7 +248,16 @@ def _parse_part(part: Any, base_dir: Path, where: str) -> RawPart:
         return RawImage(full, *_size(part, "image "))
     if kind == "video":
         return _parse_video(part, base_dir, where)
-    _fail(f"unknown part type {kind!r} in {where} (expected 'text', 'image' or 'video')")
+    if kind == "speech":
+        _check_keys(part, ("type", "path"), f"speech {where}")
+        path = part.get("path")
+        if not isinstance(path, str) or not path:
+            _fail(f"speech {where} needs a non-empty string 'path' (an audio file)")
+        full = _resolve(path, base_dir)
+        if not full.is_file():
+            _fail(f"audio file {full} does not exist" if not full.exists() else f"audio path {full} is not a file")
+        return RawSpeech(full)
+    _fail(f"unknown part type {kind!r} in {where} (expected 'text', 'image', 'video' or 'speech')")
     raise AssertionError  # unreachable; keeps type checkers content
 
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .events import Event
-from .grammar import AHEAD_CODE, AHEAD_END, AHEAD_EOL, AHEAD_NONE, CODES, END, FLAGS, Grammar
+from .grammar import (AHEAD_CODE, AHEAD_END, AHEAD_EOL, AHEAD_NONE, CODES, END, FLAGS, MODALITY_IMAGE,
+                      MODALITY_TEXT, Grammar)
 from .request import GenerationRequest, RequestOutput, fresh_seed
-from .sampling import apply_repetition_penalty, probabilities, sample
+from .sampling import apply_repetition_penalty, default_speech_sampling, probabilities, sample
 from .speculative import accepted_lengths, draw, next_distribution, next_window
 
 COND, UNCOND, IMAGE_ONLY = 0, 1, 2
@@ -53,7 +54,7 @@ class _Running:
 
 def request_rows(request) -> list[tuple[int, list[int]]]:
     """(kind, prompt ids) of a request's rows. Guidance acts inside image spans (and video frames)
-    only, so a text-only request gets no guidance rows whatever its scales say."""
+    and utterances only, so a text-only request gets no guidance rows whatever its scales say."""
     rows = [(COND, request.prompt_ids)]
     if request.mode != "text":
         three_way = request.image_guidance_scale is not None
@@ -96,6 +97,7 @@ class ContinuousBatcher:
         self._drafted = False  # the last forward fed speculative drafts
         codes = engine.tables.code_ids
         self._code_ids = codes.tolist()
+        self._speech_default = default_speech_sampling(engine.vocab.speech_codebook_size)
         self._uniform_codes = engine.tables.code_mask.float() / len(self._code_ids)
 
     # -- any thread ---------------------------------------------------------------------------
@@ -224,10 +226,14 @@ class ContinuousBatcher:
 
         for rid, r in new:
             seed = fresh_seed() if r.seed is None else r.seed
-            self._running.append(_Running(rid, r, torch.Generator(device=dev).manual_seed(seed),
-                                          RequestOutput(rid, e, seed, r.decode_images)))
-        grammar = Grammar(e.tables, [r.mode for _, r in new], [r.image_size for _, r in new],
-                          [r.max_new_tokens for _, r in new], dev, [r.video_frames for _, r in new])
+            output = RequestOutput(rid, e, seed, r.decode_images, r.speech_levels or e.tables.speech_levels,
+                                   r.speech_chunk_frames)
+            self._running.append(_Running(rid, r, torch.Generator(device=dev).manual_seed(seed), output))
+        reqs = [r for _, r in new]
+        grammar = Grammar(e.tables, [r.mode for r in reqs], [r.image_size for r in reqs],
+                          [r.max_new_tokens for r in reqs], dev, [r.video_frames for r in reqs],
+                          speech_levels=[r.speech_levels for r in reqs], speech_frames=[r.speech_frames for r in reqs],
+                          max_speech_frames=[r.max_speech_frames for r in reqs])
         self._grammar = grammar if self._grammar is None else self._grammar.concat(grammar)
         self._seen = torch.cat([self._seen, torch.zeros((len(new), e.vocab.size), dtype=torch.bool, device=dev)])
         self._rebuild()
@@ -235,7 +241,7 @@ class ContinuousBatcher:
     def _rebuild(self) -> None:
         """Sampling settings and guidance rows for the current membership."""
         requests = [run.request for run in self._running]
-        self._params = ParamTable(requests, self._device)
+        self._params = ParamTable(requests, self._device, self._speech_default)
         self._guide = Guidance(self._owner.tolist(), self._kind.tolist(), requests, self._device)
 
     def _decode(self) -> list[Event]:
@@ -246,15 +252,18 @@ class ContinuousBatcher:
         state = grammar.state
         cond = self._guide.combine(logits[:, 0].float(), grammar)
         cond = cond.masked_fill(~grammar.allowed(), float("-inf"))
-        # Inside an image or a video (its frames, and the tokens between them) the image settings apply.
-        image_state = grammar.visual()
+        # Inside an image or a video (its frames, and the tokens between them) the image settings apply,
+        # inside an utterance the speech settings. The repetition penalty acts on text tokens only (a
+        # span's rows may emit none).
+        modality = grammar.modality()
+        text_state = modality == MODALITY_TEXT
         params = self._params
-        cond = apply_repetition_penalty(cond, self._seen & ~image_state[:, None],
-                                        params.pick("repetition_penalty", image_state))
+        cond = apply_repetition_penalty(cond, self._seen & text_state[:, None],
+                                        params.pick("repetition_penalty", modality))
         # A request verifying drafts draws in _verify instead (its generator is not used here).
         verifying = [i for i, run in enumerate(running) if run.drafts]
-        tokens = sample(cond, params.pick("temperature", image_state), params.pick("top_k", image_state),
-                        params.pick("top_p", image_state),
+        tokens = sample(cond, params.pick("temperature", modality), params.pick("top_k", modality),
+                        params.pick("top_p", modality),
                         [None if run.drafts else run.generator for run in running])
         emitted = [[t] for t in tokens.tolist()]
         accepted = torch.zeros(b, dtype=torch.long, device=dev)
@@ -263,7 +272,7 @@ class ContinuousBatcher:
         if verifying:
             kinds = self._verify(verifying, logits, emitted, accepted, carry)
             tokens = torch.tensor([x[0] for x in emitted], device=dev)
-        self._seen[torch.arange(b, device=dev), tokens] |= ~image_state & self._text_mask[tokens]
+        self._seen[torch.arange(b, device=dev), tokens] |= text_state & self._text_mask[tokens]
         flags = grammar.advance(tokens)
 
         events: list[Event] = []
@@ -281,8 +290,8 @@ class ContinuousBatcher:
 
         # Rows go on from their request's last token (guidance rows follow their request); a request's
         # accepted drafts are already in its rows' cache, so its next slot moves past them. A guidance
-        # row restarts where an image or a video begins (a video's frames see the frames before them)
-        # and sees that span's tokens only.
+        # row restarts where an image, a video or an utterance begins (a video's frames see the frames
+        # before them) and sees that span's tokens only.
         row_tokens = torch.tensor([x[-1] for x in emitted], device=dev)[self._owner]
         restart = flags["opened"][self._owner] & (self._kind != COND)
         in_span = flags["in_span"][self._owner]
@@ -350,8 +359,9 @@ class ContinuousBatcher:
         kinds = kinds[idx]
         guided = guided.masked_fill(~self._ahead_allowed(kinds), float("-inf"))
         s, v = guided.shape[0], guided.shape[-1]
+        # Drafts are image codes only (a window never runs inside an utterance): the image settings.
         image = [col[idx].repeat_interleave(k + 1) for col in
-                 (self._params.table[a][1] for a in ("temperature", "top_k", "top_p"))]
+                 (self._params.table[a][MODALITY_IMAGE] for a in ("temperature", "top_k", "top_p"))]
         p = probabilities(guided.view(-1, v), *image).view(s, k + 1, v)
         drafts = torch.zeros((s, k), dtype=torch.long, device=dev)
         q = torch.zeros((s, k, v), device=dev)
@@ -470,20 +480,28 @@ class ContinuousBatcher:
 
 
 class ParamTable:
-    """Per-request sampling settings as tensors, picked per step by modality."""
+    """Per-request sampling settings as tensors, picked per step by modality (grammar.MODALITY_*)."""
 
-    def __init__(self, requests, device):
+    FLOATS = ("temperature", "top_p", "repetition_penalty")
+
+    def __init__(self, requests, device, speech_default=None):
+        def params(r, modality):
+            p = getattr(r, modality)
+            return speech_default if p is None and modality == "speech" else p
+
         def col(attr, modality, default):
-            values = [getattr(getattr(r, modality), attr) for r in requests]
-            return torch.tensor([default if v is None else v for v in values], device=device)
+            values = [getattr(params(r, modality), attr) for r in requests]
+            dtype = torch.float32 if attr in self.FLOATS else torch.long
+            return torch.tensor([default if v is None else v for v in values], dtype=dtype, device=device)
 
-        self.table = {attr: (col(attr, "text", default), col(attr, "image", default))
+        # [3, requests] per setting: rows text, image, speech (the MODALITY_* order).
+        self.table = {attr: torch.stack([col(attr, m, default) for m in ("text", "image", "speech")])
                       for attr, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0),
                                             ("repetition_penalty", 1.0))}
 
-    def pick(self, attr: str, image_state: torch.Tensor) -> torch.Tensor:
-        text, image = self.table[attr]
-        return torch.where(image_state, image, text)
+    def pick(self, attr: str, modality: torch.Tensor) -> torch.Tensor:
+        """[requests]: each request's setting for the modality [requests] it samples now."""
+        return self.table[attr].gather(0, modality[None])[0]
 
 
 class Guidance:
@@ -506,14 +524,18 @@ class Guidance:
         self.any = bool(self.guided.any())
 
     def combine(self, logits: torch.Tensor, grammar: Grammar) -> torch.Tensor:
-        """[rows, V] logits -> [requests, V]: each request's own, guided inside its image's codes."""
+        """[rows, V] logits -> [requests, V]: each request's own, guided inside its image's codes and its
+        utterance's."""
         if not self.any:
             return logits[self.cond]
-        return self.mix(logits, grammar.in_codes(), grammar.image_progress())
+        return self.mix(logits, grammar.in_codes(), grammar.image_progress(), grammar.in_speech())
 
-    def mix(self, logits: torch.Tensor, in_codes: torch.Tensor, progress: torch.Tensor) -> torch.Tensor:
+    def mix(self, logits: torch.Tensor, in_codes: torch.Tensor, progress: torch.Tensor,
+            in_speech: torch.Tensor | None = None) -> torch.Tensor:
         """[rows, ..., V] logits -> [requests, ..., V], guided where in_codes [requests, ...] and the
-        image progress there is inside the request's guidance interval."""
+        image progress there is inside the request's guidance interval, and where in_speech (every code
+        of an utterance: the interval is a share of an image's codes, and an utterance's length is not
+        known while it is drawn, so it does not apply there)."""
         cond = logits[self.cond]
         if not self.any:
             return cond
@@ -522,8 +544,10 @@ class Guidance:
         def per_request(x):
             return x.view(shape)
 
-        active = per_request(self.guided) & in_codes & (progress >= per_request(self.lo)) & (
-            progress < per_request(self.hi))
+        in_interval = in_codes & (progress >= per_request(self.lo)) & (progress < per_request(self.hi))
+        if in_speech is not None:
+            in_interval = in_interval | in_speech
+        active = per_request(self.guided) & in_interval
         u = logits[self.uncond]
         m = logits[self.image_only]
         s = per_request(self.scale)[..., None]

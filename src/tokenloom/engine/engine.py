@@ -1,11 +1,12 @@
 """One decode loop over one static KV cache for a whole batch.
 
 Rows of a batch may be in different states at once (one writing text while another draws an
-image or a video); the cache is kept across every switch between text, images and a video's
+image, a video or an utterance); the cache is kept across every switch between text, images and a video's
 frames (each frame attends to the frames before it, nothing is prefilled again). Classifier-free
 guidance runs in the same forward: each guided request adds rows of its own (unconditional, and
 for three-way guidance image-only) that follow the request's tokens but see only the current image
-(or video, its earlier frames included) after their own short context, and guide its codes. The
+(or video, its earlier frames included, or utterance) after their own short context, and guide its
+codes. The
 visibility is a key mask over cache slots, so nothing is prefilled again when an image starts.
 The loop itself is `ContinuousBatcher.step`: a fixed batch is a continuous one whose requests all
 join at the first step.
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..document import MAX_SPEECH_FRAMES
 from .continuous import ContinuousBatcher, request_rows
 from .events import Event, Finished
 from .grammar import MODES, GrammarTables
@@ -28,18 +30,25 @@ from .speculative import check_speculative
 
 class Engine:
     def __init__(self, model, vocab, text_tokenizer, layout: str, flat_grid=None, image_tokenizer=None,
-                 compile: bool = False):
+                 compile: bool = False, *, speech_tokenizer=None, speech_layout: str = "blocks"):
         self.model, self.vocab, self.text_tokenizer = model, vocab, text_tokenizer
         self.image_tokenizer = image_tokenizer
+        self.speech_tokenizer = speech_tokenizer  # tokenloom.speech_codec.SpeechTokenizer, or None: codes only
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.tables = GrammarTables.build(vocab, layout, flat_grid, self.device)
+        self.tables = GrammarTables.build(vocab, layout, flat_grid, self.device, speech_layout)
         self.forward = torch.compile(model, dynamic=True) if compile else model
 
     def decode_image(self, grid: np.ndarray):
         if self.image_tokenizer is None or not self.image_tokenizer.can_decode:
             return None  # the codes are still returned
         return self.image_tokenizer.decode(grid)[0]
+
+    def decode_speech(self, codes: np.ndarray):
+        """int64 [levels, frames] speech codes -> float32 waveform, or None without a speech tokenizer."""
+        if self.speech_tokenizer is None:
+            return None  # the codes are still returned
+        return self.speech_tokenizer.decode(codes)
 
     # -- public API ---------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], progress: bool = False) -> list[GenerationResult]:
@@ -100,6 +109,7 @@ class Engine:
                     raise ValueError(f"request {i}: a {h}x{w} image needs {self.tables.image_length(h, w)} tokens, "
                                      f"more than max_new_tokens={r.max_new_tokens}")
             self._validate_video(i, r)
+            self._validate_speech(i, r)
             check_guidance_scale(r.guidance_scale, f"request {i}: guidance_scale")
             check_speculative(r.speculative, r.speculative_window, r.speculative_init, f"request {i}")
             if r.image_guidance_scale is not None:
@@ -132,3 +142,33 @@ class Engine:
             what = f"{frames} frame{'s' * (frames > 1)} of {h}x{w}" if r.video_frames else f"one frame of {h}x{w}"
             raise ValueError(f"request {i}: a video of {what} needs {need} tokens, "
                              f"more than max_new_tokens={r.max_new_tokens}")
+
+    def _validate_speech(self, i: int, r: GenerationRequest) -> None:
+        """Mode "speech", `speech_levels` and `speech_frames` need speech tokens and levels the vocabulary
+        has; mode "speech" and `speech_frames` room for the utterance in max_new_tokens (its shortest
+        when the model ends it)."""
+        t = self.tables
+        check_integer(r.max_speech_frames, f"request {i}: max_speech_frames", low=1, high=MAX_SPEECH_FRAMES)
+        check_integer(r.speech_chunk_frames, f"request {i}: speech_chunk_frames", low=1)
+        if r.mode != "speech" and r.speech_levels is None and r.speech_frames is None:
+            return
+        if not t.has_speech:
+            what = "mode 'speech'" if r.mode == "speech" else (
+                "speech_levels" if r.speech_levels is not None else "speech_frames")
+            raise ValueError(f"request {i}: {what} needs a model whose vocabulary has speech tokens "
+                             "(speech_begin, speech_end, speech codes); `tokenloom add-modality --modality "
+                             "speech` adds them")
+        for name in ("speech_levels", "speech_frames"):
+            if getattr(r, name) is not None and r.mode not in ("speech", "any"):
+                raise ValueError(f"request {i}: {name} is for modes 'speech' and 'any', not {r.mode!r}")
+        if r.speech_levels is not None:
+            check_integer(r.speech_levels, f"request {i}: speech_levels", low=1, high=t.speech_levels)
+        if r.speech_frames is not None:
+            check_integer(r.speech_frames, f"request {i}: speech_frames", low=1, high=MAX_SPEECH_FRAMES)
+        levels, frames = r.speech_levels or t.speech_levels, r.speech_frames or 1
+        need = t.speech_length(levels, frames)
+        # Mode "any" with levels alone only shapes the utterances it may speak: nothing has to fit.
+        if (r.mode == "speech" or r.speech_frames is not None) and need > r.max_new_tokens:
+            what = f"{frames} frame{'s' * (frames > 1)}" if r.speech_frames else "one frame"
+            raise ValueError(f"request {i}: an utterance of {what} at {levels} level{'s' * (levels > 1)} needs "
+                             f"{need} tokens, more than max_new_tokens={r.max_new_tokens}")

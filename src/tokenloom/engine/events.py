@@ -4,6 +4,13 @@ An image outside a video: ImageStarted, ImageRow per code row, ImageDone. A vide
 its frame count and frame size are known, at its first frame), then per frame FrameStarted,
 FrameRow per code row and FrameDone, then VideoDone. A video's frames are not images: they never
 emit the Image* events.
+
+An utterance: SpeechStarted, SpeechChunk per `speech_chunk_frames` complete frames (and one with the
+rest at its end), SpeechDone. A frame is complete once all its levels are there: in the blocks
+layout only while the last block is written (every level's block has reached it), in the
+interleaved layout at each frame's last code. The chunks cover the utterance's frames once each, in
+order. A chunk's audio decodes that chunk alone: the codec sees no context across the chunk's edges,
+so concatenated chunks differ slightly from SpeechDone's whole-utterance audio near the seams.
 """
 
 from __future__ import annotations
@@ -71,6 +78,23 @@ class FrameDone(Event):
 @dataclass
 class VideoDone(Event):
     video: Any  # VideoPart, its pixels the frames' images (None where they were not decoded)
+
+
+@dataclass
+class SpeechStarted(Event):
+    levels: int  # codebook levels the utterance has (1: content only)
+
+
+@dataclass
+class SpeechChunk(Event):
+    start_frame: int  # index of the chunk's first frame in the utterance
+    codes: np.ndarray  # int64 [levels, n]: the n complete frames from start_frame
+    audio: Any  # float32 np.ndarray, this chunk decoded alone; None without a speech tokenizer
+
+
+@dataclass
+class SpeechDone(Event):
+    speech: Any  # SpeechPart, its audio the whole utterance decoded (None without a speech tokenizer)
 
 
 @dataclass

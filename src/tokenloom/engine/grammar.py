@@ -1,4 +1,4 @@
-"""The per-row grammar that keeps every generated image and video well formed.
+"""The per-row grammar that keeps every generated image, video and utterance well formed.
 
 State lives in tensors, one entry per row, and the allowed-token mask of a step
 is built from a few precomputed vocabulary masks with vectorised operations: no
@@ -23,6 +23,26 @@ frame's size (forced when the request fixes it) only while F frames of that size
 fit; every later frame's size is forced to the first's. So a video, once begun,
 always closes within the budget. Inside a frame the grammar is an image's: the
 same states, guidance and speculative walk.
+
+Speech (where the vocabulary has speech codes): an utterance of L' levels (the request's
+`speech_levels`, 1..L; 1 = content only) and T frames, in the format's speech layout:
+
+    TEXT --speech_begin--> SPEECH --codes--> SPEECH_END --speech_end--> TEXT
+    (free T: SPEECH --speech_end--> TEXT where the model may end it)
+
+* blocks (MIO): in the content block the model emits level-0 codes and, once there is one, may end
+  the block with the first level-1 code (speech_end when L' = 1); that fixes T. Every later block is
+  exactly T codes of its level (the level mask forced), then speech_end is forced.
+* interleaved: each frame's L' codes in level order (forced); at a frame boundary the model may
+  begin a frame (a level-0 code) or, once there is a frame, end (speech_end).
+
+With `speech_frames` T is forced (the content block, or the frames, end at T exactly); otherwise
+it is bounded by the request's `max_speech_frames` and the budget. Speech begin is allowed only
+while a minimal utterance fits (L' * max(T_fixed, 1) + 2 tokens), a content code only while the rest
+of the utterance it implies fits (blocks: (L'-1)(T+1) codes and the end; interleaved: the frame and
+the end), so an utterance, once begun, always closes within the budget. Inside one only speech codes
+of the right level and speech_end where it belongs are allowed. Speech is sampled with the
+request's speech settings, guided (guidance rows restart at speech_begin), never speculated.
 """
 
 from __future__ import annotations
@@ -31,18 +51,22 @@ from dataclasses import dataclass
 
 import torch
 
+from ..document import MAX_SPEECH_FRAMES
 from ..vocab import Vocabulary
 
-TEXT, HEIGHT, WIDTH, CODES, END, COUNT, FRAME, VIDEO_END, DONE = range(9)
-# States strictly between TEXT and DONE are inside a visual span (an image, or a video and its frames).
-MODES = ("text", "image", "video", "any")
+TEXT, HEIGHT, WIDTH, CODES, END, COUNT, FRAME, VIDEO_END, DONE, SPEECH, SPEECH_END = range(11)
+# States strictly between TEXT and DONE are inside a visual span (an image, or a video and its frames);
+# SPEECH and SPEECH_END (after DONE, so that stays true) inside an utterance.
+MODES = ("text", "image", "video", "speech", "any")
+# The modality a row samples with (`Grammar.modality`): its request's text, image or speech settings.
+MODALITY_TEXT, MODALITY_IMAGE, MODALITY_SPEECH = range(3)
 # What the grammar forces at a position ahead inside an image (`Grammar.lookahead`): a free code, an
 # end-of-line, the image end, or nothing known (past the image, or not in one).
 AHEAD_CODE, AHEAD_EOL, AHEAD_END, AHEAD_NONE = range(4)
 UNLIMITED = 1 << 30
 # Per-row flags `Grammar.advance` returns (the events and the batcher read them).
-FLAGS = ("active", "started", "row_done", "ended", "video_started", "video_ended", "stopped", "truncated",
-         "opened", "in_span")
+FLAGS = ("active", "started", "row_done", "ended", "video_started", "video_ended", "speech_started",
+         "speech_ended", "stopped", "truncated", "opened", "in_span")
 
 
 @dataclass
@@ -67,11 +91,20 @@ class GrammarTables:
     video_begin: int | None = None  # None: this vocabulary cannot write videos (no row starts one)
     video_end: int | None = None
     max_frames: int = 0  # the largest frame count a size token can say (0 without video tokens)
+    speech_layout: str = "blocks"  # tokenloom.formats.SPEECH_LAYOUTS
+    speech_begin: int | None = None  # None: this vocabulary cannot speak (no row starts an utterance)
+    speech_end: int | None = None
+    speech_levels: int = 0  # L, the codebook levels of the vocabulary's speech codes
+    speech_level_masks: torch.Tensor | None = None  # [L, V]: the ids of each level
+    speech_level_of: torch.Tensor | None = None  # [V]: the level of a speech code, -1 elsewhere
 
     @classmethod
-    def build(cls, vocab: Vocabulary, layout: str, flat_grid: tuple[int, int] | None, device) -> "GrammarTables":
+    def build(cls, vocab: Vocabulary, layout: str, flat_grid: tuple[int, int] | None, device,
+              speech_layout: str = "blocks") -> "GrammarTables":
         if layout not in ("unirep", "flat"):
             raise ValueError(f"unknown layout {layout!r}")
+        if speech_layout not in ("blocks", "interleaved"):
+            raise ValueError(f"unknown speech layout {speech_layout!r}")
         if layout == "unirep" and (vocab.end_of_line is None or vocab.max_grid_size == 0):
             raise ValueError("the unirep layout needs end-of-line and size tokens in the vocabulary")
         if layout == "flat" and flat_grid is None:
@@ -89,16 +122,28 @@ class GrammarTables:
         idle = vocab.pad if vocab.pad is not None else stops[-1]
         # A video's frame count is a size token: without size tokens there is no way to say it.
         video = vocab.max_video_frames > 0
+        speech = {}
+        if vocab.has_speech:
+            levels = vocab.speech_codebooks
+            level_of = vocab.ids_to_speech(torch.arange(vocab.size))[0]
+            speech = dict(speech_begin=vocab.speech_begin, speech_end=vocab.speech_end, speech_levels=levels,
+                          speech_level_masks=torch.stack([vocab.speech_level_mask(k) for k in range(levels)]
+                                                         ).to(device),
+                          speech_level_of=level_of.to(device=device, dtype=torch.long))
         return cls(layout, tuple(flat_grid) if flat_grid else None, vocab.size, text_mask.to(device),
                    vocab.code_mask.to(device), size_ids.to(device), size_value.to(device),
                    unit, torch.tensor(stops, dtype=torch.long, device=device), vocab.image_begin, vocab.image_end,
                    vocab.end_of_line, stops[0], idle, torch.as_tensor(vocab.code_ids, dtype=torch.long, device=device),
                    vocab.video_begin if video else None, vocab.video_end if video else None,
-                   vocab.max_video_frames)
+                   vocab.max_video_frames, speech_layout, **speech)
 
     @property
     def has_video(self) -> bool:
         return self.video_begin is not None
+
+    @property
+    def has_speech(self) -> bool:
+        return self.speech_begin is not None
 
     @property
     def max_grid(self) -> int:
@@ -115,16 +160,26 @@ class GrammarTables:
         """Tokens of one video: begin, the frame count, the frames, end."""
         return frames * self.image_length(height, width) + 3
 
+    @staticmethod
+    def speech_length(levels, frames):
+        """Tokens of one utterance: begin, levels x frames codes, end (both speech layouts)."""
+        return levels * frames + 2
+
 
 class Grammar:
-    """Grammar state for B rows. `mode`: "text" (no images or videos), "image" (exactly one
-    image and nothing else), "video" (exactly one video and nothing else) or "any"
-    (interleaved). `image_size`: (height, width) in code rows/columns to force (of an image or
-    of a video's frames), or None to let the model choose (unirep only). `video_frames`: the
-    frame count to force, or None to let the model choose."""
+    """Grammar state for B rows. `mode`: "text" (no images, videos or speech), "image" (exactly one
+    image and nothing else), "video" (exactly one video and nothing else), "speech" (exactly one
+    utterance and nothing else) or "any" (interleaved). `image_size`: (height, width) in code
+    rows/columns to force (of an image or of a video's frames), or None to let the model choose
+    (unirep only). `video_frames`: the frame count to force, or None to let the model choose.
+    `speech_levels`: codebook levels of each utterance (None: all the vocabulary's);
+    `speech_frames`: its frame count to force (None: the model ends it); `max_speech_frames`: the
+    most frames of an utterance whose count the model chooses (None: document.MAX_SPEECH_FRAMES)."""
 
     def __init__(self, tables: GrammarTables, modes: list[str], image_sizes: list[tuple[int, int] | None],
-                 budgets: list[int], device, video_frames: list[int | None] | None = None):
+                 budgets: list[int], device, video_frames: list[int | None] | None = None, *,
+                 speech_levels: list[int | None] | None = None, speech_frames: list[int | None] | None = None,
+                 max_speech_frames: list[int | None] | None = None):
         self.t = tables
         b = len(modes)
         bad = [m for m in modes if m not in MODES]
@@ -133,7 +188,16 @@ class Grammar:
         if "video" in modes and not tables.has_video:
             raise ValueError("mode 'video' needs a vocabulary with video tokens (video_begin, video_end) "
                              "and size tokens to count frames")
+        if "speech" in modes and not tables.has_speech:
+            raise ValueError("mode 'speech' needs a vocabulary with speech tokens (speech_begin, speech_end, "
+                             "speech codes)")
         video_frames = video_frames or [None] * b
+        speech_levels = speech_levels or [None] * b
+        speech_frames = speech_frames or [None] * b
+        max_speech_frames = max_speech_frames or [None] * b
+        bad = [n for n in speech_levels if n is not None and not 1 <= n <= tables.speech_levels]
+        if bad:
+            raise ValueError(f"speech levels {bad} outside 1..{tables.speech_levels}")
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -162,6 +226,19 @@ class Grammar:
         self.max_images = tensor([{"image": 1, "any": UNLIMITED}.get(m, 0) for m in modes])
         self.max_videos = tensor([{"video": 1, "any": UNLIMITED}.get(m, 0) if tables.has_video else 0
                                   for m in modes])
+        self.max_speeches = tensor([{"speech": 1, "any": UNLIMITED}.get(m, 0) if tables.has_speech else 0
+                                    for m in modes])
+        self.speeches_done = torch.zeros(b, dtype=torch.long, device=device)
+        # Per row: the utterance's levels L' and its forced frame count (0: free), the most frames it may
+        # have; inside one, the level of the next code (blocks: the current block's; interleaved: the
+        # next in its frame), codes in the current block (blocks), and frames of content so far, T.
+        self.sp_levels = tensor([n or tables.speech_levels for n in speech_levels])
+        self.sp_fixed = tensor([n or 0 for n in speech_frames])
+        self.sp_cap = tensor([n if n else min(m or MAX_SPEECH_FRAMES, MAX_SPEECH_FRAMES)
+                              for n, m in zip(speech_frames, max_speech_frames)])
+        self.sp_level = torch.zeros(b, dtype=torch.long, device=device)
+        self.sp_pos = torch.zeros(b, dtype=torch.long, device=device)
+        self.sp_t = torch.zeros(b, dtype=torch.long, device=device)
         if tables.layout == "unirep":
             bad = [s for s in image_sizes if s is not None and (s[0] % tables.size_unit or s[1] % tables.size_unit)]
             if bad:
@@ -171,7 +248,8 @@ class Grammar:
         self.sizes = self.counts * tables.size_unit
 
     ROW_STATE = ("fixed_h", "fixed_w", "fixed_f", "state", "h", "w", "row", "col", "remaining", "images_done",
-                 "videos_done", "in_video", "frames", "frame", "allow_text", "max_images", "max_videos")
+                 "videos_done", "in_video", "frames", "frame", "allow_text", "max_images", "max_videos",
+                 "max_speeches", "speeches_done", "sp_levels", "sp_fixed", "sp_cap", "sp_level", "sp_pos", "sp_t")
 
     def select(self, rows: torch.Tensor) -> "Grammar":
         """The grammar of some rows (in the given order): requests leaving a running batch."""
@@ -200,6 +278,9 @@ class Grammar:
 
     def min_video_length(self) -> torch.Tensor:
         return self.t.video_length(torch.where(self.fixed_f > 0, self.fixed_f, 1), *self._min_grid())
+
+    def min_speech_length(self) -> torch.Tensor:
+        return self.t.speech_length(self.sp_levels, torch.where(self.sp_fixed > 0, self.sp_fixed, 1))
 
     def allowed(self) -> torch.Tensor:
         """Bool [B, V]: the tokens each row may emit now."""
@@ -244,10 +325,40 @@ class Grammar:
             allowed |= in_codes[:, None] & t.code_mask[None]
         allowed[:, t.size_ids] |= size_ok
         allowed[:, t.image_end] |= s == END
+        if t.has_speech:
+            allowed |= self._speech_allowed(in_text)
         allowed[:, t.idle] |= s == DONE
         # A row left with nothing (an "image" or "video" row after its span, or one whose span no longer
         # fits) stops.
         allowed[:, t.final_stop] |= ~allowed.any(-1)
+        return allowed
+
+    def _speech_allowed(self, in_text: torch.Tensor) -> torch.Tensor:
+        """Bool [B, V]: speech_begin, speech codes and speech_end where each row may emit them."""
+        t, s = self.t, self.state
+        levels, frames, remaining = self.sp_levels, self.sp_t, self.remaining
+        allowed = torch.zeros(s.shape[0], t.vocab_size, dtype=torch.bool, device=s.device)
+        allowed[:, t.speech_begin] = in_text & (self.speeches_done < self.max_speeches) & (
+            remaining >= self.min_speech_length())
+        in_speech = s == SPEECH
+        # Blocks: in the content block; interleaved: at a frame boundary. There the model chooses.
+        choosing = in_speech & (self.sp_level == 0)
+        if t.speech_layout == "blocks":
+            # One more content code makes every later block one longer: (L'-1)(T+1) codes and the end.
+            rest = (levels - 1) * (frames + 1) + 1
+        else:
+            rest = levels  # the frame's other L'-1 codes and the end
+        content_ok = choosing & (frames < self.sp_cap) & (remaining - 1 >= rest)
+        can_end = choosing & (frames >= 1) & ((self.sp_fixed == 0) | (frames == self.sp_fixed))
+        # Inside a later block or a frame the level is forced; in the content block it is level 0.
+        top = t.speech_levels - 1
+        level_ok = (in_speech & ~choosing) | content_ok
+        allowed |= level_ok[:, None] & t.speech_level_masks[self.sp_level.clamp(max=top)]
+        if t.speech_layout == "blocks":
+            # The content block ends with the first code of level 1 (speech_end when it is the only one).
+            allowed |= (can_end & (levels > 1))[:, None] & t.speech_level_masks[min(1, top)][None]
+            can_end = can_end & (levels == 1)
+        allowed[:, t.speech_end] |= can_end | (s == SPEECH_END)
         return allowed
 
     def visual(self) -> torch.Tensor:
@@ -256,6 +367,18 @@ class Grammar:
 
     def in_codes(self) -> torch.Tensor:
         return self.state == CODES
+
+    def in_speech(self) -> torch.Tensor:
+        """Rows drawing an utterance's codes (guidance mixes their logits; speech_end, where only it is
+        left, needs none)."""
+        return self.state == SPEECH
+
+    def modality(self) -> torch.Tensor:
+        """[B] MODALITY_*: whose sampling settings each row draws its next token with (an image's or a
+        video's inside one, speech's inside an utterance, text's elsewhere; span openers are text)."""
+        s = self.state
+        return torch.where(self.visual(), MODALITY_IMAGE,
+                           torch.where((s == SPEECH) | (s == SPEECH_END), MODALITY_SPEECH, MODALITY_TEXT))
 
     def image_progress(self) -> torch.Tensor:
         """Fraction of the current image's (or frame's) codes already emitted (for guidance intervals)."""
@@ -290,8 +413,9 @@ class Grammar:
     def advance(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Consume one token per row; returns per-row flags (`FLAGS`) describing what happened:
         `started`/`ended` an image or a frame opened/closed, `video_started`/`video_ended` a video,
-        `opened` a span (image or video) begun from text (guidance rows restart there), `in_span` the
-        token belongs to a span (guidance rows see it)."""
+        `speech_started`/`speech_ended` an utterance, `opened` a span (image, video or utterance) begun
+        from text (guidance rows restart there), `in_span` the token belongs to a span (guidance rows
+        see it)."""
         t, s = self.t, self.state
         active = s != DONE
         new = s.clone()
@@ -309,6 +433,10 @@ class Grammar:
             self.frames = torch.where(got_count, t.size_value[tokens] // t.size_unit, self.frames)
             new = torch.where(got_count, FRAME, new)
             video_ended = (s == VIDEO_END) & (tokens == t.video_end)
+        speech_started = torch.zeros_like(started)
+        speech_ended = torch.zeros_like(started)
+        if t.has_speech:
+            speech_started, speech_ended, new = self._advance_speech(tokens, new)
         self.row = torch.where(started, 0, self.row)
         self.col = torch.where(started, 0, self.col)
         if t.layout == "unirep":
@@ -345,12 +473,43 @@ class Grammar:
         truncated = active & (new != DONE) & (self.remaining <= 0)
         new = torch.where(truncated, DONE, new)
         self.state = torch.where(active, new, s)
-        opened = (started & (s == TEXT)) | video_started
+        opened = (started & (s == TEXT)) | video_started | speech_started
         # A span's tokens: everything emitted from inside one (its closing tokens too) and its opening one.
-        in_span = ((s > TEXT) & (s < DONE)) | opened
+        in_span = ((s > TEXT) & (s < DONE)) | (s == SPEECH) | (s == SPEECH_END) | opened
         flags = {"started": started, "row_done": row_done, "ended": ended, "video_started": video_started,
-                 "video_ended": video_ended, "stopped": stopped, "opened": opened, "in_span": in_span}
+                 "video_ended": video_ended, "speech_started": speech_started, "speech_ended": speech_ended,
+                 "stopped": stopped, "opened": opened, "in_span": in_span}
         return {"active": active, "truncated": truncated, **{k: v & active for k, v in flags.items()}}
+
+    def _advance_speech(self, tokens: torch.Tensor, new: torch.Tensor):
+        """The speech part of `advance`: (speech_started, speech_ended, the new states)."""
+        t, s = self.t, self.state
+        started = (s == TEXT) & (tokens == t.speech_begin)
+        ended = ((s == SPEECH) | (s == SPEECH_END)) & (tokens == t.speech_end)
+        level = t.speech_level_of[tokens]
+        code = (s == SPEECH) & (level >= 0)
+        frames = self.sp_t + (level == 0).long()
+        complete_t = (self.sp_fixed > 0) & (frames == self.sp_fixed)
+        if t.speech_layout == "blocks":
+            # A code of the current block extends it; the grammar allows one other level only, the first
+            # code of level 1 closing the content block, which starts a block.
+            pos = torch.where(level == self.sp_level, self.sp_pos + 1, 1)
+            full = (level >= 1) & (pos == frames)
+            next_level = torch.where(full, level + 1, level)
+            pos = torch.where(full, 0, pos)
+            complete = (full & (next_level == self.sp_levels)) | ((level == 0) & complete_t & (self.sp_levels == 1))
+        else:
+            next_level = (level + 1) % self.sp_levels
+            pos = self.sp_pos
+            complete = (next_level == 0) & complete_t
+        self.sp_level = torch.where(started, 0, torch.where(code, next_level, self.sp_level))
+        self.sp_pos = torch.where(started, 0, torch.where(code, pos, self.sp_pos))
+        self.sp_t = torch.where(started, 0, torch.where(code, frames, self.sp_t))
+        new = torch.where(started, SPEECH, new)
+        new = torch.where(code & complete, SPEECH_END, new)
+        new = torch.where(ended, TEXT, new)
+        self.speeches_done = self.speeches_done + ended.long()
+        return started, ended, new
 
     def skip(self, n: torch.Tensor) -> None:
         """Advance rows drawing an image (or a frame) by n [B] tokens of its fixed walk (codes,

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..document import Document, ImagePart, TextPart, VideoPart
-from .events import (Event, Finished, FrameDone, FrameRow, FrameStarted, ImageDone, ImageRow, ImageStarted, TextDelta,
-                     TurnEnd, VideoDone, VideoStarted)
-from .grammar import CODES, COUNT, END, TEXT, WIDTH
+from ..document import MAX_SPEECH_FRAMES, Document, ImagePart, SpeechPart, TextPart, VideoPart
+from .events import (Event, Finished, FrameDone, FrameRow, FrameStarted, ImageDone, ImageRow, ImageStarted,
+                     SpeechChunk, SpeechDone, SpeechStarted, TextDelta, TurnEnd, VideoDone, VideoStarted)
+from .grammar import CODES, COUNT, END, SPEECH, TEXT, WIDTH
 from .sampling import SamplingParams
 
 MAX_GUIDANCE_SCALE = 20.0  # far past any useful scale; larger ones only amplify noise into garbage
@@ -36,7 +36,7 @@ class GenerationRequest:
     """One prompt to continue. `prompt_ids` already formatted (bos, turns, generation role)."""
 
     prompt_ids: list[int]
-    mode: str = "any"  # "text", "image" (one image only), "video" (one video only) or "any"
+    mode: str = "any"  # "text", "image" (one image only), "video" (one video only), "speech" (one utterance) or "any"
     image_size: tuple[int, int] | None = None  # (height, width) in grid units, forced when given (video frames too)
     video_frames: int | None = None  # frames of a video, forced when given (modes "video" and "any")
     max_new_tokens: int = 256
@@ -52,6 +52,13 @@ class GenerationRequest:
     speculative: str | None = None  # "jacobi": speculative Jacobi decoding of image codes (engine.speculative)
     speculative_window: int = 16  # draft codes per step
     speculative_init: str = "above"  # how positions new to the window are drafted
+    # Speech (modes "speech" and "any", where the vocabulary has speech codes). Guidance (guidance_scale)
+    # acts on every code of an utterance: guidance_interval is an image's and does not apply there.
+    speech: SamplingParams | None = None  # None: sampling.default_speech_sampling of the codebook size
+    speech_levels: int | None = None  # codebook levels to generate, 1..L (1: content only); None: all L
+    speech_frames: int | None = None  # frames of an utterance, forced when given; None: the model ends it
+    max_speech_frames: int = MAX_SPEECH_FRAMES  # the most frames of an utterance whose length the model chooses
+    speech_chunk_frames: int = 10  # frames per SpeechChunk event (the last chunk of an utterance may be shorter)
 
 
 @dataclass
@@ -79,6 +86,15 @@ class GenerationResult:
         return [p.pixels for p in self.video_parts]
 
     @property
+    def speech_parts(self) -> list[SpeechPart]:
+        return [p for p in self.document.parts if isinstance(p, SpeechPart)]
+
+    @property
+    def speech_audio(self):
+        """Each utterance's waveform (float32 at the codec's sample rate; None without a speech tokenizer)."""
+        return [p.audio for p in self.speech_parts]
+
+    @property
     def text(self) -> str:
         return self.document.text
 
@@ -86,8 +102,12 @@ class GenerationResult:
 class RequestOutput:
     """Turns one request's tokens into events and document parts as they come."""
 
-    def __init__(self, index: int, engine: object, seed: int, decode_images: bool = True):
+    def __init__(self, index: int, engine: object, seed: int, decode_images: bool = True, speech_levels: int = 0,
+                 speech_chunk_frames: int = 10):
         self.index, self.engine, self.seed, self.decode_images = index, engine, seed, decode_images
+        self.speech_levels, self.speech_chunk_frames = speech_levels, speech_chunk_frames
+        self.speech: list[list[int]] | None = None  # the utterance being drawn: its codes so far, per level
+        self.speech_sent = 0  # its frames already streamed in chunks
         self.ids: list[int] = []
         self.parts: list = []
         self.text_ids: list[int] = []
@@ -138,6 +158,26 @@ class RequestOutput:
         self.frames = None
         return [VideoDone(self.index, video)]
 
+    def _speech_chunks(self, final: bool) -> list[Event]:
+        """Chunks of the frames complete since the last one (every level there), speech_chunk_frames
+        each; at the utterance's end the rest too."""
+        complete = min(len(level) for level in self.speech)
+        events = []
+        while complete - self.speech_sent >= self.speech_chunk_frames or (final and complete > self.speech_sent):
+            start = self.speech_sent
+            n = min(self.speech_chunk_frames, complete - start)
+            codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64)
+            events.append(SpeechChunk(self.index, start, codes, self.engine.decode_speech(codes)))
+            self.speech_sent += n
+        return events
+
+    def _speech_done(self) -> list[Event]:
+        codes = np.array(self.speech, dtype=np.int64)
+        part = SpeechPart(codes, audio=self.engine.decode_speech(codes))
+        self.parts.append(part)
+        self.speech = None
+        return [SpeechDone(self.index, part)]
+
     def feed(self, token: int, state_before: int, flags: dict[str, bool], grammar_hw: tuple[int, int]) -> list[Event]:
         e = self.engine
         self.ids.append(token)
@@ -162,6 +202,17 @@ class RequestOutput:
             events += self._image_done()
         elif flags["video_ended"]:
             events += self._video_done()
+        elif flags["speech_started"]:
+            events += self._flush_text(final=True)
+            self.speech, self.speech_sent = [[] for _ in range(self.speech_levels)], 0
+            events.append(SpeechStarted(self.index, self.speech_levels))
+        elif flags["speech_ended"]:
+            events += self._speech_chunks(final=True)
+            events += self._speech_done()
+        elif state_before == SPEECH:
+            level, code = e.vocab.ids_to_speech(np.array([token]))
+            self.speech[int(level[0])].append(int(code[0]))
+            events += self._speech_chunks(final=False)
         elif state_before == TEXT and not flags["stopped"]:
             self.text_ids.append(token)
             events += self._flush_text(final=False)

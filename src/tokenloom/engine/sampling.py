@@ -78,6 +78,14 @@ def default_image_sampling(codebook_size: int) -> SamplingParams:
     return SamplingParams(temperature=1.0, top_k=max(1, round(codebook_size * 2000 / 8192)), top_p=None)
 
 
+def default_speech_sampling(codebook_size: int) -> SamplingParams:
+    """Inside an utterance. Codec language models sample their codes at temperature 1 from the few most
+    likely (VALL-E-style TTS decodes with a top-k of tens of a 1024-code level): a sixteenth of a level's
+    codes (64 of 1024). Greedy decoding of speech codes falls into loops (a held sound, silence), so it
+    is no default. The grammar allows one level at a time, so top-k counts codes of that level."""
+    return SamplingParams(temperature=1.0, top_k=max(1, round(codebook_size / 16)), top_p=None)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL-style penalty on already generated tokens. seen: bool [B, V]; penalty: [B] (1 = off)."""
     p = penalty[:, None]

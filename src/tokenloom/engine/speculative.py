@@ -20,7 +20,10 @@ Each row accepts its own number of codes; its KV cache "rolls back" by moving it
 the first rejected draft (the key mask hides slots past it until they are written again).
 End-of-line and image end are drafts the grammar forces (q one-hot, always accepted); a window
 never runs past the image end, so every code drawn here is drawn with the image's sampling. A
-video's frames are images to this: a window never runs past a frame's end either.
+video's frames are images to this: a window never runs past a frame's end either. Speech is not
+speculated: inside an utterance `Grammar.lookahead` knows nothing ahead (its length is the model's
+choice, and nothing like an image's rows repeats), so a speculative request draws speech codes one a
+step, exactly as a plain one does.
 """
 
 from __future__ import annotations

@@ -7,11 +7,13 @@ One document per line, images as PNG files beside the JSONL:
     part: {"type": "text", "text": ...} | {"type": "image", "path": "images/train-000123.png",
                                            "width": W, "height": H}
         | {"type": "video", "frames": ["images/train-000124.png", ...], "width": W, "height": H}
+        | {"type": "speech", "path": "audio/train-000007.wav"}
 
 Tasks: t2i (caption -> image), caption (image -> caption), qa (image + question -> answer), story
 (prompt -> caption, image, change sentence, image, ...), edit (image + instruction -> image); and on
 videos (spec "Videos", world/video.py): t2v (motion caption -> video), video_caption (video -> motion
-caption), next_frames (the first 2 or 3 frames -> the rest), video_qa (video + start/end question -> answer).
+caption), next_frames (the first 2 or 3 frames -> the rest), video_qa (video + start/end question -> answer);
+and with speech (`speech_tasks`, registered here by `register_tasks`): asr, tts, spoken_qa, speech_t2i.
 `build_dataset` also writes `<split>.meta.jsonl`: per line the task, the scene of every image and
 the facts the document states, so a dataset can be checked without re-deriving anything.
 
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import audio_io
 from .parse import SceneQuery, parse
 from .phrase import caption, change_sentence, edit_instruction, parse_caption, questions
 from .render import draw, place
@@ -85,26 +88,29 @@ class TaskSample:
     images: list[Image.Image]
     scenes: list[Scene]  # the scene of each image, in order
     info: dict[str, Any] = field(default_factory=dict)  # what the text states, JSON-able
+    audio: list[np.ndarray] = field(default_factory=list)  # utterances (float32, 16 kHz); speech parts index them
 
-    def _parts(self, role: str) -> list[str | Image.Image | Video]:
+    def _parts(self, role: str) -> list[str | Image.Image | Video | audio_io.Audio]:
         msg = next(m for m in self.document["messages"] if m["role"] == role)
         return [self._part(p) for p in msg["content"]]
 
-    def _part(self, part: dict[str, Any]) -> str | Image.Image | Video:
+    def _part(self, part: dict[str, Any]) -> str | Image.Image | Video | audio_io.Audio:
         if part["type"] == "text":
             return part["text"]
         if part["type"] == "video":
             return Video(self.images[k] for k in part["frames"])
+        if part["type"] == "speech":
+            return audio_io.Audio(self.audio[part["audio"]])
         return self.images[part["image"]]
 
     @property
-    def prompt(self) -> list[str | Image.Image | Video]:
-        """The user turn as strings, PIL images and Videos (lists of PIL frames): what an evaluation feeds
-        the model."""
+    def prompt(self) -> list[str | Image.Image | Video | audio_io.Audio]:
+        """The user turn as strings, PIL images, Videos (lists of PIL frames) and Audio: what an
+        evaluation feeds the model."""
         return self._parts("user")
 
     @property
-    def answer(self) -> list[str | Image.Image | Video]:
+    def answer(self) -> list[str | Image.Image | Video | audio_io.Audio]:
         """The assistant turn, likewise: the reference answer."""
         return self._parts("assistant")
 
@@ -335,6 +341,20 @@ TASKS: dict[str, Callable[..., TaskSample]] = {
 IMAGE_TASKS: tuple[str, ...] = ("t2i", "caption", "qa", "story", "edit")
 VIDEO_TASKS: tuple[str, ...] = ("t2v", "video_caption", "next_frames", "video_qa")
 _TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # part of every document's seed: keep the order
+SPEECH_TASK_NAMES: set[str] = set()  # tasks whose builders take held_out= (their voices)
+
+
+def register_tasks(tasks: Mapping[str, Callable[..., TaskSample]], *, speech: bool = False) -> None:
+    """Append tasks to the table (a module of tasks above this one: `speech_tasks`, which needs the
+    speech renderer that itself reads this module's prompts). Appending keeps every earlier task's
+    seeds; `speech` tasks are given `held_out=` so their voices follow the seed stream."""
+    for name, build in tasks.items():
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        TASKS[name] = build
+        _TASK_IDS[name] = len(_TASK_IDS)
+        if speech:
+            SPEECH_TASK_NAMES.add(name)
 
 
 def _check_task(task: str) -> None:
@@ -344,7 +364,10 @@ def _check_task(task: str) -> None:
 
 def _sample(stream: int, task: str, seed: int, j: int, sizes: Sequence[Size]) -> TaskSample:
     _check_task(task)
-    return TASKS[task](np.random.default_rng([stream, seed, _TASK_IDS[task], j]), sizes)
+    rng = np.random.default_rng([stream, seed, _TASK_IDS[task], j])
+    if task in SPEECH_TASK_NAMES:
+        return TASKS[task](rng, sizes, held_out=stream == HELDOUT_STREAM)
+    return TASKS[task](rng, sizes)
 
 
 def training_sample(task: str, j: int, seed: int = 0, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
@@ -391,11 +414,13 @@ def build_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: i
         raise ValueError("sizes must name at least one (width, height)")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if any(t in SPEECH_TASK_NAMES and int(n) for t, n in counts.items()):
+        (out / "audio").mkdir(exist_ok=True)
     from tqdm.auto import tqdm
 
     paths = {name: out / f"{split}{suffix}" for name, suffix in (("docs", ".jsonl"), ("meta", ".meta.jsonl"))}
     tmp = {name: p.with_name(p.name + ".tmp") for name, p in paths.items()}
-    n_images = 0
+    n_images = n_audio = 0
     order = _document_order({t: int(n) for t, n in counts.items()}, seed)
     with open(tmp["docs"], "w", encoding="utf-8") as docs, open(tmp["meta"], "w", encoding="utf-8") as meta:
         for task, j in tqdm(order, desc=f"{split} documents", unit="doc", disable=not progress):
@@ -406,18 +431,25 @@ def build_dataset(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: i
                 image.save(out / name, format="PNG")
                 names.append(name)
                 n_images += 1
-            docs.write(json.dumps(_with_paths(sample.document, names)) + "\n")
+            audio_names = []
+            for samples in sample.audio:
+                name = f"audio/{split}-{n_audio:06d}.wav"
+                audio_io.write_audio(out / name, samples)
+                audio_names.append(name)
+                n_audio += 1
+            docs.write(json.dumps(_with_paths(sample.document, names, audio_names)) + "\n")
             meta.write(json.dumps({"task": task, "index": j, "scenes": [scene_to_json(s) for s in sample.scenes],
                                    "info": sample.info}) + "\n")
     for name in ("meta", "docs"):  # the documents last: their presence means the set is complete
         os.replace(tmp[name], paths[name])
-    return {"path": str(paths["docs"]), "documents": len(order), "images": n_images,
+    return {"path": str(paths["docs"]), "documents": len(order), "images": n_images, "utterances": n_audio,
             "counts": {t: int(n) for t, n in counts.items()}, "seed": seed, "sizes": [list(s) for s in sizes],
             "video_sizes": [list(s) for s in video_sizes(sizes)]}
 
 
-def _with_paths(document: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The document with each image part's index, and each video part's frame indices, replaced by file paths."""
+def _with_paths(document: dict[str, Any], names: list[str], audio_names: Sequence[str] = ()) -> dict[str, Any]:
+    """The document with each image part's index, each video part's frame indices and each speech part's
+    utterance index replaced by file paths."""
     messages = []
     for msg in document["messages"]:
         content = []
@@ -428,6 +460,8 @@ def _with_paths(document: dict[str, Any], names: list[str]) -> dict[str, Any]:
             elif part["type"] == "video":
                 part = {"type": "video", "frames": [names[k] for k in part["frames"]], "width": part["width"],
                         "height": part["height"]}
+            elif part["type"] == "speech":
+                part = {"type": "speech", "path": audio_names[part["audio"]]}
             content.append(part)
         messages.append({"role": msg["role"], "content": content})
     return {"messages": messages}

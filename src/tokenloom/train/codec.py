@@ -1,0 +1,736 @@
+"""Train the spectral speech codec (`tokenloom.speech_codec`) on a rendered speech corpus.
+
+The data are manifest.jsonl files (one `{"audio": "rel/path.wav", "text", "phonemes", "voice"}`
+per line, audio paths relative to the manifest's folder, as `world.speech.render_corpus` writes
+them). Utterances are used whole, never cropped, because the content head's CTC target is the
+utterance's entire phoneme string; a batch pads them with zeros to its longest and masks the
+padding out of every loss and codebook statistic. Utterances longer than `data.max_seconds` are
+left out of training (counted in summary.json). The loss:
+
+    spec_weight * L1(log|STFT|)               reconstruction, natural-log magnitudes
+  + mel_weight * L1(log-mel)                  the same on 80 mel bands: weighs the low frequencies
+                                              where speech lives the way hearing does
+  + ctc_weight * CTC(content head(level 0))   codebook 0 carries the phonemes
+  + commitment_weight * commitment            each level's residual stays near its code
+
+The codebooks are not trained by gradient: each code moves to the (decayed) mean of the residuals
+it was picked for (EMA, `codebook_ema`), and codes no frame picked during a window of steps are
+restarted to random residuals of the batch (dead-code restarts). Quantizer dropout decodes a
+random part of each batch from its first 1..K-1 levels only, so that fewer levels (content-only
+decoding, K'=1) decode to something and the levels are ordered coarse to fine.
+
+Every batch (utterances, quantizer dropout) is a pure function of (seed, step) and every restart
+draws from a generator seeded by (seed, step, level), so a resumed run repeats an uninterrupted
+one exactly. The plumbing is `train.vq`'s: the config file (errors name file:line), the warmup +
+cosine schedule, metrics.jsonl, checkpoint directories (safetensors + JSON, atomic, verified on
+resume), best/ and summary.json. Output directory::
+
+    config.json                 the model, data and training configs of the run
+    metrics.jsonl               {"kind": "train", "step", "loss", "spec", "mel", "ctc", "usage", ...} per logged
+                                step and {"kind": "eval", "step", "mel_db", "per", ...} per evaluation
+    loss.png                    the training loss against the step
+    checkpoints/step-00000250/  model.safetensors, optimizer.safetensors + .json, rng.safetensors,
+                                trainer.safetensors (usage window and EMA state), best.safetensors, state.json
+    best/                       SpeechTokenizer.save_pretrained of the best evaluated weights (lowest mel_db)
+    summary.json                where the last call stopped, the best evaluation, bits per second
+    final_eval.json             the CLI's final evaluation of best/ on the whole eval manifest
+
+    tokenloom train-codec recipes/speech/codec.yaml --out runs/speech/codec [--export DIR] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensors, load_weights
+from ..speech_codec import DB, SpeechCodec, SpeechCodecConfig, SpeechTokenizer, log_mel, mel_distance
+from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
+                     latest_checkpoint, load_optimizer, load_rng, lr_at, read_state, save_training_checkpoint,
+                     start_run, stopped)
+from .config import ConfigError, ConfigParser, build_config, config_folder, read_config, resolve_path
+from .plot import plot_losses
+
+__all__ = ["CodecDataConfig", "CodecTrainConfig", "CodecRunConfig", "CodecTrainer", "Utterance", "Batch",
+           "load_codec_config", "read_manifest", "content_alphabet", "content_ids", "load_audio", "collate",
+           "training_batch", "evaluate_codec", "edit_distance", "train_codec"]
+
+# Seed-stream tags: batches and restarts draw from different SeedSequence entropy lists.
+TRAIN_STREAM, RESTART_STREAM = 0x5C01, 0x5C02
+
+SUMMARY_NAME = "summary.json"
+BEST_DIR = "best"
+TRAINER_TENSORS = "trainer.safetensors"
+BEST_TENSORS = "best.safetensors"
+# training keys a resumed run may change: they do not change the trajectory (threads changes the
+# order of float reductions, hence the last bits; it is the CLI's call)
+RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_utterances", "eval_audio", "checkpoint_every",
+                     "keep_checkpoints", "max_minutes", "progress", "threads"}
+RESTART = "train.lr and train.grad_clip cannot change on resume: train again in a new output directory"
+EVAL_BATCH = 16
+
+
+@dataclass
+class CodecDataConfig:
+    """The `data:` section: manifests (relative to the config file's folder)."""
+
+    train: list[str] = field(default_factory=list)  # manifest.jsonl files, read together
+    eval: str | None = None  # held-out manifest.jsonl (needed when train.eval_every > 0)
+    max_seconds: float = 6.0  # longer utterances are left out of training (whole utterances only: CTC)
+
+    def __post_init__(self):
+        if not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"max_seconds must be a positive number, got {self.max_seconds!r}")
+
+
+@dataclass
+class CodecTrainConfig:
+    """Everything about a training run except the model and the data (the `train:` section)."""
+
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decay to lr * this
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    spec_weight: float = 1.0
+    mel_weight: float = 1.0
+    ctc_weight: float = 0.1
+    commitment_weight: float = 0.25
+    codebook_ema: float = 0.95  # decay of the codebooks' running means
+    restart_every: int = 25  # steps per usage window; 0 disables restarts
+    restart_until: float = 0.85  # fraction of steps after which codes stop being restarted
+    quantizer_dropout: float = 0.5  # fraction of utterances decoded from a random 1..K-1 levels
+    threads: int | None = None  # torch.set_num_threads (None: torch's default; --threads overrides)
+    log_every: int = 10
+    eval_every: int = 250  # 0: never evaluate (best/ holds the last weights)
+    eval_utterances: int = 64  # of the eval manifest, from its start (0: all of them)
+    eval_audio: int = 4  # of those, round-tripped through Griffin-Lim (waveform mel distance)
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None  # wall-clock budget: stop early, evaluate and keep the best
+    progress: bool = True
+
+    def __post_init__(self):
+        # messages start with the field's name: the config parser turns that into file:line
+        self.betas = tuple(float(b) for b in self.betas)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if f.name == "betas" else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        positive = ("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints")
+        non_negative = ("steps", "warmup_steps", "weight_decay", "grad_clip", "spec_weight", "mel_weight",
+                        "ctc_weight", "commitment_weight", "restart_every", "eval_every", "eval_utterances",
+                        "eval_audio")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("min_lr_ratio", "restart_until", "quantizer_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.codebook_ema < 1:
+            raise ValueError(f"codebook_ema must be in [0, 1), got {self.codebook_ema!r}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be positive or null, got {self.threads!r}")
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0 or null, got {self.max_minutes!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+
+@dataclass
+class CodecRunConfig:
+    """A codec training config file: `model:` (SpeechCodecConfig fields), `data:`, `train:` and an
+    optional `out_dir` (relative to the file's folder)."""
+
+    model: SpeechCodecConfig = field(default_factory=SpeechCodecConfig)
+    data: CodecDataConfig = field(default_factory=CodecDataConfig)
+    train: CodecTrainConfig = field(default_factory=CodecTrainConfig)
+    out_dir: str | None = None
+    source: str | None = field(default=None, compare=False)  # the file it was read from (not a key)
+
+
+def _check_run(p: ConfigParser, c: CodecRunConfig) -> None:
+    if not c.data.train:
+        raise p.error("data.train", "'data.train' needs at least one manifest.jsonl")
+    if c.train.eval_every and c.data.eval is None:
+        raise p.error("train.eval_every", "'train.eval_every' needs 'data.eval' (a held-out manifest.jsonl); "
+                                          "set eval_every: 0 to train without evaluations")
+    base = config_folder(p.source)
+    c.data.train = [resolve_path(x, base) for x in c.data.train]
+    if c.data.eval is not None:
+        c.data.eval = resolve_path(c.data.eval, base)
+    if c.out_dir is not None:
+        c.out_dir = resolve_path(c.out_dir, base)
+
+
+def load_codec_config(path: str | Path) -> CodecRunConfig:
+    """Read a .yaml/.yml/.toml codec training config; errors are `ConfigError` naming file:line."""
+    data, lines = read_config(path)
+    if isinstance(data, dict) and "data" not in data:
+        raise ConfigError(f"{path}: a 'data:' section (train: [manifest.jsonl, ...]) is required")
+    return build_config(CodecRunConfig, data, str(path), lines, check=_check_run)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Utterance:
+    audio: Path
+    phonemes: str
+    text: str
+    voice: str
+    seconds: float
+    where: str  # "manifest.jsonl:LINE", for errors
+
+
+def read_manifest(path: str | Path) -> list[Utterance]:
+    """The lines of a manifest.jsonl; errors name the file and line. Durations come from the audio
+    files' headers (nothing is decoded here)."""
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"speech manifest not found: {path}")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: not a JSON line ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("audio"), str) \
+                or not isinstance(record.get("phonemes"), str):
+            raise ValueError(f"{where}: expected an object with string 'audio' and 'phonemes'")
+        audio = (path.parent / record["audio"]).resolve()
+        try:
+            info = soundfile.info(str(audio))
+        except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError)
+            raise ValueError(f"{where}: cannot read the audio file {audio} ({e})") from None
+        out.append(Utterance(audio, record["phonemes"], str(record.get("text", "")), str(record.get("voice", "")),
+                             info.frames / info.samplerate, where))
+    if not out:
+        raise ValueError(f"{path}: the manifest lists no utterances")
+    return out
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples of an audio file at `sample_rate` (channels averaged; resampled with a
+    polyphase filter when the file's rate differs)."""
+    import soundfile
+
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)
+    if rate != sample_rate:
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, sample_rate)
+        samples = resample_poly(samples, sample_rate // g, rate // g).astype(np.float32)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def content_alphabet(utterances: Sequence[Utterance]) -> list[str]:
+    """The content head's symbols: every non-whitespace character of the phoneme strings, sorted."""
+    return sorted({ch for u in utterances for ch in u.phonemes if not ch.isspace()})
+
+
+def content_ids(phonemes: str, symbols: Sequence[str]) -> tuple[list[int], int]:
+    """A phoneme string -> (CTC target ids, symbol i is i + 1; how many characters were not in
+    `symbols`, left out). Whitespace (word boundaries, not a sound) is no target."""
+    index = {s: i + 1 for i, s in enumerate(symbols)}
+    ids = [index.get(ch, -1) for ch in phonemes if not ch.isspace()]
+    return [i for i in ids if i > 0], sum(i < 0 for i in ids)
+
+
+def _ctc_steps_needed(ids: Sequence[int]) -> int:
+    """CTC needs a step per target plus a blank between equal neighbours."""
+    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
+@dataclass
+class Batch:
+    samples: torch.Tensor  # [B, T_max * samples_per_frame], zero padded
+    frames: torch.Tensor  # [B] code frames of each utterance
+    targets: torch.Tensor  # concatenated CTC targets
+    target_lengths: torch.Tensor  # [B]
+    levels: torch.Tensor  # [B] RVQ levels the decoder sees (quantizer dropout)
+
+
+def collate(waves: Sequence[np.ndarray], targets: Sequence[Sequence[int]], config: SpeechCodecConfig,
+            levels: Sequence[int] | None = None) -> Batch:
+    frames = [max(1, config.frames_for(len(w))) for w in waves]
+    samples = torch.zeros(len(waves), max(frames) * config.samples_per_frame)
+    for i, w in enumerate(waves):
+        samples[i, : len(w)] = torch.from_numpy(w)
+    flat = [t for ids in targets for t in ids]
+    return Batch(samples, torch.tensor(frames), torch.tensor(flat, dtype=torch.long),
+                 torch.tensor([len(ids) for ids in targets]),
+                 torch.tensor(levels if levels is not None else [config.codebooks] * len(waves)))
+
+
+def training_batch(seed: int, step: int, n: int, batch_size: int, codebooks: int,
+                   dropout: float) -> tuple[np.ndarray, np.ndarray]:
+    """(utterance indices, decoder levels) of a step: a pure function of its arguments, which is
+    what makes resume exact. Dropped utterances see a random 1..K-1 levels."""
+    rng = np.random.default_rng([TRAIN_STREAM, seed, step])
+    picks = rng.choice(n, size=batch_size, replace=n < batch_size)
+    drop = rng.random(batch_size) < dropout
+    levels = np.where(drop & (codebooks > 1), rng.integers(1, max(2, codebooks), batch_size), codebooks)
+    return picks, levels
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
+def _greedy_ctc(log_probs: torch.Tensor) -> list[int]:
+    """[steps, symbols + 1] -> the argmax path with repeats merged and blanks (0) dropped."""
+    path = log_probs.argmax(dim=-1).tolist()
+    return [s for i, s in enumerate(path) if s != 0 and (i == 0 or s != path[i - 1])]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B,C,N] over the positions where mask [B,N] is true."""
+    return (x * mask[:, None]).sum() / (mask.sum() * x.shape[1]).clamp_min(1)
+
+
+def _frame_mask(frames: torch.Tensor, length: int, repeat: int = 1) -> torch.Tensor:
+    """[B] code frames -> [B, length] bool, true on the utterance's own (code or STFT) frames."""
+    return torch.arange(length)[None] < (frames * repeat)[:, None]
+
+
+@torch.no_grad()
+def evaluate_codec(codec: SpeechCodec, utterances: Sequence[Utterance], audio: int = 4) -> dict[str, Any]:
+    """Score `codec` on held-out utterances:
+
+    mel_db          mean |log-mel| difference (dB) between the original spectrum and decode_magnitude
+                    of its codes, over every frame of every utterance
+    mel_db_content  the same decoding level 0 only (content-only)
+    audio_mel_db    mel distance (dB) between the first `audio` waveforms and their round trip through
+                    SpeechTokenizer.encode / .decode (Griffin-Lim), the path a user takes
+    per             content head's greedy CTC decode of level 0 vs the phoneme string: edits / length
+    usage           per level, the fraction of the codebook the utterances' codes use
+    perplexity      per level, exp(entropy) of the code histogram
+    bits_per_second the codec's bitrate"""
+    c = codec.config
+    codec.eval()
+    f = c.downsample
+    sums = {"mel": 0.0, "content": 0.0, "frames": 0}
+    edits = length = unknown = 0
+    counts = torch.zeros(c.codebooks, c.codebook_size)
+    for s in range(0, len(utterances), EVAL_BATCH):
+        chunk = utterances[s:s + EVAL_BATCH]
+        waves = [load_audio(u.audio, c.sample_rate) for u in chunk]
+        targets = []
+        for u in chunk:
+            ids, missing = content_ids(u.phonemes, c.content_symbols)
+            targets.append(ids)
+            unknown += missing
+        batch = collate(waves, targets, c)
+        log_mag = codec.features(batch.samples)
+        codes = codec.quantize(codec.latents(log_mag))[0]
+        mask = _frame_mask(batch.frames, log_mag.shape[-1], f)
+        target = log_mel(log_mag, codec.filterbank)
+        for key, levels in (("mel", c.codebooks), ("content", 1)):
+            pred = log_mel(codec.decode_magnitude(codes[:, :levels]), codec.filterbank)
+            sums[key] += float(((pred - target).abs() * mask[:, None]).sum()) / c.n_mels
+        sums["frames"] += int(mask.sum())
+        log_probs = codec.content_logits(codec.embed(codes[:, :1])).log_softmax(-1)
+        for i, ids in enumerate(targets):
+            hyp = _greedy_ctc(log_probs[i, : int(batch.frames[i]) * c.content_steps])
+            edits += edit_distance(hyp, ids)
+            length += len(ids)
+        valid = _frame_mask(batch.frames, codes.shape[-1])
+        for k in range(c.codebooks):
+            counts[k] += torch.bincount(codes[:, k][valid], minlength=c.codebook_size).float()
+    tok = SpeechTokenizer(codec)
+    round_trips = []
+    for u in utterances[:audio]:
+        wave = load_audio(u.audio, c.sample_rate)
+        round_trips.append(mel_distance(wave, tok.decode(tok.encode(wave)), c))
+    p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1)
+    frames = max(1, sums["frames"])
+    return {
+        "mel_db": sums["mel"] / frames * DB, "mel_db_content": sums["content"] / frames * DB,
+        "audio_mel_db": float(np.mean(round_trips)) if round_trips else None,
+        "per": edits / max(1, length), "usage": [float((n > 0).float().mean()) for n in counts],
+        "perplexity": [float(e.exp()) for e in entropy], "bits_per_second": c.bits_per_second,
+        "n": len(utterances), "unknown_symbols": unknown,
+    }
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class CodecTrainer:
+    """One codec training run: `step()` trains on one batch; `save_checkpoint()` /
+    `load_checkpoint()` write and read a checkpoint directory.
+
+    Holds only what a resumed run needs beyond (seed, step): weights (the codebooks among them),
+    optimizer state, the usage counts of the current restart window, the EMA state and the best
+    evaluation so far. Audio is read from disk per batch; the targets are computed once."""
+
+    def __init__(self, config: SpeechCodecConfig, train: CodecTrainConfig, train_set: Sequence[Utterance],
+                 eval_set: Sequence[Utterance] = (), out_dir: str | Path | None = None,
+                 data: CodecDataConfig | None = None):
+        if not train_set:
+            raise ValueError("the training set is empty")
+        if not config.content_symbols and train.ctc_weight > 0:
+            raise ValueError("model content_symbols is empty: the content head has nothing to learn (train_codec "
+                             "builds the alphabet from the training manifest)")
+        self.config, self.train = config, train
+        self.train_set, self.eval_set = list(train_set), list(eval_set)
+        # the data section, when the run has one: a resumed run must read the same manifests
+        self.data = None if data is None else dataclasses.asdict(data)
+        self.targets = []
+        for u in self.train_set:
+            ids, missing = content_ids(u.phonemes, config.content_symbols)
+            if missing:
+                bad = sorted({ch for ch in u.phonemes if not ch.isspace() and ch not in config.content_symbols})
+                raise ValueError(f"{u.where}: phonemes hold {bad!r}, which are not in model.content_symbols (leave "
+                                 "content_symbols empty to build the alphabet from the training manifest)")
+            self.targets.append(ids)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        with torch.random.fork_rng(devices=[]):  # init from the run's seed, not the global RNG
+            torch.manual_seed(train.seed)
+            self.model = SpeechCodec(config)
+        k, n = config.codebooks, config.codebook_size
+        # EMA state: how many residuals each code was picked for, and their sum (both decayed)
+        self.ema_count = torch.ones(k, n)
+        self.ema_sum = self.model.codebooks.detach().clone()
+        # no weight decay on biases
+        params = list(self.model.parameters())
+        decay = [p for p in params if p.ndim > 1]
+        rest = [p for p in params if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=train.lr, betas=train.betas)
+        self.step_count = 0
+        self.usage = torch.zeros(k, n, dtype=torch.long)  # codes picked this window, per level
+        self.restarted_total = 0
+        self.best: dict[str, Any] | None = None  # {"metrics": ..., "step": ..., "state": state_dict}
+
+    # -- one step
+
+    def lr_at(self, step: int) -> float:
+        t = self.train
+        return lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+
+    def batch(self, step: int) -> Batch:
+        t, c = self.train, self.config
+        picks, levels = training_batch(t.seed, step, len(self.train_set), t.batch_size, c.codebooks,
+                                       t.quantizer_dropout)
+        waves = [load_audio(self.train_set[i].audio, c.sample_rate) for i in picks]
+        return collate(waves, [self.targets[i] for i in picks], c, levels.tolist())
+
+    def losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Forward pass -> (named losses incl. "loss", each level's residuals, codes [B,K,T], code-frame mask)."""
+        t, m, c = self.train, self.model, self.config
+        log_mag = m.features(batch.samples)
+        z = m.latents(log_mag)
+        codes, vectors, residuals = m.quantize(z)
+        mask = _frame_mask(batch.frames, z.shape[-1])  # [B,T]
+        spec_mask = _frame_mask(batch.frames, log_mag.shape[-1], c.downsample)  # [B,T*f]
+        keep = (torch.arange(c.codebooks)[None] < batch.levels[:, None]).to(z.dtype)  # [B,K]
+        z_q = sum(v * keep[:, k, None, None] for k, v in enumerate(vectors))
+        # straight-through: the decoder's gradient reaches the encoder as if z_q were z
+        pred = m.decode_latents(z + (z_q - z).detach())
+        out = {"spec": _masked_mean((pred - log_mag).abs(), spec_mask),
+               "mel": _masked_mean((log_mel(pred, m.filterbank) - log_mel(log_mag, m.filterbank)).abs(), spec_mask),
+               "commitment": sum(_masked_mean((r - v.detach()).pow(2), mask) for r, v in zip(residuals, vectors))
+               / c.codebooks}
+        if t.ctc_weight > 0:
+            logits = m.content_logits(z + (vectors[0] - z).detach())  # level 0 only, straight-through
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [steps, B, symbols + 1]
+            # zero_infinity: an utterance too fast for its steps adds nothing rather than inf
+            out["ctc"] = F.ctc_loss(log_probs, batch.targets, batch.frames * c.content_steps, batch.target_lengths,
+                                    blank=0, reduction="mean", zero_infinity=True)
+        else:
+            out["ctc"] = torch.zeros(())
+        out["loss"] = (t.spec_weight * out["spec"] + t.mel_weight * out["mel"] + t.ctc_weight * out["ctc"]
+                       + t.commitment_weight * out["commitment"])
+        return out, [r.detach() for r in residuals], codes, mask
+
+    def step(self) -> dict[str, Any]:
+        """Train on the batch of the current step; returns its losses (before the update).
+
+        A NaN or inf loss or gradient norm raises TrainError (naming the step) before the update."""
+        t = self.train
+        step = self.step_count
+        batch = self.batch(step)
+        self.model.train()
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out, residuals, codes, mask = self.losses(batch)
+        check_step(self.optimizer, step + 1, loss=float(out["loss"].detach()))
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else math.inf)
+        check_step(self.optimizer, step + 1, gradient_norm=float(norm))
+        self.optimizer.step()
+        counts = self._counts(codes, mask)
+        self.usage += counts.long()
+        self._ema_update(residuals, codes, mask, counts)
+        restarted = 0
+        # the first window ends after step 0, so the random init is replaced by data at once
+        if t.restart_every and step < t.restart_until * t.steps and step % t.restart_every == 0:
+            restarted = self.restart_dead_codes(residuals, mask, step)
+        self.step_count += 1
+        metrics: dict[str, Any] = {k: float(v.detach()) for k, v in out.items()}
+        p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        metrics.update(step=self.step_count, lr=lr, grad_norm=float(norm), restarted=restarted,
+                       usage=[round(float((n > 0).float().mean()), 4) for n in counts],
+                       perplexity=[round(float(e), 2) for e in (-(p * p.clamp_min(1e-12).log()).sum(1)).exp()])
+        return metrics
+
+    def _counts(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[K, N] how many of the batch's (unpadded) frames picked each code, per level."""
+        return torch.stack([torch.bincount(codes[:, k][mask], minlength=self.config.codebook_size)
+                            for k in range(self.config.codebooks)]).float()
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: list[torch.Tensor], codes: torch.Tensor, mask: torch.Tensor,
+                    counts: torch.Tensor) -> None:
+        """Move each code toward the (decayed) mean of the residuals that picked it."""
+        decay = self.train.codebook_ema
+        for k, r in enumerate(residuals):
+            flat = r.float().transpose(1, 2)[mask]  # [frames, dim]
+            sums = torch.zeros_like(self.ema_sum[k]).index_add_(0, codes[:, k][mask], flat)
+            self.ema_count[k].mul_(decay).add_(counts[k], alpha=1 - decay)
+            self.ema_sum[k].mul_(decay).add_(sums, alpha=1 - decay)
+        # codes nobody picked keep their vector (count and sum decay together); the epsilon only
+        # guards the division
+        self.model.codebooks.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[..., None])
+
+    @torch.no_grad()
+    def restart_dead_codes(self, residuals: list[torch.Tensor], mask: torch.Tensor, step: int) -> int:
+        """Re-initialise the codes no frame picked in this window to random residuals of their level
+        in this batch (plus a little noise, so two restarts from one residual split apart); returns
+        how many. On small data most of a codebook otherwise dies early and stays dead."""
+        dead_total = 0
+        for k, r in enumerate(residuals):
+            dead = torch.nonzero(self.usage[k] == 0).flatten()
+            if len(dead) == 0:
+                continue
+            flat = r.float().transpose(1, 2)[mask]
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [RESTART_STREAM, self.train.seed, step, k]).generate_state(1)[0]))
+            pick = torch.randint(len(flat), (len(dead),), generator=gen)
+            noise = torch.randn(len(dead), flat.shape[1], generator=gen) * (0.01 * flat.std() + 1e-6)
+            self.model.codebooks[k, dead] = flat[pick] + noise
+            # EMA state of a restarted code: as if one residual had picked it
+            self.ema_count[k, dead] = 1.0
+            self.ema_sum[k, dead] = self.model.codebooks[k, dead]
+            dead_total += len(dead)
+        self.usage.zero_()
+        self.restarted_total += dead_total
+        return dead_total
+
+    # -- evaluation
+
+    def evaluate(self, n: int | None = None, audio: int | None = None) -> dict[str, Any]:
+        n = self.train.eval_utterances if n is None else n
+        utterances = self.eval_set[:n] if n else self.eval_set
+        if not utterances:
+            raise ValueError("no eval utterances: the trainer was given no eval set")
+        return evaluate_codec(self.model, utterances, self.train.eval_audio if audio is None else audio)
+
+    def consider_best(self, metrics: dict[str, Any]) -> bool:
+        """Keep these weights if they reconstruct better (lower mel_db; PER breaks ties) than the best so far."""
+        key = (metrics["mel_db"], metrics["per"])
+        if self.best is not None and key >= (self.best["metrics"]["mel_db"], self.best["metrics"]["per"]):
+            return False
+        self.best = {"metrics": metrics, "step": self.step_count,
+                     "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        return True
+
+    def best_tokenizer(self) -> SpeechTokenizer:
+        """The best evaluated weights (the current ones when nothing was evaluated)."""
+        model = SpeechCodec(self.config)
+        model.load_state_dict(self.best["state"] if self.best else self.model.state_dict())
+        return SpeechTokenizer(model.eval())
+
+    # -- checkpoints
+
+    def save_checkpoint(self, root: str | Path | None = None) -> Path:
+        """Write root/step-N (root: out_dir/checkpoints) atomically; returns it. Non-finite
+        weights are refused with TrainError: no checkpoint holds them."""
+        if root is None:
+            if self.out_dir is None:
+                raise ValueError("save_checkpoint needs a directory: this trainer has no out_dir")
+            root = self.out_dir / CHECKPOINTS
+
+        def write(directory: Path) -> None:
+            atomic_save_safetensors({"usage": self.usage, "ema_count": self.ema_count, "ema_sum": self.ema_sum},
+                                    directory / TRAINER_TENSORS)
+            if self.best is not None:
+                atomic_save_safetensors(self.best["state"], directory / BEST_TENSORS)
+
+        best = None if self.best is None else {"step": self.best["step"], "metrics": self.best["metrics"]}
+        state = {"step": self.step_count, "restarted_total": self.restarted_total, "best": best,
+                 "model_config": self.config.to_dict(), "train_config": self.train.to_dict(),
+                 "data_config": self.data}
+        return save_training_checkpoint(Path(root), self.step_count, self.model, self.optimizer, state,
+                                        self.train.keep_checkpoints, extra=write)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continue from a checkpoint directory; TrainError if it belongs to another run."""
+        path = Path(path)
+        state = read_state(path)
+        check_resumable(f"from {path}", state["model_config"], self.config.to_dict(), label="model ")
+        check_resumable(f"from {path}", state["train_config"], self.train.to_dict(), RESUMABLE_CHANGES,
+                        label="train ")
+        if state.get("data_config") is not None and self.data is not None:
+            check_resumable(f"from {path}", state["data_config"], self.data, label="data ")
+        self.model.load_state_dict(load_weights(path))
+        load_optimizer(self.optimizer, path)
+        load_rng(path)
+        tensors = load_tensors(path / TRAINER_TENSORS)
+        self.usage, self.ema_count, self.ema_sum = tensors["usage"], tensors["ema_count"], tensors["ema_sum"]
+        self.step_count = state["step"]
+        self.restarted_total = state["restarted_total"]
+        best = state.get("best")
+        self.best = None if best is None else {"metrics": best["metrics"], "step": best["step"],
+                                               "state": load_tensors(path / BEST_TENSORS)}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_codec(config: SpeechCodecConfig, data: CodecDataConfig, out_dir: str | Path,
+                train: CodecTrainConfig | None = None, *, resume: bool = True, max_steps: int | None = None,
+                **options: Any) -> SpeechTokenizer:
+    """Train a speech codec on the manifests of `data`; returns the tokenizer with the best
+    evaluated weights (lowest mel_db).
+
+    `train` (or CodecTrainConfig's defaults) with `options` replacing its fields. An empty
+    config.content_symbols is filled with the training manifests' phoneme characters. Writes the
+    output directory of the module docstring. resume: continue from the newest intact checkpoint
+    there (False refuses a directory that holds checkpoints). max_steps: stop (checkpointed) at this
+    step without changing the schedule, which spans `train.steps`; a later call resumes. A NaN or
+    inf loss raises TrainError and leaves the checkpoints as they were."""
+    train = dataclasses.replace(train, **options) if train is not None else CodecTrainConfig(**options)
+    check_max_steps(max_steps)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    if not data.train:
+        raise ValueError("data.train names no manifest")
+    if train.eval_every and data.eval is None:
+        raise ValueError("train.eval_every needs data.eval (a held-out manifest); set eval_every=0 to train "
+                         "without evaluations")
+    everything = [u for path in data.train for u in read_manifest(path)]
+    train_set = [u for u in everything if u.seconds <= data.max_seconds]
+    skipped = len(everything) - len(train_set)
+    if not train_set:
+        raise ValueError(f"every training utterance is longer than data.max_seconds = {data.max_seconds}")
+    eval_set = read_manifest(data.eval) if data.eval is not None else []
+    if not config.content_symbols:
+        config = dataclasses.replace(config, content_symbols=content_alphabet(train_set))
+    trainer = CodecTrainer(config, train, train_set, eval_set, out_dir, data)
+    steps_per_frame = config.content_steps * config.frame_rate
+    too_fast = sum(_ctc_steps_needed(ids) > max(1, math.ceil(u.seconds * config.frame_rate)) * config.content_steps
+                   for u, ids in zip(train_set, trainer.targets))
+    if too_fast:
+        warnings.warn(f"{too_fast} of {len(train_set)} training utterances have more phoneme symbols than the "
+                      f"content head's {steps_per_frame} CTC steps per second can emit; they add no CTC loss "
+                      "(raise model.content_steps)", UserWarning, stacklevel=2)
+    out = Path(out_dir)
+    root = out / CHECKPOINTS
+    metrics = MetricsLog(out / METRICS_NAME)
+
+    def load(path: Path) -> int:
+        trainer.load_checkpoint(path)
+        return trainer.step_count
+
+    start_run(out, resume, seed=train.seed, metrics=metrics, load=load,
+              config={"model": config.to_dict(), "data": dataclasses.asdict(data), "train": train.to_dict()})
+    stop = train.steps if max_steps is None else min(max_steps, train.steps)
+
+    from tqdm.auto import tqdm
+
+    start = time.monotonic()
+    bar = tqdm(total=train.steps, initial=trainer.step_count, desc="speech codec", unit="step",
+               disable=not train.progress, dynamic_ncols=True)
+    stopped_early = False
+    try:
+        while trainer.step_count < stop:
+            try:
+                m = trainer.step()
+            except TrainError as e:
+                raise stopped(e, latest_checkpoint(root), RESTART) from None
+            bar.update(1)
+            done = trainer.step_count
+            # logged and evaluated where an uninterrupted run would be: a split run's log is the same
+            if done % train.log_every == 0 or done == train.steps:
+                metrics.write({"kind": "train", **m, "elapsed_s": round(time.monotonic() - start, 1)})
+                bar.set_postfix(loss=f"{m['loss']:.3f}", mel=f"{m['mel'] * 20 / math.log(10):.2f}dB",
+                                ctc=f"{m['ctc']:.3f}", refresh=False)
+            over_budget = train.max_minutes is not None and time.monotonic() - start > 60 * train.max_minutes
+            if train.eval_every and (done % train.eval_every == 0 or done == train.steps or over_budget):
+                ev = trainer.evaluate()
+                trainer.consider_best(ev)
+                metrics.write({"kind": "eval", "step": done, "elapsed_s": round(time.monotonic() - start, 1), **ev})
+                bar.write(f"step {done}: mel {ev['mel_db']:.2f} dB (content only {ev['mel_db_content']:.2f}) "
+                          f"per {ev['per']:.3f} usage {[round(u, 2) for u in ev['usage']]}", file=sys.stderr)
+            if done % train.checkpoint_every == 0 or done == stop or over_budget:
+                try:
+                    trainer.save_checkpoint()
+                except TrainError as e:
+                    raise stopped(e, latest_checkpoint(root), RESTART) from None
+            if over_budget:
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+    tok = trainer.best_tokenizer()
+    tok.save_pretrained(out / BEST_DIR)
+    records = metrics.read()
+    plot_losses(out / "loss.png", [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"],
+                title=f"speech codec loss ({out.name})")
+    best = None if trainer.best is None else {"step": trainer.best["step"], **trainer.best["metrics"]}
+    atomic_write_json(out / SUMMARY_NAME, {
+        "step": trainer.step_count, "steps": train.steps, "finished": trainer.step_count >= train.steps,
+        "stopped_early": stopped_early, "restarted_total": trainer.restarted_total, "best": best,
+        "bits_per_second": config.bits_per_second, "parameters": trainer.model.num_parameters(),
+        "train_utterances": len(train_set), "skipped_long": skipped, "ctc_too_fast": too_fast,
+        "content_symbols": "".join(config.content_symbols)})
+    return tok
+
