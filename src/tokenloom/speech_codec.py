@@ -6,22 +6,24 @@ CPU cores in useful time, but espeak-ng's formant speech is reconstructed well f
 spectrum, so this codec works on log-magnitude STFTs and gets the phase back with Griffin-Lim:
 
     samples [B,S] -> log|STFT| [B,F,T*f]          Hann window n_fft, hop_length (100 frames/s)
-      -> encoder (Conv1d, dilated residual blocks, one strided conv: / f) -> z [B,dim,T]
+      -> encoder (strided Conv1d: / f, dilated residual blocks) -> z [B,dim,T]
       -> residual VQ: level k quantises what levels < k left  -> codes [B,K,T] (frame_rate per s)
     codes -> sum of the levels' vectors -> decoder (residual blocks, ConvTranspose1d: * f)
       -> log|STFT| -> Griffin-Lim -> samples [B, T * sample_rate / frame_rate]
 
 where f = sample_rate / hop_length / frame_rate (an integer: the config checks it). A content head
 reads the level-0 vectors only and is trained with CTC against the utterance's phoneme string
-(train.codec): that is what makes codebook 0 carry *what is said* and leaves the voice to the
-other levels. Decoding fewer levels (codes [B,K',T], K' < K) counts the missing ones as zero
-vectors; the trainer drops trailing levels at random (quantizer dropout), so content-only
-decoding (K'=1) gives an intelligible, timbre-averaged spectrum.
+(train.codec): that is what makes codebook 0 carry *what is said*. It does not keep the voice out
+of codebook 0 (the first level takes the largest part of the spectrum, pitch and formants
+included); the later levels refine what it leaves. Decoding fewer levels (codes [B,K',T],
+K' < K) counts the missing ones as zero vectors; the trainer drops trailing levels at random
+(quantizer dropout), so content-only decoding (K'=1) gives a coarser but whole spectrum
+(`mel_db_content` in train.codec's evaluation) rather than noise.
 
-Everything is local in time: STFT frames, convolutions and per-frame LayerNorms (no norm over
-time, no attention), so a code depends only on the audio within `receptive_field_seconds` of its
-frame, which is what a later streaming decoder needs. Encoding pads the waveform with zeros to a
-whole number of code frames: T = ceil(S * frame_rate / sample_rate).
+Everything is local in time: STFT frames and convolutions only (no norm over time, no attention),
+so a code depends only on the audio within `receptive_field_seconds` of its frame, which is what
+a later streaming decoder needs. Encoding pads the waveform with zeros to a whole number of code
+frames: T = ceil(S * frame_rate / sample_rate).
 
 Units: log magnitudes are natural logs of |STFT| (a full-scale sine peaks near n_fft / 4), floored
 at MAG_FLOOR; `log_mel` is the natural log of an 80-band HTK mel filterbank applied to the

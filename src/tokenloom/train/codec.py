@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..audio_io import read_audio
 from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensors, load_weights
 from ..speech_codec import DB, SpeechCodec, SpeechCodecConfig, SpeechTokenizer, log_mel, mel_distance
 from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
@@ -64,7 +65,7 @@ from .config import ConfigError, ConfigParser, build_config, config_folder, read
 from .plot import plot_losses
 
 __all__ = ["CodecDataConfig", "CodecTrainConfig", "CodecRunConfig", "CodecTrainer", "Utterance", "Batch",
-           "load_codec_config", "read_manifest", "content_alphabet", "content_ids", "load_audio", "collate",
+           "load_codec_config", "read_manifest", "content_alphabet", "content_ids", "collate",
            "training_batch", "evaluate_codec", "edit_distance", "train_codec"]
 
 # Seed-stream tags: batches and restarts draw from different SeedSequence entropy lists.
@@ -241,21 +242,6 @@ def read_manifest(path: str | Path) -> list[Utterance]:
     return out
 
 
-def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples of an audio file at `sample_rate` (channels averaged; resampled with a
-    polyphase filter when the file's rate differs)."""
-    import soundfile
-
-    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    samples = samples.mean(axis=1)
-    if rate != sample_rate:
-        from scipy.signal import resample_poly
-
-        g = math.gcd(rate, sample_rate)
-        samples = resample_poly(samples, sample_rate // g, rate // g).astype(np.float32)
-    return np.ascontiguousarray(samples, dtype=np.float32)
-
-
 def content_alphabet(utterances: Sequence[Utterance]) -> list[str]:
     """The content head's symbols: every non-whitespace character of the phoneme strings, sorted."""
     return sorted({ch for u in utterances for ch in u.phonemes if not ch.isspace()})
@@ -356,7 +342,7 @@ def evaluate_codec(codec: SpeechCodec, utterances: Sequence[Utterance], audio: i
     counts = torch.zeros(c.codebooks, c.codebook_size)
     for s in range(0, len(utterances), EVAL_BATCH):
         chunk = utterances[s:s + EVAL_BATCH]
-        waves = [load_audio(u.audio, c.sample_rate) for u in chunk]
+        waves = [read_audio(u.audio, c.sample_rate) for u in chunk]
         targets = []
         for u in chunk:
             ids, missing = content_ids(u.phonemes, c.content_symbols)
@@ -382,7 +368,7 @@ def evaluate_codec(codec: SpeechCodec, utterances: Sequence[Utterance], audio: i
     tok = SpeechTokenizer(codec)
     round_trips = []
     for u in utterances[:audio]:
-        wave = load_audio(u.audio, c.sample_rate)
+        wave = read_audio(u.audio, c.sample_rate)
         round_trips.append(mel_distance(wave, tok.decode(tok.encode(wave)), c))
     p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1)
@@ -457,7 +443,7 @@ class CodecTrainer:
         t, c = self.train, self.config
         picks, levels = training_batch(t.seed, step, len(self.train_set), t.batch_size, c.codebooks,
                                        t.quantizer_dropout)
-        waves = [load_audio(self.train_set[i].audio, c.sample_rate) for i in picks]
+        waves = [read_audio(self.train_set[i].audio, c.sample_rate) for i in picks]
         return collate(waves, [self.targets[i] for i in picks], c, levels.tolist())
 
     def losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
