@@ -15,7 +15,7 @@ ADAPTER_HELP = ("a LoRA adapter directory (a train.trainable: lora run's final/)
                 "its weights")
 
 
-def _model_args(p) -> None:
+def model_args(p) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the embedded shapes-tiny model)")
     p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -38,7 +38,7 @@ def apply_speculative(pipe, args):
     return pipe.use_speculative(args.speculative, args.speculative_window)
 
 
-def _sampling_args(p, image: bool = False) -> None:
+def sampling_args(p, image: bool = False) -> None:
     kind = "image" if image else "text"
     p.add_argument("--seed", type=int, default=None,
                    help="random seed (default: a fresh one, printed with --verbose); a seed reproduces a run")
@@ -48,14 +48,14 @@ def _sampling_args(p, image: bool = False) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print the seed used and where files went")
 
 
-def _load(args):
+def load_pipeline(args):
     from ..pipeline import load
 
     return apply_speculative(load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                                   adapter=args.adapter), args)
 
 
-def _seed(args) -> int:
+def run_seed(args) -> int:
     """The run's seed: the one given, or a fresh one (told with --verbose, so the run can be repeated)."""
     from ..engine import fresh_seed
 
@@ -69,11 +69,11 @@ def _seed(args) -> int:
 
 # -- info, init-random --------------------------------------------------------------------------------
 def info_arguments(p) -> None:
-    _model_args(p)
+    model_args(p)
 
 
 def run_info(args) -> int:
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     m = pipe.model.config
     print(json.dumps({"model": {**m.to_dict(), "parameters": pipe.model.num_parameters()},
                       "vocab": {"size": pipe.vocab.size, "codebook_size": pipe.vocab.codebook_size,
@@ -105,14 +105,14 @@ def init_random_arguments(p) -> None:
 def run_init_random(args) -> int:
     from ..pipeline import random_pipeline
 
-    out = _writable_dir(args.out, "output directory")
+    out = writable_dir(args.out, "output directory")
     random_pipeline(seed=args.seed, layout=args.layout).save_pretrained(out)
     print(f"wrote a randomly initialised pipeline to {out}")
     return 0
 
 
 # -- output paths, checked before any drawing ---------------------------------------------------------------
-def _writable_dir(path: str, what: str) -> Path:
+def writable_dir(path: str, what: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{what} {out} exists and is not a directory")
@@ -130,7 +130,7 @@ def _image_path(path: str) -> Path:
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'image.png'}")
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png")
-    _writable_dir(str(out.parent), "directory of --out")
+    writable_dir(str(out.parent), "directory of --out")
     return out
 
 
@@ -169,8 +169,8 @@ def generate_arguments(p) -> None:
                    help="draw this many per image and keep the one the model itself rates best for the prompt "
                         "(default: the model's image_candidates; 1 = no reranking)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated in one batch")
-    _sampling_args(p, image=True)
-    _model_args(p)
+    sampling_args(p, image=True)
+    model_args(p)
 
 
 def run_generate(args) -> int:
@@ -192,12 +192,12 @@ def run_generate(args) -> int:
         def path_of(i, k):
             return out if args.num_images == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
     else:
-        out_dir = _writable_dir(args.out_dir, "--out-dir")
+        out_dir = writable_dir(args.out_dir, "--out-dir")
 
         def path_of(i, k):
             return out_dir / (f"{i:04d}.png" if args.num_images == 1 else f"{i:04d}_{k}.png")
-    seed = _seed(args)
-    pipe = _load(args)
+    seed = run_seed(args)
+    pipe = load_pipeline(args)
     images = pipe.iter_images(prompts, width=args.width, height=args.height, guidance_scale=args.guidance_scale,
                               seed=seed, num_images=args.num_images, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, candidates=args.candidates,
@@ -224,8 +224,8 @@ def generate_video_arguments(p) -> None:
     p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the model's)")
     p.add_argument("--fps", type=float, default=4, help="frames a second of the animated file (default: 4)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (1 = off)")
-    _sampling_args(p, image=True)
-    _model_args(p)
+    sampling_args(p, image=True)
+    model_args(p)
 
 
 def _video_path(path: str) -> Path:
@@ -233,11 +233,11 @@ def _video_path(path: str) -> Path:
     if out.suffix.lower() in VIDEO_SUFFIXES:
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory named like a file; give another name")
-        _writable_dir(str(out.parent), "directory of --out")
+        writable_dir(str(out.parent), "directory of --out")
     elif out.suffix:
         raise ValueError(f"--out {out}: unknown video extension {out.suffix!r}; use .gif, .webp or a folder name")
     else:
-        _writable_dir(str(out), "--out")
+        writable_dir(str(out), "--out")
     return out
 
 
@@ -248,8 +248,8 @@ def run_generate_video(args) -> int:
     if not MIN_FPS <= args.fps <= MAX_FPS:
         raise ValueError(f"--fps must be from {MIN_FPS} to {MAX_FPS}, got {args.fps}")
     out = _video_path(args.out)  # checked before the model draws anything
-    seed = _seed(args)
-    pipe = _load(args)
+    seed = run_seed(args)
+    pipe = load_pipeline(args)
     video = pipe.generate_videos(args.prompt, frames=args.frames, width=args.width, height=args.height, seed=seed,
                                  guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, progress=True)[0]
@@ -274,11 +274,11 @@ def chat_arguments(p) -> None:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--image-temperature", type=float, default=None, help="image sampling temperature")
     p.add_argument("--image-top-k", type=int, default=None, help="image top-k")
-    _sampling_args(p)
-    _model_args(p)
+    sampling_args(p)
+    model_args(p)
 
 
-def _text_sampling(args) -> dict:
+def text_sampling(args) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
 
@@ -289,16 +289,16 @@ def run_chat(args) -> int:
     from ..video_io import read_video
 
     check_at_least(args, "max_new_tokens")
-    out = _writable_dir(args.out, "--out")
+    out = writable_dir(args.out, "--out")
     # Read before the model loads, so a bad file fails fast; one frame is an --image.
     videos = [read_video(path, min_frames=2) for path in args.video]
     audio = [Audio(read_audio(path)) for path in args.audio]
-    seed = _seed(args)
-    pipe = _load(args)
+    seed = run_seed(args)
+    pipe = load_pipeline(args)
     user = pipe.user_document(args.prompt, args.image + [pipe.encode_video(frames) for frames in videos] + audio)
     result = pipe.chat(user, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale, seed=seed,
                        image_temperature=args.image_temperature, image_top_k=args.image_top_k,
-                       **_text_sampling(args))
+                       **text_sampling(args))
     paths = save_document(Document(user.turns + result.document.turns), out, title="tokenloom chat")
     # The answer as a reader sees it: text parts, and a line per image naming its file.
     n_before = sum(p.pixels is not None for p in user.images)
@@ -321,15 +321,15 @@ def run_chat(args) -> int:
 
 def caption_arguments(p) -> None:
     p.add_argument("image", help="an image, or a video (an animated GIF / WebP or a folder of frames)")
-    _sampling_args(p)
-    _model_args(p)
+    sampling_args(p)
+    model_args(p)
 
 
 def ask_arguments(p) -> None:
     p.add_argument("image", help="an image, or a video (an animated GIF / WebP or a folder of frames)")
     p.add_argument("question")
-    _sampling_args(p)
-    _model_args(p)
+    sampling_args(p)
+    model_args(p)
 
 
 def run_ask(args) -> int:
@@ -340,14 +340,14 @@ def run_ask(args) -> int:
     path = Path(args.image)
     frames = read_video(path) if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES else None
     image = frames if frames is not None and len(frames) > 1 else load_image(args.image)
-    seed = _seed(args)
-    pipe = _load(args)
+    seed = run_seed(args)
+    pipe = load_pipeline(args)
     if isinstance(image, list):
         image = pipe.encode_video(image)
     if args.verb == "caption":
-        print(pipe.caption(image, seed=seed, **_text_sampling(args)))
+        print(pipe.caption(image, seed=seed, **text_sampling(args)))
     else:
-        print(pipe.ask(image, args.question, seed=seed, **_text_sampling(args)))
+        print(pipe.ask(image, args.question, seed=seed, **text_sampling(args)))
     return 0
 
 
@@ -361,7 +361,7 @@ def demo_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=400)
-    _model_args(p)
+    model_args(p)
 
 
 DEMO_VIDEO_PROMPT = "a large blue square moves from the top left to the bottom right"
@@ -391,8 +391,8 @@ def run_demo(args) -> int:
     from ..world import random_scene, render
 
     check_at_least(args, "max_new_tokens")
-    out = _writable_dir(args.out, "--out")
-    pipe = _load(args)
+    out = writable_dir(args.out, "--out")
+    pipe = load_pipeline(args)
     turns = []
     images = pipe.generate_images(DEMO_PROMPTS, seed=args.seed, progress=True)
     for prompt, image in zip(DEMO_PROMPTS, images):

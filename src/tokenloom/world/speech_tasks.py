@@ -23,8 +23,8 @@ import numpy as np
 from .phrase import caption, questions
 from .scene import random_scene
 from .speech import random_voice, speak
-from .tasks import (DEFAULT_SIZES, QUESTION_KINDS, T2I_VARIANTS, T2I_WEIGHTS, Size, TaskSample, _chat, _image,
-                    _scene_image, _text, register_tasks)
+from .tasks import (DEFAULT_SIZES, QUESTION_KINDS, T2I_VARIANTS, T2I_WEIGHTS, Size, TaskSample, chat_document,
+                    image_part, register_tasks, scene_image, text_part)
 
 TRANSCRIBE = "Transcribe the speech."
 SAY = "Say: "
@@ -53,7 +53,7 @@ def asr_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES, 
     scene = random_scene(rng)
     text = caption(scene)
     audio, said = _utterance(rng, text, held_out)
-    return TaskSample("asr", _chat([_speech(0), _text(TRANSCRIBE)], [_text(text)]), [], [scene],
+    return TaskSample("asr", chat_document([_speech(0), text_part(TRANSCRIBE)], [text_part(text)]), [], [scene],
                       {"question": TRANSCRIBE, "answer": text, "speech": [said]}, audio=[audio])
 
 
@@ -63,7 +63,7 @@ def tts_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES, 
     scene = random_scene(rng)
     text = caption(scene)
     audio, said = _utterance(rng, text, False)  # the voice the model answers in: always a training voice
-    return TaskSample("tts", _chat([_text(SAY + text)], [_speech(0)]), [], [scene],
+    return TaskSample("tts", chat_document([text_part(SAY + text)], [_speech(0)]), [], [scene],
                       {"text": text, "speech": [said]}, audio=[audio])
 
 
@@ -71,7 +71,7 @@ def spoken_qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_S
                      held_out: bool = False) -> TaskSample:
     """user: an image + one of the spec's questions about it, spoken -> assistant: the answer as text.
     The question kind is drawn first, as in the qa task."""
-    scene, image, size = _scene_image(rng, sizes)
+    scene, image, size = scene_image(rng, sizes)
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for q, a in questions(scene):
         kind = next((k for k, prefix in QUESTION_KINDS.items() if q.startswith(prefix)), None)
@@ -81,17 +81,17 @@ def spoken_qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_S
     options = by_kind[kinds[int(rng.integers(len(kinds)))]]
     question, answer = options[int(rng.integers(len(options)))]
     audio, said = _utterance(rng, question, held_out)
-    return TaskSample("spoken_qa", _chat([_image(0, size), _speech(0)], [_text(answer)]), [image], [scene],
+    return TaskSample("spoken_qa", chat_document([image_part(0, size), _speech(0)], [text_part(answer)]), [image], [scene],
                       {"question": question, "answer": answer, "speech": [said]}, audio=[audio])
 
 
 def speech_t2i_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES, *,
                       held_out: bool = False) -> TaskSample:
     """user: a caption spoken (as t2i prompts vary) + "Draw what you hear." -> assistant: the image."""
-    scene, image, size = _scene_image(rng, sizes)
+    scene, image, size = scene_image(rng, sizes)
     text = _t2i_caption(rng, scene)
     audio, said = _utterance(rng, text, held_out)
-    return TaskSample("speech_t2i", _chat([_speech(0), _text(DRAW_WHAT_YOU_HEAR)], [_image(0, size)]), [image],
+    return TaskSample("speech_t2i", chat_document([_speech(0), text_part(DRAW_WHAT_YOU_HEAR)], [image_part(0, size)]), [image],
                       [scene], {"caption": text, "speech": [said]}, audio=[audio])
 
 

@@ -120,19 +120,19 @@ class TaskSample:
         return self.images[0].size
 
 
-def _text(text: str) -> dict[str, Any]:
+def text_part(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def _image(k: int, size: Size) -> dict[str, Any]:
+def image_part(k: int, size: Size) -> dict[str, Any]:
     return {"type": "image", "image": k, "width": size[0], "height": size[1]}
 
 
-def _video(frames: Sequence[int], size: Size) -> dict[str, Any]:
+def video_part(frames: Sequence[int], size: Size) -> dict[str, Any]:
     return {"type": "video", "frames": list(frames), "width": size[0], "height": size[1]}
 
 
-def _chat(user: list[dict], assistant: list[dict]) -> dict[str, Any]:
+def chat_document(user: list[dict], assistant: list[dict]) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
@@ -185,7 +185,7 @@ def _pick_size(rng: np.random.Generator, sizes: Sequence[Size]) -> Size:
     return int(w), int(h)
 
 
-def _scene_image(rng: np.random.Generator, sizes: Sequence[Size]) -> tuple[Scene, Image.Image, Size]:
+def scene_image(rng: np.random.Generator, sizes: Sequence[Size]) -> tuple[Scene, Image.Image, Size]:
     scene = random_scene(rng)
     size = _pick_size(rng, sizes)
     return scene, render_steady(scene, _draw_offsets(rng, scene), *size), size
@@ -197,18 +197,18 @@ def _scene_image(rng: np.random.Generator, sizes: Sequence[Size]) -> tuple[Scene
 def t2i_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
     """user: a caption (size words and locations each possibly left out) -> assistant: the image.
     The prompt is the caption only; the pipeline adds the resolution wording from the image part."""
-    scene, image, size = _scene_image(rng, sizes)
+    scene, image, size = scene_image(rng, sizes)
     with_size, with_location = T2I_VARIANTS[int(rng.choice(len(T2I_VARIANTS), p=T2I_WEIGHTS))]
     text = caption(scene, with_size=with_size, with_location=with_location)
-    return TaskSample("t2i", _chat([_text(text)], [_image(0, size)]), [image], [scene],
+    return TaskSample("t2i", chat_document([text_part(text)], [image_part(0, size)]), [image], [scene],
                       {"caption": text, "with_size": with_size, "with_location": with_location})
 
 
 def caption_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
     """user: image + "Describe the image." -> assistant: the canonical caption."""
-    scene, image, size = _scene_image(rng, sizes)
+    scene, image, size = scene_image(rng, sizes)
     text = caption(scene)
-    return TaskSample("caption", _chat([_image(0, size), _text(DESCRIBE)], [_text(text)]), [image], [scene],
+    return TaskSample("caption", chat_document([image_part(0, size), text_part(DESCRIBE)], [text_part(text)]), [image], [scene],
                       {"question": DESCRIBE, "answer": text})
 
 
@@ -216,7 +216,7 @@ def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -
     """user: image + a question of the spec -> assistant: its answer. The question kind (count,
     color, shape, where) is drawn first, so scenes with many color questions do not drown the rest;
     "Describe the image." is left to the caption task."""
-    scene, image, size = _scene_image(rng, sizes)
+    scene, image, size = scene_image(rng, sizes)
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for q, a in questions(scene):
         kind = next((k for k, prefix in QUESTION_KINDS.items() if q.startswith(prefix)), None)
@@ -225,7 +225,7 @@ def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -
     kinds = [k for k in QUESTION_KINDS if k in by_kind]
     options = by_kind[kinds[int(rng.integers(len(kinds)))]]
     question, answer = options[int(rng.integers(len(options)))]
-    return TaskSample("qa", _chat([_image(0, size), _text(question)], [_text(answer)]), [image], [scene],
+    return TaskSample("qa", chat_document([image_part(0, size), text_part(question)], [text_part(answer)]), [image], [scene],
                       {"question": question, "answer": answer})
 
 
@@ -247,11 +247,11 @@ def story_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES
         changes.append(change_to_json(change))
     first = caption(scenes[0])
     told = bool(rng.integers(2))  # True: the user only asks, and the answer opens with the caption
-    user = [_text(TELL_A_STORY if told else STORY_FROM + first)]
-    answer = ([_text(first)] if told else []) + [_image(0, size)]
+    user = [text_part(TELL_A_STORY if told else STORY_FROM + first)]
+    answer = ([text_part(first)] if told else []) + [image_part(0, size)]
     for k, sentence in enumerate(sentences, start=1):
-        answer += [_text(sentence), _image(k, size)]
-    return TaskSample("story", _chat(user, answer), images, scenes,
+        answer += [text_part(sentence), image_part(k, size)]
+    return TaskSample("story", chat_document(user, answer), images, scenes,
                       {"caption": first, "sentences": sentences, "changes": changes, "prompt": user[0]["text"]})
 
 
@@ -266,7 +266,7 @@ def edit_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES)
     after_offsets = _draw_offsets(rng, after, _carry_offsets(offsets, change))
     images = [render_steady(before, offsets, *size), render_steady(after, after_offsets, *size)]
     instruction = edit_instruction(change)
-    return TaskSample("edit", _chat([_image(0, size), _text(instruction)], [_image(1, size)]), images,
+    return TaskSample("edit", chat_document([image_part(0, size), text_part(instruction)], [image_part(1, size)]), images,
                       [before, after], {"instruction": instruction, "change": change_to_json(change)})
 
 
@@ -294,7 +294,7 @@ def t2v_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) 
     motion, frames, scenes, size = _motion_video(rng, sizes)
     with_size = bool(rng.random() < T2V_WITH_SIZE)
     text = motion_caption(motion, with_size)
-    return TaskSample("t2v", _chat([_text(text)], [_video(range(len(frames)), size)]), frames, scenes,
+    return TaskSample("t2v", chat_document([text_part(text)], [video_part(range(len(frames)), size)]), frames, scenes,
                       {"motion": motion.to_json(), "caption": text, "with_size": with_size})
 
 
@@ -302,8 +302,8 @@ def video_caption_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAU
     """user: video + "Describe the video." -> assistant: the motion caption, size included."""
     motion, frames, scenes, size = _motion_video(rng, sizes)
     text = motion_caption(motion)
-    return TaskSample("video_caption", _chat([_video(range(len(frames)), size), _text(DESCRIBE_VIDEO)],
-                                             [_text(text)]), frames, scenes,
+    return TaskSample("video_caption", chat_document([video_part(range(len(frames)), size), text_part(DESCRIBE_VIDEO)],
+                                             [text_part(text)]), frames, scenes,
                       {"motion": motion.to_json(), "question": DESCRIBE_VIDEO, "answer": text})
 
 
@@ -311,8 +311,8 @@ def next_frames_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT
     """user: the first k frames (k = 2 or 3) + "Continue the video." -> assistant: the other frames."""
     motion, frames, scenes, size = _motion_video(rng, sizes)
     k = NEXT_FRAMES_GIVEN[int(rng.integers(len(NEXT_FRAMES_GIVEN)))]
-    user = [_video(range(k), size), _text(CONTINUE_VIDEO)]
-    return TaskSample("next_frames", _chat(user, [_video(range(k, len(frames)), size)]), frames, scenes,
+    user = [video_part(range(k), size), text_part(CONTINUE_VIDEO)]
+    return TaskSample("next_frames", chat_document(user, [video_part(range(k, len(frames)), size)]), frames, scenes,
                       {"motion": motion.to_json(), "first_index": k})
 
 
@@ -322,7 +322,7 @@ def video_qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SI
     motion, frames, scenes, size = _motion_video(rng, sizes)
     options = [(q, a) for q, a in video_questions(motion) if q != DESCRIBE_VIDEO]
     question, answer = options[int(rng.integers(len(options)))]
-    return TaskSample("video_qa", _chat([_video(range(len(frames)), size), _text(question)], [_text(answer)]),
+    return TaskSample("video_qa", chat_document([video_part(range(len(frames)), size), text_part(question)], [text_part(answer)]),
                       frames, scenes, {"motion": motion.to_json(), "question": question, "answer": answer})
 
 
