@@ -1,6 +1,7 @@
 """The shapes world (spec: /work/shared/specs/shapes-world.md): scenes of colored shapes on a 3x3 grid,
 rendered to images, parsed back exactly, and phrased as captions, questions, changes and edits; and videos
-of one object moving between cells, scored exactly frame by frame."""
+of one object moving between cells, scored exactly frame by frame; and its texts spoken (espeak-ng) and
+recognised (pocketsphinx), with the speech tasks registered among the rest."""
 
 from .parse import ObjQuery, Region, SceneQuery, classify_pixels, find_regions, matches, parse
 from .phrase import (
@@ -49,6 +50,8 @@ from .video import (
     video_questions,
     video_right,
 )
+from .speech import Recognizer, Voice, normalize, phonemes, random_voice, render_corpus, sentence_grammar, speak
+from .speech_tasks import SPEECH_TASKS  # registers the speech tasks in tasks.TASKS
 
 __all__ = [
     "BACKGROUND", "CELLS", "COLORS", "LOCATIONS", "SHAPES", "SIZES",
@@ -61,4 +64,6 @@ __all__ = [
     "Motion", "MotionQuery", "Video", "random_motion", "motion_of", "render_video", "video_frames",
     "motion_caption", "parse_motion_caption", "video_questions", "video_answer",
     "score_video", "video_right", "score_frames", "frames_right",
+    "Voice", "random_voice", "speak", "phonemes", "normalize", "sentence_grammar", "Recognizer", "render_corpus",
+    "SPEECH_TASKS",
 ]
