@@ -160,10 +160,12 @@ def exact_rate(recognizer, held_out: bool, n: int, seed: int) -> float:
     return hits / n
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_recognizer_recognises_espeak_captions(recognizer):
-    # measured: 19/20 (held-out voices) and 17/20 (training voices) on these draws; 28/30 and 24/30 on
-    # other draws. The floors are far below, so a changed espeak-ng or pocketsphinx build cannot flake them.
+    # measured: 18/20 exact (held-out voices) and 13/20 (training voices, of which en-029 is the hardest) on
+    # these draws; 28/30 and 24/30 on others. The floors are far below, so that a changed espeak-ng or
+    # pocketsphinx build does not trip them while a broken grammar or decoder setting still does.
     assert exact_rate(recognizer, held_out=True, n=20, seed=7) >= 0.5
     assert exact_rate(recognizer, held_out=False, n=20, seed=8) >= 0.4
 

@@ -33,6 +33,23 @@ from .scene import (
     random_change,
     random_scene,
 )
+from .speech import (
+    HELD_OUT_VARIANTS,
+    LANGUAGES,
+    TEXT_KINDS,
+    TRAIN_VARIANTS,
+    Recognizer,
+    SpeechError,
+    Voice,
+    normalize,
+    phonemes,
+    random_voice,
+    random_world_text,
+    read_manifest,
+    render_corpus,
+    sentence_grammar,
+    speak,
+)
 from .video import (
     Motion,
     MotionQuery,
@@ -50,7 +67,6 @@ from .video import (
     video_questions,
     video_right,
 )
-from .speech import Recognizer, Voice, normalize, phonemes, random_voice, render_corpus, sentence_grammar, speak
 from .speech_tasks import SPEECH_TASKS  # registers the speech tasks in tasks.TASKS
 
 __all__ = [
@@ -64,6 +80,8 @@ __all__ = [
     "Motion", "MotionQuery", "Video", "random_motion", "motion_of", "render_video", "video_frames",
     "motion_caption", "parse_motion_caption", "video_questions", "video_answer",
     "score_video", "video_right", "score_frames", "frames_right",
-    "Voice", "random_voice", "speak", "phonemes", "normalize", "sentence_grammar", "Recognizer", "render_corpus",
+    "LANGUAGES", "TRAIN_VARIANTS", "HELD_OUT_VARIANTS", "TEXT_KINDS", "Voice", "random_voice", "speak", "phonemes",
+    "normalize", "sentence_grammar", "Recognizer", "SpeechError", "random_world_text", "render_corpus",
+    "read_manifest",
     "SPEECH_TASKS",
 ]

@@ -327,10 +327,11 @@ DECODER_SETTINGS: dict[str, Any] = {"fsgusefiller": False, "bestpath": False, "b
 PHONE_LOOP = "phone_loop"
 # Without fillers the grammar must explain every frame, so noise comes out as a short sentence ("the
 # top", "blue"). A phone loop (any phones in any order) explains noise far better than any sentence
-# can, and speech about as well: the grammar path's log score falls short of the loop's by
-# (loop - grammar) / |loop| from -0.47 to +0.42 on 59 espeak-ng renders, and by 0.77 to 11.8 on white,
-# brown and buzzing noise. Hypotheses that fall short by more than this are not speech:
-MAX_SCORE_SHORTFALL = 0.6
+# can, and speech about as well. The shortfall (loop - sentence) / |loop| of the two paths' log scores
+# measured from -0.5 to 0.7 on some 220 espeak-ng renders (all voices, all kinds of text), and from 1.7 to 12
+# on white noise and 2.3 to 4.5 on brown noise (0.5-5 s, any level); a sentence that falls further
+# short than this is noise. (A buzzing tone falls 0.8-1.0 short: it can still pass for a sentence.)
+MAX_SCORE_SHORTFALL = 1.2
 
 
 class Recognizer:
