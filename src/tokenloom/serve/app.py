@@ -1,6 +1,7 @@
-"""The FastAPI application: OpenAI's chat completions and image generations, models, health, metrics,
-and the web page. Handlers check everything they can before a request takes a place in the queue; the
-engine thread (worker.py) does the rest and streams back through each job's asyncio queue."""
+"""The FastAPI application: OpenAI's chat completions (text, images and speech, in and out) and image
+generations, models, health, metrics, and the web page. Handlers check everything they can before a
+request takes a place in the queue; the engine thread (worker.py) does the rest and streams back
+through each job's asyncio queue."""
 
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..document import ImagePart, TextPart, VideoPart, check_text
+from ..document import MAX_SPEECH_FRAMES, ImagePart, TextPart, VideoPart, check_text
 from ..engine import check_guidance_scale
 from ..engine.sampling import MAX_TOP_K
 from .errors import APIError, bad_request, error_body
 from .jobs import ChatJob, ChatOptions, ImageOptions, ImagesJob, Job
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, ImageGenerationRequest, check_range, decode_data_uri, image_part,
-                       message_parts, modalities_mode, parse_body, parse_size, png_base64, video_part)
+from .protocol import (ChatCompletionRequest, ImageGenerationRequest, answer_audio, check_audio_param, check_range,
+                       decode_data_uri, decode_input_audio, image_part, message_parts, modalities_mode, parse_body,
+                       parse_size, png_base64, video_part)
 from .settings import ServeSettings
 from .worker import EngineWorker
 
@@ -130,7 +133,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         job = ChatJob(asyncio.get_running_loop(), options)
         _admit(worker, metrics, settings)
         try:
-            options.messages = await run_in_threadpool(_decode_messages, raw_messages, settings)
+            options.messages = await run_in_threadpool(_decode_messages, raw_messages, settings, pipe)
         except BaseException:
             worker.release(job)
             raise
@@ -144,7 +147,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         ok = await _wait(worker, job, watcher)
         if not ok:
             return Response(status_code=499)
-        return JSONResponse(await run_in_threadpool(_chat_response, job, meta))
+        return JSONResponse(await run_in_threadpool(_chat_response, job, meta, pipe))
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
@@ -282,7 +285,7 @@ def _refuse(body: ChatCompletionRequest) -> None:
     unsupported = {
         "tools": bool(body.tools), "functions": bool(body.functions), "logprobs": bool(body.logprobs),
         "top_logprobs": bool(body.top_logprobs), "stop": bool(body.stop), "logit_bias": bool(body.logit_bias),
-        "audio": body.audio is not None, "presence_penalty": bool(body.presence_penalty),
+        "presence_penalty": bool(body.presence_penalty),
         "frequency_penalty": bool(body.frequency_penalty),
         "response_format": body.response_format not in (None, {"type": "text"}),
     }
@@ -291,14 +294,42 @@ def _refuse(body: ChatCompletionRequest) -> None:
             raise bad_request(f"{name} is not supported by this server", name, "unsupported_parameter")
 
 
+def has_speech(pipe) -> bool:
+    """Whether the model hears and speaks: a speech codec and speech codes in its vocabulary."""
+    return pipe.speech_tokenizer is not None and pipe.vocab.has_speech
+
+
+def _hearing(pipe, settings: ServeSettings) -> tuple[int, float] | None:
+    """(the codec's sample rate, the longest input audio in seconds), or None for a model without speech."""
+    if not has_speech(pipe):
+        return None
+    codec = pipe.speech_tokenizer.config
+    return codec.sample_rate, min(settings.max_audio_seconds, MAX_SPEECH_FRAMES / codec.frame_rate)
+
+
+NO_SPEECH = "it has no speech codec or no speech codes (tokenloom add-modality --modality speech adds them)"
+
+
 def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
     _refuse(body)
     if len(body.messages) > settings.max_messages:
         raise bad_request(f"at most {settings.max_messages} messages, got {len(body.messages)}", "messages")
     mode = modalities_mode(body.modalities)
-    if mode != "text" and pipe.image_tokenizer is None:
+    speech = has_speech(pipe)
+    if "audio" in (body.modalities or ()) and not speech:
+        raise bad_request(f"this model cannot speak: {NO_SPEECH}; modalities may be \"text\" and \"image\"",
+                          "modalities", "unsupported_value")
+    if mode in ("image", "any") and pipe.image_tokenizer is None:
         raise bad_request("this model has no image tokenizer: it answers with text only (modalities "
                           "[\"text\"])", "modalities")
+    audio_format = check_audio_param(body.audio, body.stream)
+    if body.audio is not None:
+        if not speech:
+            raise bad_request(f"audio sets the answer's audio, but this model cannot speak: {NO_SPEECH}", "audio",
+                              "unsupported_parameter")
+        if mode not in ("speech", "any"):
+            raise bad_request(f"audio sets the answer's audio, but modalities {body.modalities!r} ask for none: add "
+                              "\"audio\" to modalities", "audio")
     if body.n < 1 or body.n > settings.max_n:
         raise bad_request(f"n must be from 1 to {settings.max_n}, got {body.n}", "n")
     if body.max_tokens is not None and body.max_completion_tokens is not None \
@@ -317,8 +348,12 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
     check_range(body.top_k, "top_k", low=1, high=MAX_TOP_K)
     check_range(body.image_top_k, "image_top_k", low=1, high=MAX_TOP_K)
     check_range(body.repetition_penalty, "repetition_penalty", low=0.0, open_low=True)
+    check_range(body.speech_temperature, "speech_temperature", low=0.0)
+    check_range(body.speech_top_p, "speech_top_p", low=0.0, high=1.0, open_low=True)
+    check_range(body.speech_top_k, "speech_top_k", low=1, high=MAX_TOP_K)
     _guidance(body.guidance_scale)
-    if (body.width is not None or body.height is not None) and mode != "text":
+    draws = mode in ("image", "any")  # width and height apply to drawn images only
+    if (body.width is not None or body.height is not None) and draws:
         for name_, value in (("width", body.width), ("height", body.height)):
             if value is not None and value < 1:
                 raise bad_request(f"{name_} must be >= 1, got {value}", name_)
@@ -326,12 +361,16 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
             pipe.grid_size(body.width, body.height)
         except ValueError as e:
             raise bad_request(str(e), "width" if body.width is not None else "height") from None
-    raw, chars, images = [], 0, 0
+    raw, chars, images, audios = [], 0, 0, 0
     for i, message in enumerate(body.messages):
         role = ROLES.get(message.role)
         if role is None:
             raise bad_request(f"messages[{i}].role must be system, user or assistant, got {message.role!r} "
                               "(this server has no tools)", f"messages[{i}].role")
+        if message.audio is not None:
+            raise bad_request(f"messages[{i}].audio refers to an earlier answer's audio, but this server keeps none "
+                              "(its expires_at is when it was made): send that audio back as an input_audio "
+                              "content part", f"messages[{i}].audio", "unsupported_parameter")
         parts = message_parts(message.content, i)
         for j, (kind, value) in enumerate(parts):
             if kind == "text":
@@ -340,6 +379,11 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
                 except ValueError as e:
                     raise bad_request(str(e), f"messages[{i}].content") from None
                 chars += len(value)
+            elif kind == "audio":
+                if not speech:
+                    raise bad_request(f"this model cannot hear speech: {NO_SPEECH}", f"messages[{i}].content[{j}]",
+                                      "unsupported_value")
+                audios += 1
             else:
                 images += 1
         raw.append((role, parts, i))
@@ -350,20 +394,30 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
         raise bad_request(f"the messages hold {images} images; at most {settings.max_input_images}", "messages")
     if images and pipe.image_tokenizer is None:
         raise bad_request("this model has no image tokenizer: it cannot read images", "messages")
+    if audios > settings.max_input_audio:
+        raise bad_request(f"the messages hold {audios} input_audio parts; at most {settings.max_input_audio}",
+                          "messages")
     sampling = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                 "repetition_penalty": body.repetition_penalty, "image_temperature": body.image_temperature,
                 "image_top_k": body.image_top_k, "image_top_p": body.image_top_p,
                 "guidance_scale": body.guidance_scale}
-    if mode != "text":
+    if draws:
         sampling.update(width=body.width, height=body.height)
+    speech_sampling = {k: v for k, v in (("temperature", body.speech_temperature), ("top_k", body.speech_top_k),
+                                         ("top_p", body.speech_top_p)) if v is not None}
+    if speech and speech_sampling:
+        sampling["speech_sampling"] = speech_sampling
     options = ChatOptions(messages=[], mode=mode, n=body.n, max_tokens=max_tokens, max_tokens_limit=limit,
                           seed=_seed(body.seed), preview_every=settings.preview_rows if body.stream else 0,
-                          sampling={k: v for k, v in sampling.items() if v is not None})
+                          sampling={k: v for k, v in sampling.items() if v is not None}, stream=body.stream,
+                          audio_format=audio_format)
     return options, raw
 
 
-def _decode_messages(raw, settings: ServeSettings):
-    """Data URIs -> PIL images (in a worker thread: decoding is CPU work); the model encodes them later."""
+def _decode_messages(raw, settings: ServeSettings, pipe):
+    """Data URIs -> PIL images and input_audio -> audio_io.Audio (in a worker thread: decoding is CPU
+    work); the model encodes them later."""
+    hearing = _hearing(pipe, settings)
     out = []
     for role, parts, i in raw:
         decoded = []
@@ -371,6 +425,10 @@ def _decode_messages(raw, settings: ServeSettings):
             if kind == "image":
                 value = decode_data_uri(value, f"messages[{i}].content[{j}].image_url", settings.max_image_bytes,
                                         settings.max_image_pixels)
+            elif kind == "audio":
+                rate, seconds = hearing
+                value = decode_input_audio(*value, f"messages[{i}].content[{j}]", settings.max_audio_bytes, seconds,
+                                           rate)
             decoded.append((kind, value))
         out.append((role, decoded))
     return out
@@ -488,11 +546,19 @@ def _usage(job: Job) -> dict:
             "total_tokens": job.prompt_tokens + job.completion_tokens}
 
 
+def _audio_id() -> str:
+    return "audio_" + uuid.uuid4().hex
+
+
 async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, include_usage: bool):
+    """OpenAI's chunks. A choice's speech (every utterance of it, in order) is one audio: a first
+    delta.audio with its id and an empty transcript, then one with base64 pcm16 data per SpeechChunk
+    (that chunk decoded alone), and before the choice's finish_reason one with only its expires_at."""
     def chunk(index: int, delta: dict, finish_reason=None, **extra) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
         return _sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [choice]})
 
+    audio_ids: dict[int, str] = {}
     try:
         for i in range(job.options.n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -508,8 +574,18 @@ async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, 
             elif kind == "video":
                 part = await run_in_threadpool(video_part, message[2])
                 yield chunk(message[1], {"content": [part]})
+            elif kind == "speech_start":
+                if message[1] not in audio_ids:
+                    audio_ids[message[1]] = _audio_id()
+                    yield chunk(message[1], {"audio": {"id": audio_ids[message[1]], "transcript": ""}})
+            elif kind == "speech":
+                _, index, samples, rate = message
+                aid = audio_ids.setdefault(index, _audio_id())
+                yield chunk(index, {"audio": {"id": aid, "data": answer_audio(samples, rate, "pcm16")}})
             elif kind == "finished":
                 result = message[2]
+                if message[1] in audio_ids:
+                    yield chunk(message[1], {"audio": {"id": audio_ids[message[1]], "expires_at": meta["created"]}})
                 yield chunk(message[1], {}, result.finish_reason, seed=result.seed)
             elif kind == "done":
                 break
@@ -530,7 +606,7 @@ async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, 
 
 def answer_content(document):
     """An answer's content: a string when it is text only, else text and image_url parts in order (a
-    video as an animated GIF)."""
+    video as an animated GIF). Speech is not content: it is the message's `audio` (answer_message)."""
     parts: list[dict] = []
     for part in document.parts:
         if isinstance(part, TextPart):
@@ -549,8 +625,24 @@ def answer_content(document):
     return parts
 
 
-def _chat_response(job: ChatJob, meta: dict) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": answer_content(r.document)},
+def answer_message(result, pipe, audio_format: str, created: int) -> dict:
+    """A choice's message: its content (answer_content), and where it spoke, `audio` as OpenAI shapes it:
+    {"id", "data" (base64 of every utterance in order, in audio_format), "expires_at" (when it was made:
+    this server keeps nothing to refer back to), "transcript" ("": the model writes none)}; content is
+    then null when there is no text or image beside it."""
+    message = {"role": "assistant", "content": answer_content(result.document)}
+    waves = [p.audio for p in result.speech_parts if p.audio is not None]
+    if waves:
+        rate = pipe.speech_tokenizer.config.sample_rate
+        message["audio"] = {"id": _audio_id(), "data": answer_audio(np.concatenate(waves), rate, audio_format),
+                            "expires_at": created, "transcript": ""}
+        if message["content"] == "":
+            message["content"] = None
+    return message
+
+
+def _chat_response(job: ChatJob, meta: dict, pipe) -> dict:
+    choices = [{"index": i, "message": answer_message(r, pipe, job.options.audio_format, meta["created"]),
                 "logprobs": None, "finish_reason": r.finish_reason, "seed": r.seed}
                for i, r in enumerate(job.results)]
     return {**meta, "object": "chat.completion", "system_fingerprint": None, "choices": choices,
@@ -600,7 +692,16 @@ async def _images_stream(worker: EngineWorker, job: ImagesJob, watcher, meta: di
 
 
 def _model_card(worker: EngineWorker, metrics: Metrics) -> dict:
-    return {"id": worker.model_id, "object": "model", "created": int(metrics.started), "owned_by": "tokenloom"}
+    """OpenAI's model object; once the model is loaded, with what it reads and writes (tokenloom's fields):
+    input_modalities and output_modalities, of "text", "image" and "audio" (it hears / it speaks)."""
+    card = {"id": worker.model_id, "object": "model", "created": int(metrics.started), "owned_by": "tokenloom"}
+    if worker.ready:
+        pipe = worker.pipe
+        images = pipe.image_tokenizer is not None
+        audio = ["audio"] if has_speech(pipe) else []
+        card["input_modalities"] = ["text"] + ["image"] * images + audio
+        card["output_modalities"] = ["text"] + ["image"] * (images and pipe.image_tokenizer.can_decode) + audio
+    return card
 
 
 __all__ = ["create_app", "answer_content"]

@@ -8,6 +8,8 @@ answers its handler through an asyncio queue of tuples, in order:
     ("text", choice, str)                          chat: a piece of text
     ("preview", choice, PIL image, k)              a drawn image's rows so far (padded), k-th preview
     ("image", choice, PIL image, tokens)           a finished image (images: the chosen candidate)
+    ("speech_start", choice)                       chat, streamed: an utterance begins
+    ("speech", choice, float32 samples, rate)      chat, streamed: a chunk of it, decoded alone
     ("finished", choice, GenerationResult)         chat: one choice is done
     ("done",) | ("cancelled",) | ("error", APIError)   last
 """
@@ -18,7 +20,7 @@ import asyncio
 import dataclasses
 import time
 
-from ..document import Document, TextPart
+from ..document import MAX_SPEECH_FRAMES, Document, TextPart
 from ..engine import GenerationRequest
 from .errors import APIError
 
@@ -64,6 +66,12 @@ class Job:
     def on_video(self, index: int, frames) -> None:
         pass
 
+    def on_speech_started(self, index: int) -> None:
+        pass
+
+    def on_speech_chunk(self, index: int, audio, sample_rate: int) -> None:
+        pass
+
     def on_finished(self, index: int, result, pipe) -> bool:
         """A request of this job finished; True when the whole job is done."""
         raise NotImplementedError
@@ -71,7 +79,8 @@ class Job:
 
 @dataclasses.dataclass
 class ChatOptions:
-    messages: list[tuple[str, list[tuple[str, object]]]]  # (role, [("text", str) | ("image", PIL image)])
+    # (role, [("text", str) | ("image", PIL image) | ("audio", audio_io.Audio)])
+    messages: list[tuple[str, list[tuple[str, object]]]]
     mode: str = "any"
     n: int = 1
     max_tokens: int | None = None
@@ -79,6 +88,8 @@ class ChatOptions:
     seed: int | None = None
     preview_every: int = 0  # rows between previews (0: none; a plain answer has none)
     sampling: dict = dataclasses.field(default_factory=dict)  # Pipeline.chat_request keywords
+    stream: bool = False  # streamed: speech chunks are posted as they come
+    audio_format: str = "wav"  # of the answer's audio: "wav" or "pcm16" (protocol.AUDIO_OUTPUT_FORMATS)
 
 
 class ChatJob(Job):
@@ -98,6 +109,8 @@ class ChatJob(Job):
                 if kind == "text":
                     if value:
                         doc_parts.append(TextPart(value))
+                elif kind == "audio":  # heard as the pipeline hears: the content codebook only
+                    doc_parts.append(pipe.encode_speech(value, levels="content"))
                 else:
                     doc_parts.append(pipe.encode_image(value))
             turns.append((role, doc_parts))
@@ -113,6 +126,11 @@ class ChatJob(Job):
         if o.max_tokens is None:  # the default answer length: room for the image asked for, within the context
             if o.mode == "image" and request.image_size is not None:
                 need = pipe.format.image_length(*request.image_size) + 1
+                request.max_new_tokens = max(request.max_new_tokens, need)
+            elif o.mode == "speech":  # room for the longest utterance `speak` draws (config.max_speech_seconds)
+                codec = pipe.speech_tokenizer.config
+                frames = min(MAX_SPEECH_FRAMES, max(1, int(pipe.config.max_speech_seconds * codec.frame_rate)))
+                need = pipe.format.speech_length(pipe.vocab.speech_codebooks, frames) + 1
                 request.max_new_tokens = max(request.max_new_tokens, need)
             request.max_new_tokens = min(request.max_new_tokens, room, o.max_tokens_limit or room)
         self.prompt_tokens = prompt
@@ -133,6 +151,14 @@ class ChatJob(Job):
 
     def on_video(self, index: int, frames) -> None:
         self.post("video", index, frames)
+
+    def on_speech_started(self, index: int) -> None:
+        if self.options.stream:
+            self.post("speech_start", index)
+
+    def on_speech_chunk(self, index: int, audio, sample_rate: int) -> None:
+        if self.options.stream and audio is not None:
+            self.post("speech", index, audio, sample_rate)
 
     def on_finished(self, index: int, result, pipe) -> bool:
         self.results[index] = result

@@ -6,6 +6,10 @@ from dataclasses import dataclass, fields
 
 from ..engine.sampling import check_integer
 
+# The longest input audio: an utterance holds at most document.MAX_SPEECH_FRAMES code frames, a minute
+# at the codecs' 25 frames a second.
+MAX_AUDIO_SECONDS = 60.0
+
 
 @dataclass
 class ServeSettings:
@@ -25,6 +29,9 @@ class ServeSettings:
     max_image_bytes: int = 8 << 20  # one decoded data URI
     max_image_pixels: int = 2048 * 2048  # one input image, width x height, checked before decoding
     max_input_images: int = 8  # images in one chat request (all messages)
+    max_audio_bytes: int = 8 << 20  # one input_audio part, decoded from base64
+    max_audio_seconds: float = 60.0  # one input_audio part (at most 60 s: what one utterance holds)
+    max_input_audio: int = 8  # input_audio parts in one chat request (all messages)
     max_messages: int = 256
     max_text_chars: int = 200_000  # all text of one request, before tokenizing
     max_n: int = 4  # chat choices per request
@@ -36,10 +43,13 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_messages",
-                     "max_text_chars", "max_n", "max_images", "max_candidates", "retry_after_s"):
+                     "max_text_chars", "max_n", "max_images", "max_candidates", "retry_after_s", "max_audio_bytes"):
             check_integer(getattr(self, name), name, low=1)
-        for name in ("max_queue", "max_input_images", "preview_rows"):
+        for name in ("max_queue", "max_input_images", "preview_rows", "max_input_audio"):
             check_integer(getattr(self, name), name, low=0)
+        seconds = self.max_audio_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_AUDIO_SECONDS:
+            raise ValueError(f"max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS:g}], got {seconds!r}")
         if self.max_tokens is not None:
             check_integer(self.max_tokens, "max_tokens", low=1)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine import Finished, ImageDone, ImageRow, ImageStarted, TextDelta, VideoDone, VideoStarted
+from ..engine import (Finished, ImageDone, ImageRow, ImageStarted, SpeechChunk, SpeechStarted, TextDelta, VideoDone,
+                      VideoStarted)
 from ..engine.continuous import ContinuousBatcher
 from .errors import APIError, from_value_error
 from .jobs import Job
@@ -263,7 +264,7 @@ class EngineWorker:
             return  # a cancelled request's last events
         job = row.job
         try:
-            if isinstance(event, (TextDelta, ImageStarted, VideoStarted)) and job.first_output is None:
+            if isinstance(event, (TextDelta, ImageStarted, VideoStarted, SpeechStarted)) and job.first_output is None:
                 job.first_output = time.monotonic()
                 self.metrics.observe_ttft(job.first_output - job.created)
             if isinstance(event, TextDelta):
@@ -285,6 +286,11 @@ class EngineWorker:
             elif isinstance(event, VideoDone):
                 if event.video.pixels is not None:
                     job.on_video(row.index, list(event.video.pixels))
+            elif isinstance(event, SpeechStarted):
+                job.on_speech_started(row.index)
+            elif isinstance(event, SpeechChunk):
+                if event.audio is not None:
+                    job.on_speech_chunk(row.index, event.audio, self.pipe.speech_tokenizer.config.sample_rate)
             elif isinstance(event, Finished):
                 del self._rows[event.row]
                 self.metrics.add_tokens(len(event.result.ids))

@@ -1,5 +1,6 @@
-// tokenloom web page: a chat (text + image upload, streamed answers with images drawn row by row),
-// sampling settings, and a text-to-image gallery. Plain JS, no build step, no external resources.
+// tokenloom web page: a chat (text, image and audio upload, streamed answers with images drawn row by
+// row and speech played back), sampling settings, and a text-to-image gallery. Plain JS, no build step,
+// no external resources.
 "use strict";
 
 (() => {
@@ -9,11 +10,14 @@
   const MAX_UPLOAD_SIDE = 1024; // larger uploads are scaled down before sending
   const GALLERY_BATCH = 4;      // images per /v1/images/generations request (the server's default limit)
   const GALLERY_SEED_STRIDE = 1000; // seed offset between batches (draw j of a request uses seed + j)
+  const AUDIO_RATE = 16000;     // the server's audio: 16 kHz mono, streamed as 16-bit little-endian PCM
 
   const state = {
     model: null,          // id from GET /v1/models
     conversation: [],     // OpenAI-style messages, resent each turn
-    attachments: [],      // [{url, name}] for the next user message
+    attachments: [],      // [{kind: "image", url, name} | {kind: "audio", url, data, format, name}] for the next message
+    hears: false,         // the model reads input_audio (its card's input_modalities)
+    speaks: false,        // the model answers with audio (its card's output_modalities)
     controller: null,     // AbortController of the running chat request
     runs: 0,              // gallery runs so far
   };
@@ -62,6 +66,35 @@
     return `${prefix}-${stamp}${index != null ? `-${index + 1}` : ""}.png`;
   }
 
+  // ---------- audio ----------
+
+  function base64ToBytes(b64) {
+    const text = atob(b64);
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+    return bytes;
+  }
+
+  function bytesToBase64(bytes) {
+    let text = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+    return btoa(text);
+  }
+
+  // Raw 16-bit little-endian PCM (mono, AUDIO_RATE) -> the bytes of a WAV file.
+  function wavBytes(pcm) {
+    const out = new Uint8Array(44 + pcm.length);
+    const view = new DataView(out.buffer);
+    const ascii = (at, text) => { for (let i = 0; i < text.length; i++) out[at + i] = text.charCodeAt(i); };
+    ascii(0, "RIFF"); view.setUint32(4, 36 + pcm.length, true); ascii(8, "WAVE");
+    ascii(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+    view.setUint32(24, AUDIO_RATE, true); view.setUint32(28, AUDIO_RATE * 2, true);
+    view.setUint16(32, 2, true); view.setUint16(34, 16, true);
+    ascii(36, "data"); view.setUint32(40, pcm.length, true);
+    out.set(pcm, 44);
+    return out;
+  }
+
   // ---------- server status ----------
 
   // The key of a server started with --api-key: kept for this tab only (sessionStorage), sent as a
@@ -83,7 +116,13 @@
         const models = await fetch("/v1/models", { cache: "no-store", headers: apiHeaders() });
         if (models.ok) {
           const body = await models.json();
-          if (body && Array.isArray(body.data) && body.data.length) state.model = body.data[0].id;
+          if (body && Array.isArray(body.data) && body.data.length) {
+            const card = body.data[0];
+            state.model = card.id;
+            state.hears = Array.isArray(card.input_modalities) && card.input_modalities.includes("audio");
+            state.speaks = Array.isArray(card.output_modalities) && card.output_modalities.includes("audio");
+            applyCapabilities();
+          }
         }
       }
       box.dataset.state = "ok";
@@ -92,6 +131,14 @@
       box.dataset.state = "down";
       text.textContent = "server unreachable";
     }
+  }
+
+  // Show the audio upload and the "Speech" answer only for a model that hears and speaks.
+  function applyCapabilities() {
+    $("attach-audio").hidden = !state.hears;
+    $("modality-speech").hidden = !state.speaks;
+    const speech = document.querySelector('input[name="modalities"][value="audio"]');
+    if (!state.speaks && speech.checked) document.querySelector('input[name="modalities"][value="both"]').checked = true;
   }
 
   // ---------- tabs and panels ----------
@@ -145,6 +192,7 @@
   function modalities() {
     const checked = document.querySelector('input[name="modalities"]:checked');
     const value = checked ? checked.value : "both";
+    if (value === "audio" && !state.speaks) return ["text", "image"];
     return value === "both" ? ["text", "image"] : [value];
   }
 
@@ -273,16 +321,46 @@
     return canvas.toDataURL("image/png");
   }
 
+  // "wav", "flac" or "ogg" for an audio file the server reads (by its name, else its type), or null.
+  function audioFormat(file) {
+    const ext = ((file.name || "").match(/\.([a-z0-9]+)$/i) || [])[1];
+    const byName = { wav: "wav", flac: "flac", ogg: "ogg", oga: "ogg" }[(ext || "").toLowerCase()];
+    if (byName) return byName;
+    const type = (file.type || "").toLowerCase();
+    if (/^audio\/(x-)?(wav|wave|vnd\.wave)$/.test(type)) return "wav";
+    if (/^audio\/(x-)?flac$/.test(type)) return "flac";
+    if (type === "audio/ogg") return "ogg";
+    return null;
+  }
+
+  async function addAudio(file, format) {
+    const url = await readAsDataURL(file);
+    const data = url.slice(url.indexOf(",") + 1);
+    if (!data) throw new Error("the file is empty");
+    state.attachments.push({ kind: "audio", url, data, format, name: file.name || "audio" });
+  }
+
   async function addFiles(files) {
     const hint = $("composer-hint");
     for (const file of files) {
+      const format = audioFormat(file);
+      if (format) {
+        if (!state.hears) { hint.textContent = "This model cannot hear speech."; continue; }
+        try {
+          await addAudio(file, format);
+          hint.textContent = "";
+        } catch (err) {
+          hint.textContent = `Could not read ${file.name || "the audio"}: ${err.message}`;
+        }
+        continue;
+      }
       if (!file.type || !file.type.startsWith("image/")) {
-        hint.textContent = `${file.name || "That file"} is not an image.`;
+        hint.textContent = `${file.name || "That file"} is not an image${state.hears ? " or a WAV, FLAC or OGG file" : ""}.`;
         continue;
       }
       try {
         const url = await toPngDataURL(file);
-        state.attachments.push({ url, name: file.name || "pasted image" });
+        state.attachments.push({ kind: "image", url, name: file.name || "pasted image" });
         hint.textContent = "";
       } catch (err) {
         hint.textContent = `Could not read ${file.name || "the image"}: ${err.message}`;
@@ -294,24 +372,29 @@
   function renderAttachments() {
     const box = $("attachments");
     box.replaceChildren();
+    const counts = { image: 0, audio: 0 };
     state.attachments.forEach((att, i) => {
-      const img = el("img", { src: att.url, alt: `Attached image ${i + 1}: ${att.name}`, class: "pixel thumb" });
+      const k = ++counts[att.kind];
+      const shown = att.kind === "audio"
+        ? el("audio", { src: att.url, controls: true, preload: "metadata", "aria-label": `Attached audio ${k}: ${att.name}` })
+        : el("img", { src: att.url, alt: `Attached image ${k}: ${att.name}`, class: "pixel thumb" });
       const remove = el("button", {
-        type: "button", class: "remove", "aria-label": `Remove attached image ${i + 1}`, title: "Remove",
+        type: "button", class: "remove", "aria-label": `Remove attached ${att.kind} ${k}`, title: "Remove",
         onclick: () => { state.attachments.splice(i, 1); renderAttachments(); $("prompt").focus(); },
       }, "×");
-      box.append(el("div", { class: "attachment" }, img, remove));
+      box.append(el("div", { class: `attachment ${att.kind}` }, shown, remove));
     });
     box.hidden = state.attachments.length === 0;
   }
 
   function setupAttachments() {
-    const input = $("file-input");
-    input.addEventListener("change", async () => {
-      await addFiles(Array.from(input.files || []));
-      input.value = "";
-      $("prompt").focus();
-    });
+    for (const input of [$("file-input"), $("audio-input")]) {
+      input.addEventListener("change", async () => {
+        await addFiles(Array.from(input.files || []));
+        input.value = "";
+        $("prompt").focus();
+      });
+    }
     $("prompt").addEventListener("paste", (e) => {
       const files = Array.from(e.clipboardData?.files || []).filter((f) => f.type.startsWith("image/"));
       if (files.length) { e.preventDefault(); addFiles(files); }
@@ -354,8 +437,14 @@
     return { li, body };
   }
 
-  function showUserMessage(text, images) {
+  function showUserMessage(text, images, audios = []) {
     const { body } = addMessage("user", "You");
+    if (audios.length) {
+      const list = el("div", { class: "audios" });
+      audios.forEach((att, i) => list.append(el("audio", { src: att.url, controls: true, preload: "metadata",
+        "aria-label": `Your audio ${i + 1}: ${att.name}` })));
+      body.append(list);
+    }
     if (images.length) {
       const row = el("div", { class: "images" });
       images.forEach((att, i) => row.append(pixelImage(att.url, `Your image ${i + 1}`, fileName("upload", i), 128).button));
@@ -380,6 +469,7 @@
       this.parts = [];      // finished parts, for the conversation
       this.textEl = null;   // the text run being appended to
       this.drawing = null;  // {figure, img, caption} of the image being drawn
+      this.speech = null;   // {figure, player, caption, chunks, part, done} of the answer's audio
       this.images = 0;
       li.classList.add("streaming");
       li.setAttribute("aria-busy", "true");
@@ -437,6 +527,51 @@
       scrollChat();
     }
 
+    // The answer's speech: every delta.audio's pcm16 data (all its utterances, in order), played back
+    // as one WAV once the final audio delta (its expires_at) arrives.
+    putAudio(audio) {
+      if (!audio) return;
+      if (!this.speech) {
+        const player = el("audio", { controls: true, preload: "auto", "aria-label": "Spoken answer" });
+        const caption = el("figcaption", { text: "speaking…" });
+        const figure = el("figure", { class: "speech" }, player, caption);
+        this.body.insertBefore(figure, this.status);
+        // its place in the conversation, filled in once the audio is complete
+        const part = { type: "input_audio", input_audio: { data: "", format: "wav" } };
+        this.parts.push(part);
+        this.speech = { figure, player, caption, chunks: [], part, done: false };
+        this.textEl = null;
+        this.status.textContent = "speaking…";
+      }
+      if (audio.data) this.speech.chunks.push(base64ToBytes(audio.data));
+      if (audio.expires_at != null) this.closeAudio("");
+      scrollChat();
+    }
+
+    // A whole answer's audio at once (a server that did not stream): a WAV, or raw pcm16.
+    putWholeAudio(data) {
+      this.putAudio({});
+      const bytes = base64ToBytes(data);
+      if (String.fromCharCode(...bytes.subarray(0, 4)) === "RIFF") this.speech.wav = bytes;
+      else this.speech.chunks.push(bytes);
+      this.closeAudio("");
+    }
+
+    closeAudio(note) {
+      const speech = this.speech;
+      if (!speech || speech.done) return;
+      speech.done = true;
+      const length = speech.chunks.reduce((n, c) => n + c.length, 0);
+      const pcm = new Uint8Array(length);
+      let at = 0;
+      for (const c of speech.chunks) { pcm.set(c, at); at += c.length; }
+      const wav = speech.wav || wavBytes(pcm);
+      speech.player.src = URL.createObjectURL(new Blob([wav], { type: "audio/wav" }));
+      speech.caption.textContent = note;
+      if (speech.wav || length) speech.part.input_audio.data = bytesToBase64(wav);
+      this.status.textContent = "…";
+    }
+
     // Keep the figure's final height while rows fill in, so the page does not jump.
     reserveSpace() {
       if (!this.drawing) return;
@@ -457,16 +592,18 @@
         this.drawing.figure.classList.add("unfinished");
         this.drawing = null;
       }
+      if (this.speech && !this.speech.done) this.closeAudio(note ? "unfinished" : "");
       if (note) this.status.textContent = note;
       else this.status.remove();
     }
 
     // The answer as a conversation message: a string when it is text only, else a list of parts.
     message() {
-      if (this.parts.every((p) => p.type === "text")) {
-        return { role: "assistant", content: this.parts.map((p) => p.text).join("") };
+      const parts = this.parts.filter((p) => p.type !== "input_audio" || p.input_audio.data);
+      if (parts.every((p) => p.type === "text")) {
+        return { role: "assistant", content: parts.map((p) => p.text).join("") };
       }
-      return { role: "assistant", content: this.parts.map((p) => ({ ...p })) };
+      return { role: "assistant", content: parts.map((p) => ({ ...p })) };
     }
   }
 
@@ -519,24 +656,29 @@
     if (state.controller) return;
     const promptBox = $("prompt");
     const text = promptBox.value.trim();
-    const images = state.attachments.slice();
-    if (!text && !images.length) { promptBox.focus(); return; }
+    const attached = state.attachments.slice();
+    const images = attached.filter((att) => att.kind === "image");
+    const audios = attached.filter((att) => att.kind === "audio");
+    if (!text && !attached.length) { promptBox.focus(); return; }
 
     let params;
     try { params = samplingParams(); } catch (err) { showError(err.message); return; }
 
-    const content = images.length
+    const content = attached.length
       ? [...images.map((att) => ({ type: "image_url", image_url: { url: att.url } })),
+         ...audios.map((att) => ({ type: "input_audio", input_audio: { data: att.data, format: att.format } })),
          ...(text ? [{ type: "text", text }] : [])]
       : text;
     const userTurn = { role: "user", content };
     state.conversation.push(userTurn);
-    showUserMessage(text, images);
+    showUserMessage(text, images, audios);
     promptBox.value = "";
     state.attachments = [];
     renderAttachments();
 
-    const body = { messages: state.conversation, stream: true, modalities: modalities(), ...params };
+    const answerWith = modalities();
+    const body = { messages: state.conversation, stream: true, modalities: answerWith, ...params };
+    if (answerWith.includes("audio")) body.audio = { format: "pcm16" };  // 16 kHz mono, as the server streams it
     if (state.model) body.model = state.model;
 
     const controller = new AbortController();
@@ -560,6 +702,9 @@
         if (whole.error) throw new Error(whole.error.message || "error");
         const choice = whole.choices && whole.choices[0];
         applyDelta(answer, choice && choice.message && choice.message.content);
+        if (choice && choice.message && choice.message.audio && choice.message.audio.data) {
+          answer.putWholeAudio(choice.message.audio.data);
+        }
         finishReason = choice && choice.finish_reason;
       } else {
         await readEvents(response, (data) => {
@@ -569,6 +714,7 @@
           const choice = chunk.choices && chunk.choices[0];
           if (!choice) return;
           applyDelta(answer, choice.delta && choice.delta.content);
+          if (choice.delta && choice.delta.audio) answer.putAudio(choice.delta.audio);
           if (choice.finish_reason) finishReason = choice.finish_reason;
         });
       }
@@ -587,7 +733,7 @@
         // Nothing came back: take the turn out of the conversation and give the text back to retry.
         state.conversation.pop();
         if (!promptBox.value) promptBox.value = text;
-        if (!state.attachments.length) { state.attachments = images; renderAttachments(); }
+        if (!state.attachments.length) { state.attachments = attached; renderAttachments(); }
       } else {
         state.conversation.push(answer.message());
       }
