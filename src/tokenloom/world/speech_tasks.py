@@ -20,11 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .phrase import caption, questions
+from .phrase import caption
 from .scene import random_scene
 from .speech import random_voice, speak
-from .tasks import (DEFAULT_SIZES, QUESTION_KINDS, T2I_VARIANTS, T2I_WEIGHTS, Size, TaskSample, chat_document,
-                    image_part, register_tasks, scene_image, text_part)
+from .tasks import (DEFAULT_SIZES, T2I_VARIANTS, T2I_WEIGHTS, Size, TaskSample, chat_document, image_part,
+                    pick_question, register_tasks, scene_image, text_part)
 
 TRANSCRIBE = "Transcribe the speech."
 SAY = "Say: "
@@ -69,17 +69,10 @@ def tts_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES, 
 
 def spoken_qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES, *,
                      held_out: bool = False) -> TaskSample:
-    """user: an image + one of the spec's questions about it, spoken -> assistant: the answer as text.
-    The question kind is drawn first, as in the qa task."""
+    """user: an image + one of the spec's questions about it (`pick_question`, as the qa task), spoken ->
+    assistant: the answer as text."""
     scene, image, size = scene_image(rng, sizes)
-    by_kind: dict[str, list[tuple[str, str]]] = {}
-    for q, a in questions(scene):
-        kind = next((k for k, prefix in QUESTION_KINDS.items() if q.startswith(prefix)), None)
-        if kind is not None:
-            by_kind.setdefault(kind, []).append((q, a))
-    kinds = [k for k in QUESTION_KINDS if k in by_kind]
-    options = by_kind[kinds[int(rng.integers(len(kinds)))]]
-    question, answer = options[int(rng.integers(len(options)))]
+    question, answer = pick_question(rng, scene)
     audio, said = _utterance(rng, question, held_out)
     return TaskSample("spoken_qa", chat_document([image_part(0, size), _speech(0)], [text_part(answer)]), [image], [scene],
                       {"question": question, "answer": answer, "speech": [said]}, audio=[audio])

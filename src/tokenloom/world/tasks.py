@@ -212,11 +212,9 @@ def caption_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZ
                       {"question": DESCRIBE, "answer": text})
 
 
-def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
-    """user: image + a question of the spec -> assistant: its answer. The question kind (count,
-    color, shape, where) is drawn first, so scenes with many color questions do not drown the rest;
-    "Describe the image." is left to the caption task."""
-    scene, image, size = scene_image(rng, sizes)
+def pick_question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
+    """One of the spec's questions about the scene with its answer: the kind (count, color, shape, where)
+    drawn first, so scenes with many color questions do not drown the rest."""
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for q, a in questions(scene):
         kind = next((k for k, prefix in QUESTION_KINDS.items() if q.startswith(prefix)), None)
@@ -224,7 +222,15 @@ def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -
             by_kind.setdefault(kind, []).append((q, a))
     kinds = [k for k in QUESTION_KINDS if k in by_kind]
     options = by_kind[kinds[int(rng.integers(len(kinds)))]]
-    question, answer = options[int(rng.integers(len(options)))]
+    return options[int(rng.integers(len(options)))]
+
+
+def qa_sample(rng: np.random.Generator, sizes: Sequence[Size] = DEFAULT_SIZES) -> TaskSample:
+    """user: image + a question of the spec -> assistant: its answer. The question kind (count,
+    color, shape, where) is drawn first, so scenes with many color questions do not drown the rest;
+    "Describe the image." is left to the caption task."""
+    scene, image, size = scene_image(rng, sizes)
+    question, answer = pick_question(rng, scene)
     return TaskSample("qa", chat_document([image_part(0, size), text_part(question)], [text_part(answer)]), [image], [scene],
                       {"question": question, "answer": answer})
 
