@@ -3,9 +3,10 @@
 * round trips: the recogniser's exact rate on espeak-ng's renders themselves, on their codec round trip
   (every codebook), and on content-only decodes (codebook 0 alone); the mel distance of both; bits a second;
 * the timbre swap: utterance A's content codes with utterance B's timbre codes (B's levels 1.. cut or
-  repeated to A's length), A and B in different voices. Right when the recogniser still hears A's text;
-  the voice is measured by the median pitch (F0): the swap "takes B's voice" when its F0 is nearer B's
-  than A's.
+  repeated to A's length), A and B in different voices. Right when the recogniser still hears A's text.
+  The voice is measured two ways: the long-term average spectrum (mean log-mel over the frames with
+  speech: formants and pitch range, what a voice is made of) and the median pitch (F0, autocorrelation).
+  The swap "takes B's voice" by a measure when it is nearer B's original than A's.
 
     python recipes/speech/codec_report.py --codec runs/speech/codec/best --manifest runs/speech/corpus/eval \\
         --out runs/speech/codec-report.json [--n 100]
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from tokenloom.audio_io import read_audio
-from tokenloom.speech_codec import SpeechTokenizer, mel_distance
+import torch
+
+from tokenloom.speech_codec import SpeechTokenizer, log_magnitude, log_mel, mel_distance
 from tokenloom.world.speech import Recognizer, normalize, read_manifest
 
 F0_RANGE = (60.0, 400.0)  # Hz: espeak-ng's voices at pitch 30-70 lie inside
@@ -43,6 +46,16 @@ def median_f0(samples: np.ndarray, rate: int = 16000, frame: float = 0.04) -> fl
         if ac[lag] > 0.5:
             pitches.append(rate / lag)
     return float(np.median(pitches)) if pitches else float("nan")
+
+
+def average_spectrum(codec: SpeechTokenizer, samples: np.ndarray) -> np.ndarray:
+    """Mean log-mel [n_mels] over the frames within 30 dB of the loudest (the speech, not the silences)."""
+    c = codec.config
+    with torch.no_grad():
+        mel = log_mel(log_magnitude(torch.from_numpy(samples)[None], c), codec.codec.filterbank)[0]  # [mels, frames]
+    energy = mel.mean(0)
+    keep = energy > energy.max() - 30 / (20 / np.log(10))
+    return mel[:, keep].mean(1).numpy()
 
 
 def fit(codes: np.ndarray, frames: int) -> np.ndarray:
@@ -83,11 +96,15 @@ def main(argv=None) -> int:
         mixed = np.concatenate([codes[i][:1], fit(codes[j][1:], codes[i].shape[1])])
         audio = codec.decode(mixed)
         f0 = [median_f0(waves[i], rate), median_f0(waves[j], rate), median_f0(audio, rate)]
+        spectra = [average_spectrum(codec, x) for x in (waves[i], waves[j], audio)]
+        to_a, to_b = (float(np.abs(spectra[2] - spectra[k]).mean()) for k in (0, 1))
         said = recognizer.recognize(audio)
         swaps.append({"a": records[i]["text"], "b": records[j]["text"], "voice_a": records[i]["voice"],
                       "voice_b": records[j]["voice"], "heard": said, "hears_a": said == normalize(records[i]["text"]),
                       "hears_b": said == normalize(records[j]["text"]), "f0": [round(x, 1) for x in f0],
-                      "takes_b_voice": bool(abs(f0[2] - f0[1]) < abs(f0[2] - f0[0]))})
+                      "spectrum_distance_to_a": round(to_a, 3), "spectrum_distance_to_b": round(to_b, 3),
+                      "takes_b_spectrum": to_b < to_a,
+                      "takes_b_pitch": bool(abs(f0[2] - f0[1]) < abs(f0[2] - f0[0]))})
     share = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     usable = [s for s in swaps if not any(np.isnan(s["f0"]))]
     report = {
@@ -98,10 +115,10 @@ def main(argv=None) -> int:
         "swap": {"pairs": len(swaps), "hears_a": share([s["hears_a"] for s in swaps]),
                  "hears_b": share([s["hears_b"] for s in swaps]),
                  "hears_a_when_espeak_heard_a": share([s["hears_a"] for s, ok in zip(swaps, heard["espeak"]) if ok]),
-                 "takes_b_voice": share([s["takes_b_voice"] for s in usable]),
-                 "f0_pairs_measured": len(usable),
-                 "median_abs_f0_shift_toward_b_hz": float(np.median([abs(s["f0"][0] - s["f0"][2]) for s in usable]))
-                 if usable else None},
+                 "takes_b_spectrum": share([s["takes_b_spectrum"] for s in swaps]),
+                 "takes_b_pitch": share([s["takes_b_pitch"] for s in usable]), "f0_pairs_measured": len(usable),
+                 "median_f0_hz": {k: float(np.median([s["f0"][i] for s in usable])) if usable else None
+                                  for i, k in enumerate(("a", "b", "swap"))}},
         "seconds": round(time.time() - t0, 1), "swaps": swaps,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

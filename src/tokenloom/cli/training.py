@@ -99,7 +99,7 @@ def run_train(args) -> int:
     return 0
 
 
-# -- train-vq ----------------------------------------------------------------------------------------------
+# -- train-vq and train-codec (the tokenizer trainers) ------------------------------------------------------
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -120,20 +120,63 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return sizes  # type: ignore[return-value]
 
 
-def train_vq_arguments(p) -> None:
-    p.description = ("Train a VQGAN image tokenizer on shapes-world renders from a YAML/TOML config (model: and "
-                     "training: sections); resumes from the run directory's newest intact checkpoint.")
-    p.add_argument("config", help="VQGAN training config (.yaml, .yml or .toml)")
+def _tokenizer_training_arguments(p, what: str, section: str, threads_help: str) -> None:
+    """The arguments train-vq and train-codec share: `what` the config trains, `section` its
+    training settings' section (which --steps and --max-minutes override)."""
+    p.add_argument("config", help=f"{what} training config (.yaml, .yml or .toml)")
     p.add_argument("--out", default=None, help="run directory (default: the config's out_dir)")
     p.add_argument("--steps", type=_count, default=None,
-                   help="override training.steps (the schedule spans them; a resumed run must pass the same)")
+                   help=f"override {section}.steps (the schedule spans them; a resumed run must pass the same)")
     p.add_argument("--max-steps", type=_count, default=None,
-                   help="stop at this step (checkpointed; the schedule still spans training.steps)")
-    p.add_argument("--max-minutes", type=float, default=None, help="override training.max_minutes")
+                   help=f"stop at this step (checkpointed; the schedule still spans {section}.steps)")
+    p.add_argument("--max-minutes", type=float, default=None, help=f"override {section}.max_minutes")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the newest checkpoint in the run directory (default: yes)")
     p.add_argument("--export", default=None, help="also save the best tokenizer here (save_pretrained)")
-    p.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=_count, default=None, help=threads_help)
+
+
+def _run_tokenizer_training(args, run_config, train, fit, final_eval, **overrides: Any) -> int:
+    """What train-vq and train-codec do around their trainer: `train` (the config's training
+    section) with --steps, --max-minutes and the verb's own `overrides` (None: keep the config's),
+    `fit(out, train)` in the run directory, then `final_eval(tok, train)` (None: none) to
+    final_eval.json, --export, and the result on stdout."""
+    import dataclasses
+    import time
+
+    from ..checkpoint import atomic_write_json
+    from ..train.config import ConfigError
+    from ..train.tokenizer_trainer import SUMMARY_NAME
+
+    overrides = {"steps": args.steps, "max_minutes": args.max_minutes, **overrides}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        train = dataclasses.replace(train, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{args.config} with the command line's overrides: {e}") from None
+    out = args.out or run_config.out_dir
+    if out is None:
+        raise ConfigError(f"{args.config}: no output directory (set 'out_dir' or pass --out)")
+    start = time.monotonic()
+    tok = fit(out, train)
+    result: dict[str, Any] = {"out": str(out), "train_seconds": round(time.monotonic() - start, 1),
+                              **json.loads((Path(out) / SUMMARY_NAME).read_text())}
+    final = final_eval(tok, train)
+    if final is not None:
+        atomic_write_json(Path(out) / "final_eval.json", final)
+        result["final_eval"] = final
+    if args.export:
+        tok.save_pretrained(args.export)
+        result["export"] = str(args.export)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# -- train-vq ----------------------------------------------------------------------------------------------
+def train_vq_arguments(p) -> None:
+    p.description = ("Train a VQGAN image tokenizer on shapes-world renders from a YAML/TOML config (model: and "
+                     "training: sections); resumes from the run directory's newest intact checkpoint.")
+    _tokenizer_training_arguments(p, "VQGAN", "training", threads_help="torch.set_num_threads")
     p.add_argument("--eval-images", type=_count, default=500,
                    help="final evaluation: images per size, on a seed the run never evaluated on (0: skip it)")
     p.add_argument("--eval-sizes", type=_sizes, default=_sizes("64x64,96x64,64x96,48x48,128x128"),
@@ -141,40 +184,22 @@ def train_vq_arguments(p) -> None:
 
 
 def run_train_vq(args) -> int:
-    import dataclasses
-    import time
-
     import torch
 
-    from ..checkpoint import atomic_write_json
-    from ..train.config import ConfigError
-    from ..train.vq import SUMMARY_NAME, evaluate_vq, load_vq_config, train_vqgan
+    from ..train.vq import evaluate_vq, load_vq_config, train_vqgan
 
     if args.threads:
         torch.set_num_threads(args.threads)
     run_config = load_vq_config(args.config)
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
-    try:
-        train = dataclasses.replace(run_config.training, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{args.config} with the command line's overrides: {e}") from None
-    out = args.out or run_config.out_dir
-    if out is None:
-        raise ConfigError(f"{args.config}: no output directory (set 'out_dir' or pass --out)")
-    start = time.monotonic()
-    tok = train_vqgan(run_config.model, out, train, resume=args.resume, max_steps=args.max_steps)
-    result: dict[str, Any] = {"out": str(out), "train_seconds": round(time.monotonic() - start, 1),
-                              **json.loads((Path(out) / SUMMARY_NAME).read_text())}
-    if args.eval_images:
+
+    def fit(out, train):
+        return train_vqgan(run_config.model, out, train, resume=args.resume, max_steps=args.max_steps)
+
+    def final_eval(tok, train):
         # a seed the run never evaluated on: not the numbers the best was picked by
-        final = evaluate_vq(tok, args.eval_images, train.seed + 1, args.eval_sizes)
-        atomic_write_json(Path(out) / "final_eval.json", final)
-        result["final_eval"] = final
-    if args.export:
-        tok.save_pretrained(args.export)
-        result["export"] = str(args.export)
-    print(json.dumps(result, indent=2))
-    return 0
+        return evaluate_vq(tok, args.eval_images, train.seed + 1, args.eval_sizes) if args.eval_images else None
+
+    return _run_tokenizer_training(args, run_config, run_config.training, fit, final_eval)
 
 
 # -- train-codec -------------------------------------------------------------------------------------------
@@ -182,53 +207,27 @@ def train_codec_arguments(p) -> None:
     p.description = ("Train the spectral speech codec (residual VQ; codebook 0 carries the phonemes) on rendered "
                      "speech manifests from a YAML/TOML config (model:, data: and train: sections); resumes from "
                      "the run directory's newest intact checkpoint.")
-    p.add_argument("config", help="speech codec training config (.yaml, .yml or .toml)")
-    p.add_argument("--out", default=None, help="run directory (default: the config's out_dir)")
-    p.add_argument("--steps", type=_count, default=None,
-                   help="override train.steps (the schedule spans them; a resumed run must pass the same)")
-    p.add_argument("--max-steps", type=_count, default=None,
-                   help="stop at this step (checkpointed; the schedule still spans train.steps)")
-    p.add_argument("--max-minutes", type=float, default=None, help="override train.max_minutes")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest checkpoint in the run directory (default: yes)")
-    p.add_argument("--export", default=None, help="also save the best tokenizer here (save_pretrained)")
-    p.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads (overrides train.threads)")
+    _tokenizer_training_arguments(p, "speech codec", "train",
+                                  threads_help="torch.set_num_threads (overrides train.threads)")
     p.add_argument("--eval-audio", type=_count, default=16,
                    help="final evaluation of best/ on the whole eval manifest (when data.eval is set): how many "
                         "utterances to round-trip through Griffin-Lim too (default 16)")
 
 
 def run_train_codec(args) -> int:
-    import dataclasses
-    import time
-
-    from ..checkpoint import atomic_write_json
-    from ..train.codec import SUMMARY_NAME, evaluate_codec, load_codec_config, read_manifest, train_codec
-    from ..train.config import ConfigError
+    from ..train.codec import evaluate_codec, load_codec_config, read_manifest, train_codec
 
     run_config = load_codec_config(args.config)
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes),
-                                   ("threads", args.threads or None)) if v is not None}
-    try:
-        train = dataclasses.replace(run_config.train, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{args.config} with the command line's overrides: {e}") from None
-    out = args.out or run_config.out_dir
-    if out is None:
-        raise ConfigError(f"{args.config}: no output directory (set 'out_dir' or pass --out)")
-    start = time.monotonic()
-    tok = train_codec(run_config.model, run_config.data, out, train, resume=args.resume, max_steps=args.max_steps)
-    result: dict[str, Any] = {"out": str(out), "train_seconds": round(time.monotonic() - start, 1),
-                              **json.loads((Path(out) / SUMMARY_NAME).read_text())}
-    if run_config.data.eval is not None:
-        final = evaluate_codec(tok.codec, read_manifest(run_config.data.eval), args.eval_audio)
-        atomic_write_json(Path(out) / "final_eval.json", final)
-        result["final_eval"] = final
-    if args.export:
-        tok.save_pretrained(args.export)
-        result["export"] = str(args.export)
-    print(json.dumps(result, indent=2))
-    return 0
+    data = run_config.data
+
+    def fit(out, train):
+        return train_codec(run_config.model, data, out, train, resume=args.resume, max_steps=args.max_steps)
+
+    def final_eval(tok, train):
+        return None if data.eval is None else evaluate_codec(tok.codec, read_manifest(data.eval), args.eval_audio)
+
+    # --threads 0 keeps the config's train.threads
+    return _run_tokenizer_training(args, run_config, run_config.train, fit, final_eval, threads=args.threads or None)
 
 
 # -- eval -----------------------------------------------------------------------------------------------------

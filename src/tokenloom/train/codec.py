@@ -23,7 +23,8 @@ Every batch (utterances, quantizer dropout) is a pure function of (seed, step) a
 draws from a generator seeded by (seed, step, level), so a resumed run repeats an uninterrupted
 one exactly. The plumbing is `train.vq`'s: the config file (errors name file:line), the warmup +
 cosine schedule, metrics.jsonl, checkpoint directories (safetensors + JSON, atomic, verified on
-resume), best/ and summary.json. Output directory::
+resume), best/ and summary.json; what the two share is in `train.tokenizer_trainer`. Output
+directory::
 
     config.json                 the model, data and training configs of the run
     metrics.jsonl               {"kind": "train", "step", "loss", "spec", "mel", "ctc", "usage", ...} per logged
@@ -43,8 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,13 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from ..audio_io import read_audio
-from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensors, load_weights
 from ..speech_codec import DB, SpeechCodec, SpeechCodecConfig, SpeechTokenizer, log_mel, mel_distance
-from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
-                     latest_checkpoint, load_optimizer, load_rng, lr_at, read_state, save_training_checkpoint,
-                     start_run, stopped)
+from .common import check_max_steps, check_resumable
 from .config import ConfigError, ConfigParser, build_config, config_folder, read_config, resolve_path
-from .plot import plot_losses
+from .tokenizer_trainer import TokenizerTrainer, check_finite_fields, check_ranges, fit
 
 __all__ = ["CodecDataConfig", "CodecTrainConfig", "CodecRunConfig", "CodecTrainer", "Utterance", "Batch",
            "load_codec_config", "read_manifest", "content_alphabet", "content_ids", "collate",
@@ -71,15 +67,10 @@ __all__ = ["CodecDataConfig", "CodecTrainConfig", "CodecRunConfig", "CodecTraine
 # Seed-stream tags: batches and restarts draw from different SeedSequence entropy lists.
 TRAIN_STREAM, RESTART_STREAM = 0x5C01, 0x5C02
 
-SUMMARY_NAME = "summary.json"
-BEST_DIR = "best"
-TRAINER_TENSORS = "trainer.safetensors"
-BEST_TENSORS = "best.safetensors"
 # training keys a resumed run may change: they do not change the trajectory (threads changes the
 # order of float reductions, hence the last bits; it is the CLI's call)
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_utterances", "eval_audio", "checkpoint_every",
                      "keep_checkpoints", "max_minutes", "progress", "threads"}
-RESTART = "train.lr and train.grad_clip cannot change on resume: train again in a new output directory"
 EVAL_BATCH = 16
 
 
@@ -130,26 +121,13 @@ class CodecTrainConfig:
     def __post_init__(self):
         # messages start with the field's name: the config parser turns that into file:line
         self.betas = tuple(float(b) for b in self.betas)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            values = value if f.name == "betas" else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        positive = ("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints")
-        non_negative = ("steps", "warmup_steps", "weight_decay", "grad_clip", "spec_weight", "mel_weight",
-                        "ctc_weight", "commitment_weight", "restart_every", "eval_every", "eval_utterances",
-                        "eval_audio")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in non_negative:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("min_lr_ratio", "restart_until", "quantizer_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_finite_fields(self)
+        check_ranges(self,
+                     positive=("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints"),
+                     non_negative=("steps", "warmup_steps", "weight_decay", "grad_clip", "spec_weight", "mel_weight",
+                                   "ctc_weight", "commitment_weight", "restart_every", "eval_every",
+                                   "eval_utterances", "eval_audio"),
+                     unit=("min_lr_ratio", "restart_until", "quantizer_dropout"))
         if not 0 <= self.codebook_ema < 1:
             raise ValueError(f"codebook_ema must be in [0, 1), got {self.codebook_ema!r}")
         if self.threads is not None and self.threads <= 0:
@@ -385,13 +363,19 @@ def evaluate_codec(codec: SpeechCodec, utterances: Sequence[Utterance], audio: i
 # ----------------------------------------------------------------------------- trainer
 
 
-class CodecTrainer:
+class CodecTrainer(TokenizerTrainer):
     """One codec training run: `step()` trains on one batch; `save_checkpoint()` /
     `load_checkpoint()` write and read a checkpoint directory.
 
     Holds only what a resumed run needs beyond (seed, step): weights (the codebooks among them),
     optimizer state, the usage counts of the current restart window, the EMA state and the best
     evaluation so far. Audio is read from disk per batch; the targets are computed once."""
+
+    MODEL, TOKENIZER = SpeechCodec, SpeechTokenizer
+    BEST_BY, HIGHER_IS_BETTER = ("mel_db", "per"), False  # reconstruct better; PER breaks ties
+    SECTION = "train"
+    RESUMABLE_CHANGES = RESUMABLE_CHANGES
+    NAME = "speech codec"
 
     def __init__(self, config: SpeechCodecConfig, train: CodecTrainConfig, train_set: Sequence[Utterance],
                  eval_set: Sequence[Utterance] = (), out_dir: str | Path | None = None,
@@ -401,7 +385,6 @@ class CodecTrainer:
         if not config.content_symbols and train.ctc_weight > 0:
             raise ValueError("model content_symbols is empty: the content head has nothing to learn (train_codec "
                              "builds the alphabet from the training manifest)")
-        self.config, self.train = config, train
         self.train_set, self.eval_set = list(train_set), list(eval_set)
         # the data section, when the run has one: a resumed run must read the same manifests
         self.data = None if data is None else dataclasses.asdict(data)
@@ -413,10 +396,7 @@ class CodecTrainer:
                 raise ValueError(f"{u.where}: phonemes hold {bad!r}, which are not in model.content_symbols (leave "
                                  "content_symbols empty to build the alphabet from the training manifest)")
             self.targets.append(ids)
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        with torch.random.fork_rng(devices=[]):  # init from the run's seed, not the global RNG
-            torch.manual_seed(train.seed)
-            self.model = SpeechCodec(config)
+        super().__init__(config, train, out_dir)
         k, n = config.codebooks, config.codebook_size
         # EMA state: how many residuals each code was picked for, and their sum (both decayed)
         self.ema_count = torch.ones(k, n)
@@ -425,19 +405,10 @@ class CodecTrainer:
         params = list(self.model.parameters())
         decay = [p for p in params if p.ndim > 1]
         rest = [p for p in params if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=train.lr, betas=train.betas)
-        self.step_count = 0
+        self.optimizer = self.adamw(decay, rest)
         self.usage = torch.zeros(k, n, dtype=torch.long)  # codes picked this window, per level
-        self.restarted_total = 0
-        self.best: dict[str, Any] | None = None  # {"metrics": ..., "step": ..., "state": state_dict}
 
     # -- one step
-
-    def lr_at(self, step: int) -> float:
-        t = self.train
-        return lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
 
     def batch(self, step: int) -> Batch:
         t, c = self.train, self.config
@@ -478,31 +449,20 @@ class CodecTrainer:
         """Train on the batch of the current step; returns its losses (before the update).
 
         A NaN or inf loss or gradient norm raises TrainError (naming the step) before the update."""
-        t = self.train
         step = self.step_count
         batch = self.batch(step)
         self.model.train()
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step)
         out, residuals, codes, mask = self.losses(batch)
-        check_step(self.optimizer, step + 1, loss=float(out["loss"].detach()))
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else math.inf)
-        check_step(self.optimizer, step + 1, gradient_norm=float(norm))
-        self.optimizer.step()
+        norm = self.update(out["loss"], step)
         counts = self._counts(codes, mask)
         self.usage += counts.long()
         self._ema_update(residuals, codes, mask, counts)
-        restarted = 0
-        # the first window ends after step 0, so the random init is replaced by data at once
-        if t.restart_every and step < t.restart_until * t.steps and step % t.restart_every == 0:
-            restarted = self.restart_dead_codes(residuals, mask, step)
+        restarted = self.restart_dead_codes(residuals, mask, step) if self.restart_due(step) else 0
         self.step_count += 1
         metrics: dict[str, Any] = {k: float(v.detach()) for k, v in out.items()}
         p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-        metrics.update(step=self.step_count, lr=lr, grad_norm=float(norm), restarted=restarted,
+        metrics.update(step=self.step_count, lr=lr, grad_norm=norm, restarted=restarted,
                        usage=[round(float((n > 0).float().mean()), 4) for n in counts],
                        perplexity=[round(float(e), 2) for e in (-(p * p.clamp_min(1e-12).log()).sum(1)).exp()])
         return metrics
@@ -559,63 +519,26 @@ class CodecTrainer:
             raise ValueError("no eval utterances: the trainer was given no eval set")
         return evaluate_codec(self.model, utterances, self.train.eval_audio if audio is None else audio)
 
-    def consider_best(self, metrics: dict[str, Any]) -> bool:
-        """Keep these weights if they reconstruct better (lower mel_db; PER breaks ties) than the best so far."""
-        key = (metrics["mel_db"], metrics["per"])
-        if self.best is not None and key >= (self.best["metrics"]["mel_db"], self.best["metrics"]["per"]):
-            return False
-        self.best = {"metrics": metrics, "step": self.step_count,
-                     "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-        return True
+    # -- progress
 
-    def best_tokenizer(self) -> SpeechTokenizer:
-        """The best evaluated weights (the current ones when nothing was evaluated)."""
-        model = SpeechCodec(self.config)
-        model.load_state_dict(self.best["state"] if self.best else self.model.state_dict())
-        return SpeechTokenizer(model.eval())
+    def progress_postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.3f}", "mel": f"{metrics['mel'] * 20 / math.log(10):.2f}dB",
+                "ctc": f"{metrics['ctc']:.3f}"}
+
+    def eval_message(self, metrics: dict[str, Any]) -> str:
+        return (f"mel {metrics['mel_db']:.2f} dB (content only {metrics['mel_db_content']:.2f}) "
+                f"per {metrics['per']:.3f} usage {[round(u, 2) for u in metrics['usage']]}")
 
     # -- checkpoints
 
-    def save_checkpoint(self, root: str | Path | None = None) -> Path:
-        """Write root/step-N (root: out_dir/checkpoints) atomically; returns it. Non-finite
-        weights are refused with TrainError: no checkpoint holds them."""
-        if root is None:
-            if self.out_dir is None:
-                raise ValueError("save_checkpoint needs a directory: this trainer has no out_dir")
-            root = self.out_dir / CHECKPOINTS
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {**super().checkpoint_state(), "data_config": self.data}
 
-        def write(directory: Path) -> None:
-            atomic_save_safetensors({"usage": self.usage, "ema_count": self.ema_count, "ema_sum": self.ema_sum},
-                                    directory / TRAINER_TENSORS)
-            if self.best is not None:
-                atomic_save_safetensors(self.best["state"], directory / BEST_TENSORS)
-
-        best = None if self.best is None else {"step": self.best["step"], "metrics": self.best["metrics"]}
-        state = {"step": self.step_count, "restarted_total": self.restarted_total, "best": best,
-                 "model_config": self.config.to_dict(), "train_config": self.train.to_dict(),
-                 "data_config": self.data}
-        return save_training_checkpoint(Path(root), self.step_count, self.model, self.optimizer, state,
-                                        self.train.keep_checkpoints, extra=write)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from a checkpoint directory; TrainError if it belongs to another run."""
-        path = Path(path)
-        state = read_state(path)
-        check_resumable(f"from {path}", state["model_config"], self.config.to_dict(), label="model ")
-        check_resumable(f"from {path}", state["train_config"], self.train.to_dict(), RESUMABLE_CHANGES,
-                        label="train ")
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        super().check_resumable(path, state)
+        # checkpoints without a data section (or a trainer without one) cannot tell: not checked
         if state.get("data_config") is not None and self.data is not None:
             check_resumable(f"from {path}", state["data_config"], self.data, label="data ")
-        self.model.load_state_dict(load_weights(path))
-        load_optimizer(self.optimizer, path)
-        load_rng(path)
-        tensors = load_tensors(path / TRAINER_TENSORS)
-        self.usage, self.ema_count, self.ema_sum = tensors["usage"], tensors["ema_count"], tensors["ema_sum"]
-        self.step_count = state["step"]
-        self.restarted_total = state["restarted_total"]
-        best = state.get("best")
-        self.best = None if best is None else {"metrics": best["metrics"], "step": best["step"],
-                                               "state": load_tensors(path / BEST_TENSORS)}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -658,65 +581,8 @@ def train_codec(config: SpeechCodecConfig, data: CodecDataConfig, out_dir: str |
         warnings.warn(f"{too_fast} of {len(train_set)} training utterances have more phoneme symbols than the "
                       f"content head's {steps_per_frame} CTC steps per second can emit; they add no CTC loss "
                       "(raise model.content_steps)", UserWarning, stacklevel=2)
-    out = Path(out_dir)
-    root = out / CHECKPOINTS
-    metrics = MetricsLog(out / METRICS_NAME)
-
-    def load(path: Path) -> int:
-        trainer.load_checkpoint(path)
-        return trainer.step_count
-
-    start_run(out, resume, seed=train.seed, metrics=metrics, load=load,
-              config={"model": config.to_dict(), "data": dataclasses.asdict(data), "train": train.to_dict()})
-    stop = train.steps if max_steps is None else min(max_steps, train.steps)
-
-    from tqdm.auto import tqdm
-
-    start = time.monotonic()
-    bar = tqdm(total=train.steps, initial=trainer.step_count, desc="speech codec", unit="step",
-               disable=not train.progress, dynamic_ncols=True)
-    stopped_early = False
-    try:
-        while trainer.step_count < stop:
-            try:
-                m = trainer.step()
-            except TrainError as e:
-                raise stopped(e, latest_checkpoint(root), RESTART) from None
-            bar.update(1)
-            done = trainer.step_count
-            # logged and evaluated where an uninterrupted run would be: a split run's log is the same
-            if done % train.log_every == 0 or done == train.steps:
-                metrics.write({"kind": "train", **m, "elapsed_s": round(time.monotonic() - start, 1)})
-                bar.set_postfix(loss=f"{m['loss']:.3f}", mel=f"{m['mel'] * 20 / math.log(10):.2f}dB",
-                                ctc=f"{m['ctc']:.3f}", refresh=False)
-            over_budget = train.max_minutes is not None and time.monotonic() - start > 60 * train.max_minutes
-            if train.eval_every and (done % train.eval_every == 0 or done == train.steps or over_budget):
-                ev = trainer.evaluate()
-                trainer.consider_best(ev)
-                metrics.write({"kind": "eval", "step": done, "elapsed_s": round(time.monotonic() - start, 1), **ev})
-                bar.write(f"step {done}: mel {ev['mel_db']:.2f} dB (content only {ev['mel_db_content']:.2f}) "
-                          f"per {ev['per']:.3f} usage {[round(u, 2) for u in ev['usage']]}", file=sys.stderr)
-            if done % train.checkpoint_every == 0 or done == stop or over_budget:
-                try:
-                    trainer.save_checkpoint()
-                except TrainError as e:
-                    raise stopped(e, latest_checkpoint(root), RESTART) from None
-            if over_budget:
-                stopped_early = True
-                break
-    finally:
-        bar.close()
-    tok = trainer.best_tokenizer()
-    tok.save_pretrained(out / BEST_DIR)
-    records = metrics.read()
-    plot_losses(out / "loss.png", [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"],
-                title=f"speech codec loss ({out.name})")
-    best = None if trainer.best is None else {"step": trainer.best["step"], **trainer.best["metrics"]}
-    atomic_write_json(out / SUMMARY_NAME, {
-        "step": trainer.step_count, "steps": train.steps, "finished": trainer.step_count >= train.steps,
-        "stopped_early": stopped_early, "restarted_total": trainer.restarted_total, "best": best,
+    config_record = {"model": config.to_dict(), "data": dataclasses.asdict(data), "train": train.to_dict()}
+    return fit(trainer, out_dir, resume=resume, max_steps=max_steps, config=config_record, summary={
         "bits_per_second": config.bits_per_second, "parameters": trainer.model.num_parameters(),
         "train_utterances": len(train_set), "skipped_long": skipped, "ctc_too_fast": too_fast,
         "content_symbols": "".join(config.content_symbols)})
-    return tok
-

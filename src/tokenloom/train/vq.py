@@ -18,7 +18,9 @@ The score that matters is `parse_exact`: the fraction of held-out renders whose 
 
 The run shares the transformer trainer's plumbing (`train.common`, `train.config`): a YAML/TOML
 config whose errors name file:line, the warmup + cosine schedule, metrics.jsonl, and checkpoint
-directories (safetensors + JSON, atomic, verified on resume). Output directory::
+directories (safetensors + JSON, atomic, verified on resume); and with the speech codec's trainer
+(`train.tokenizer_trainer`) the loop, the best weights and the checkpoints' extra files. Output
+directory::
 
     config.json                 the model and training configs of the run
     metrics.jsonl               {"kind": "train", "step", "loss", ...} per logged step and
@@ -41,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +52,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_tensors, load_weights
 from ..image_processing import ImageTokenizer
 from ..precision import PRECISIONS, resolve_precision
 from ..vqgan import VQGAN, VQGANConfig
 from ..world import parse, random_scene, render
 from ..world.parse import MAX_DISTANCE, PALETTE
-from .common import (CHECKPOINTS, METRICS_NAME, MetricsLog, TrainError, check_max_steps, check_resumable, check_step,
-                     checkpoint_dirs, latest_checkpoint, load_optimizer, load_rng, lr_at, read_state,
-                     save_training_checkpoint, start_run, stopped)
+from .common import CHECKPOINTS, TrainError, check_max_steps, checkpoint_dirs
 from .config import ConfigError, ConfigParser, build_config, config_folder, read_config, resolve_path
-from .plot import plot_losses
+from .tokenizer_trainer import TokenizerTrainer, check_finite_fields, check_ranges, fit
 
 __all__ = ["VQTrainConfig", "VQRunConfig", "VQTrainer", "load_vq_config", "train_vqgan", "evaluate_vq",
            "parse_loss", "parse_labels", "psnr", "render_batch", "to_pixels", "training_batch",
@@ -76,16 +73,10 @@ TRAIN_STREAM, RESTART_STREAM, EVAL_STREAM = 0x7A11, 0x7A12, 0x7A13
 PARSE_THRESHOLD = float(MAX_DISTANCE)  # the parser's color distance, on the 0-255 scale
 _PALETTE = torch.tensor(PALETTE, dtype=torch.float32)  # (6, 3), 0-255: the parser's palette
 
-SUMMARY_NAME = "summary.json"
-BEST_DIR = "best"
-TRAINER_TENSORS = "trainer.safetensors"
-BEST_TENSORS = "best.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickled checkpoint of earlier versions (not read)
 # training keys a resumed run may change: they do not change the trajectory
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_images", "eval_sizes", "checkpoint_every", "keep_checkpoints",
                      "max_minutes", "progress"}
-# How to go on after a non-finite loss, when a resumed run would repeat it.
-RESTART = "training.lr and training.grad_clip cannot change on resume: train again in a new output directory"
 
 Size = tuple[int, int]  # (width, height)
 
@@ -130,27 +121,14 @@ class VQTrainConfig:
         self.sizes = tuple((int(w), int(h)) for w, h in self.sizes)
         self.eval_sizes = tuple((int(w), int(h)) for w, h in self.eval_sizes)
         self.betas = tuple(float(b) for b in self.betas)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            values = value if f.name == "betas" else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        check_finite_fields(self)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        positive = ("batch_size", "lr", "log_every", "eval_images", "checkpoint_every", "keep_checkpoints")
-        non_negative = ("steps", "warmup_steps", "weight_decay", "grad_clip", "l1_weight", "mse_weight",
-                        "parse_weight", "parse_margin", "restart_every", "eval_every")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in non_negative:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("min_lr_ratio", "restart_until"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_ranges(self,
+                     positive=("batch_size", "lr", "log_every", "eval_images", "checkpoint_every", "keep_checkpoints"),
+                     non_negative=("steps", "warmup_steps", "weight_decay", "grad_clip", "l1_weight", "mse_weight",
+                                   "parse_weight", "parse_margin", "restart_every", "eval_every"),
+                     unit=("min_lr_ratio", "restart_until"))
         if self.codebook_ema is not None and not 0 <= self.codebook_ema < 1:
             raise ValueError(f"codebook_ema must be in [0, 1) or null, got {self.codebook_ema!r}")
         if self.max_minutes is not None and self.max_minutes < 0:
@@ -336,23 +314,25 @@ def _to_image(arr: np.ndarray):
 # ----------------------------------------------------------------------------- trainer
 
 
-class VQTrainer:
+class VQTrainer(TokenizerTrainer):
     """One VQGAN training run: `step()` trains on one batch; `save_checkpoint()` /
     `load_checkpoint()` write and read a checkpoint directory.
 
     Holds only what a resumed run needs beyond (seed, step): weights, optimizer state, the usage
     counts of the current restart window, the codebook EMA, and the best evaluation so far."""
 
+    MODEL, TOKENIZER = VQGAN, ImageTokenizer
+    BEST_BY, HIGHER_IS_BETTER = ("parse_exact", "psnr"), True  # parse better; PSNR breaks ties
+    SECTION = "training"
+    RESUMABLE_CHANGES = RESUMABLE_CHANGES
+    NAME = "vqgan"
+
     def __init__(self, config: VQGANConfig, train: VQTrainConfig, out_dir: str | Path | None = None):
-        self.config, self.train = config, train
         factor = config.downsample_factor
         if (bad := misaligned_sizes(train, factor)) is not None:
             raise ValueError(f"{bad[0]} {bad[1]} are not multiples of the model's downsampling factor {factor}")
-        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.bf16 = resolve_precision(train.precision, torch.device("cpu")) == "bf16"  # trains on the CPU
-        with torch.random.fork_rng(devices=[]):  # init from the run's seed, not the global RNG
-            torch.manual_seed(train.seed)
-            self.model = VQGAN(config)
+        super().__init__(config, train, out_dir)
         codebook = self.model.quantize.embedding.weight
         if train.codebook_ema is not None:
             codebook.requires_grad_(False)  # moved by `_ema_update`, not by the optimizer
@@ -363,19 +343,10 @@ class VQTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim == 4]
         rest = [p for p in params if p.ndim != 4]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=train.lr, betas=train.betas)
-        self.step_count = 0
+        self.optimizer = self.adamw(decay, rest)
         self.usage = torch.zeros(config.codebook_size, dtype=torch.long)  # codes picked this window
-        self.restarted_total = 0
-        self.best: dict[str, Any] | None = None  # {"metrics": ..., "step": ..., "state": state_dict}
 
     # -- one step
-
-    def lr_at(self, step: int) -> float:
-        t = self.train
-        return lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
 
     def losses(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Forward pass -> (named losses incl. "loss", latents before quantization, codes)."""
@@ -404,26 +375,16 @@ class VQTrainer:
         step = self.step_count
         pixels = training_batch(t.seed, step, t.batch_size, t.sizes)
         self.model.train()
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step)
         out, z, codes = self.losses(pixels)
-        check_step(self.optimizer, step + 1, loss=float(out["loss"].detach()))
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else math.inf)
-        check_step(self.optimizer, step + 1, gradient_norm=float(norm))
-        self.optimizer.step()
+        norm = self.update(out["loss"], step)
         self.usage += torch.bincount(codes.reshape(-1), minlength=self.config.codebook_size)
         if t.codebook_ema is not None:
             self._ema_update(z, codes)
-        restarted = 0
-        # first window ends after step 0, so the tiny uniform init is replaced by data at once
-        if t.restart_every and step < t.restart_until * t.steps and step % t.restart_every == 0:
-            restarted = self.restart_dead_codes(z, step)
+        restarted = self.restart_dead_codes(z, step) if self.restart_due(step) else 0
         self.step_count += 1
         metrics = {k: float(v.detach()) for k, v in out.items()}
-        metrics.update(step=self.step_count, lr=lr, grad_norm=float(norm), restarted=restarted)
+        metrics.update(step=self.step_count, lr=lr, grad_norm=norm, restarted=restarted)
         return metrics
 
     @torch.no_grad()
@@ -475,60 +436,14 @@ class VQTrainer:
         tok = ImageTokenizer(self.model)
         return evaluate_vq(tok, n or self.train.eval_images, self.train.seed, sizes or self.train.eval_sizes)
 
-    def consider_best(self, metrics: dict[str, Any]) -> bool:
-        """Keep these weights if they parse better (PSNR breaks ties) than the best so far."""
-        key = (metrics["parse_exact"], metrics["psnr"])
-        if self.best is not None and key <= (self.best["metrics"]["parse_exact"], self.best["metrics"]["psnr"]):
-            return False
-        self.best = {"metrics": metrics, "step": self.step_count,
-                     "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-        return True
+    # -- progress
 
-    def best_tokenizer(self) -> ImageTokenizer:
-        """The best evaluated weights (the current ones when nothing was evaluated)."""
-        model = VQGAN(self.config)
-        model.load_state_dict(self.best["state"] if self.best else self.model.state_dict())
-        return ImageTokenizer(model.eval())
+    def progress_postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}", "parse": f"{metrics['parse']:.4f}"}
 
-    # -- checkpoints
-
-    def save_checkpoint(self, root: str | Path | None = None) -> Path:
-        """Write root/step-N (root: out_dir/checkpoints) atomically; returns it. Non-finite
-        weights are refused with TrainError: no checkpoint holds them."""
-        if root is None:
-            if self.out_dir is None:
-                raise ValueError("save_checkpoint needs a directory: this trainer has no out_dir")
-            root = self.out_dir / CHECKPOINTS
-
-        def write(directory: Path) -> None:
-            atomic_save_safetensors({"usage": self.usage, "ema_count": self.ema_count, "ema_sum": self.ema_sum},
-                                    directory / TRAINER_TENSORS)
-            if self.best is not None:
-                atomic_save_safetensors(self.best["state"], directory / BEST_TENSORS)
-
-        best = None if self.best is None else {"step": self.best["step"], "metrics": self.best["metrics"]}
-        state = {"step": self.step_count, "restarted_total": self.restarted_total, "best": best,
-                 "model_config": self.config.to_dict(), "train_config": self.train.to_dict()}
-        return save_training_checkpoint(Path(root), self.step_count, self.model, self.optimizer, state,
-                                        self.train.keep_checkpoints, extra=write)
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from a checkpoint directory; TrainError if it belongs to another run."""
-        path = Path(path)
-        state = read_state(path)
-        check_resumable(f"from {path}", state["model_config"], self.config.to_dict(), label="model ")
-        check_resumable(f"from {path}", state["train_config"], self.train.to_dict(), RESUMABLE_CHANGES,
-                        label="training ")
-        self.model.load_state_dict(load_weights(path))
-        load_optimizer(self.optimizer, path)
-        load_rng(path)
-        tensors = load_tensors(path / TRAINER_TENSORS)
-        self.usage, self.ema_count, self.ema_sum = tensors["usage"], tensors["ema_count"], tensors["ema_sum"]
-        self.step_count = state["step"]
-        self.restarted_total = state["restarted_total"]
-        best = state.get("best")
-        self.best = None if best is None else {"metrics": best["metrics"], "step": best["step"],
-                                               "state": load_tensors(path / BEST_TENSORS)}
+    def eval_message(self, metrics: dict[str, Any]) -> str:
+        return (f"psnr {metrics['psnr']:.2f} parse_exact {metrics['parse_exact']:.4f} "
+                f"usage {metrics['codebook_usage']:.3f}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -551,60 +466,5 @@ def train_vqgan(config: VQGANConfig, out_dir: str | Path, train: VQTrainConfig |
         raise TrainError(f"{out / LEGACY_CHECKPOINT} was written by an older tokenloom (a pickled checkpoint), which "
                          "is not read any more; start a new output directory")
     trainer = VQTrainer(config, train, out)
-    metrics = MetricsLog(out / METRICS_NAME)
-
-    def load(path: Path) -> int:
-        trainer.load_checkpoint(path)
-        return trainer.step_count
-
-    # seeds torch (dropout, if the model has any) when there is nothing to resume
-    start_run(out, resume, seed=train.seed, config={"model": config.to_dict(), "training": train.to_dict()},
-              metrics=metrics, load=load)
-    stop = train.steps if max_steps is None else min(max_steps, train.steps)
-
-    from tqdm.auto import tqdm
-
-    start = time.monotonic()
-    bar = tqdm(total=train.steps, initial=trainer.step_count, desc="vqgan", unit="step",
-               disable=not train.progress, dynamic_ncols=True)
-    stopped_early = False
-    try:
-        while trainer.step_count < stop:
-            try:
-                m = trainer.step()
-            except TrainError as e:
-                raise stopped(e, latest_checkpoint(root), RESTART) from None
-            bar.update(1)
-            done = trainer.step_count
-            # logged and evaluated where an uninterrupted run would be: a split run's log is the same
-            if done % train.log_every == 0 or done == train.steps:
-                metrics.write({"kind": "train", **m, "elapsed_s": round(time.monotonic() - start, 1)})
-                bar.set_postfix(loss=f"{m['loss']:.4f}", parse=f"{m['parse']:.4f}", refresh=False)
-            over_budget = train.max_minutes is not None and time.monotonic() - start > 60 * train.max_minutes
-            if train.eval_every and (done % train.eval_every == 0 or done == train.steps or over_budget):
-                ev = trainer.evaluate()
-                trainer.consider_best(ev)
-                metrics.write({"kind": "eval", "step": done, "elapsed_s": round(time.monotonic() - start, 1), **ev})
-                bar.write(f"step {done}: psnr {ev['psnr']:.2f} parse_exact {ev['parse_exact']:.4f} "
-                          f"usage {ev['codebook_usage']:.3f}", file=sys.stderr)
-            if done % train.checkpoint_every == 0 or done == stop or over_budget:
-                try:
-                    trainer.save_checkpoint()
-                except TrainError as e:
-                    raise stopped(e, latest_checkpoint(root), RESTART) from None
-            if over_budget:
-                stopped_early = True
-                break
-    finally:
-        bar.close()
-    tok = trainer.best_tokenizer()
-    tok.save_pretrained(out / BEST_DIR)
-    records = metrics.read()
-    plot_losses(out / "loss.png", [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"],
-                title=f"vqgan loss ({out.name})")
-    best = None if trainer.best is None else {"step": trainer.best["step"], **trainer.best["metrics"]}
-    atomic_write_json(out / SUMMARY_NAME, {"step": trainer.step_count, "steps": train.steps,
-                                           "finished": trainer.step_count >= train.steps,
-                                           "stopped_early": stopped_early,
-                                           "restarted_total": trainer.restarted_total, "best": best})
-    return tok
+    return fit(trainer, out, resume=resume, max_steps=max_steps,
+               config={"model": config.to_dict(), "training": train.to_dict()})
