@@ -228,6 +228,17 @@ def _parse_video(part: dict, base_dir: Path, where: str) -> RawVideo:
     return RawVideo(tuple(images), None, width, height, len(images))
 
 
+def _file_path(part: dict, base_dir: Path, what: str, file_kind: str, hint: str = "") -> Path:
+    """The part's 'path', resolved, checked to name an existing file (`file_kind`: "image", "audio")."""
+    path = part.get("path")
+    if not isinstance(path, str) or not path:
+        _fail(f"{what} needs a non-empty string 'path'{hint}")
+    full = _resolve(path, base_dir)
+    if not full.is_file():
+        _fail(f"{file_kind} file {full} does not exist" if not full.exists() else f"{file_kind} path {full} is not a file")
+    return full
+
+
 def _parse_part(part: Any, base_dir: Path, where: str) -> RawPart:
     if not isinstance(part, dict):
         _fail(f"{where} must be an object, got {type(part).__name__}")
@@ -239,24 +250,12 @@ def _parse_part(part: Any, base_dir: Path, where: str) -> RawPart:
         return TextPart(part["text"])
     if kind == "image":
         _check_keys(part, ("type", "path", "width", "height"), f"image {where}")
-        path = part.get("path")
-        if not isinstance(path, str) or not path:
-            _fail(f"image {where} needs a non-empty string 'path'")
-        full = _resolve(path, base_dir)
-        if not full.is_file():
-            _fail(f"image file {full} does not exist" if not full.exists() else f"image path {full} is not a file")
-        return RawImage(full, *_size(part, "image "))
+        return RawImage(_file_path(part, base_dir, f"image {where}", "image"), *_size(part, "image "))
     if kind == "video":
         return _parse_video(part, base_dir, where)
     if kind == "speech":
         _check_keys(part, ("type", "path"), f"speech {where}")
-        path = part.get("path")
-        if not isinstance(path, str) or not path:
-            _fail(f"speech {where} needs a non-empty string 'path' (an audio file)")
-        full = _resolve(path, base_dir)
-        if not full.is_file():
-            _fail(f"audio file {full} does not exist" if not full.exists() else f"audio path {full} is not a file")
-        return RawSpeech(full)
+        return RawSpeech(_file_path(part, base_dir, f"speech {where}", "audio", " (an audio file)"))
     _fail(f"unknown part type {kind!r} in {where} (expected 'text', 'image', 'video' or 'speech')")
     raise AssertionError  # unreachable; keeps type checkers content
 

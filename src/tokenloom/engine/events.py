@@ -15,7 +15,9 @@ so concatenated chunks differ slightly from SpeechDone's whole-utterance audio n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -89,7 +91,14 @@ class SpeechStarted(Event):
 class SpeechChunk(Event):
     start_frame: int  # index of the chunk's first frame in the utterance
     codes: np.ndarray  # int64 [levels, n]: the n complete frames from start_frame
-    audio: Any  # float32 np.ndarray, this chunk decoded alone; None without a speech tokenizer
+    # codes -> waveform (the engine's speech decoder). The audio is decoded when first read, not when
+    # the chunk is made: `Engine.generate` drops every chunk, and Griffin-Lim would run twice an utterance.
+    decode: Callable[[np.ndarray], Any] = field(repr=False, compare=False)
+
+    @cached_property
+    def audio(self) -> Any:
+        """float32 np.ndarray, this chunk decoded alone; None without a speech tokenizer."""
+        return self.decode(self.codes)
 
 
 @dataclass

@@ -167,7 +167,7 @@ class RequestOutput:
             start = self.speech_sent
             n = min(self.speech_chunk_frames, complete - start)
             codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64)
-            events.append(SpeechChunk(self.index, start, codes, self.engine.decode_speech(codes)))
+            events.append(SpeechChunk(self.index, start, codes, self.engine.decode_speech))
             self.speech_sent += n
         return events
 
