@@ -16,6 +16,7 @@ from tokenloom.cli import main as cli
 from tokenloom.data import pretokenize, read_manifest
 from tokenloom.pipeline import Pipeline, random_pipeline
 from tokenloom.train import ConfigError, TrainError, load_config, train
+from tokenloom.train.config import train_sources
 from tokenloom.train.schedule import schedule_stages
 from tokenloom.train.trainer import MetricsLog
 
@@ -211,13 +212,18 @@ def test_the_finetune_recipe_configs_resolve_to_the_same_budget(tmp_path):
     fpsft = load_config(recipe.write_config("fpsft", tmp_path, recipe.SHIPPED))
     direct = load_config(recipe.write_config("direct", tmp_path, recipe.SHIPPED))
     stages = schedule_stages(fpsft, tmp_path / "fpsft")
-    assert [(s.name, s.image_size) for s in stages] == [("s64", (64, 64)), ("s96", (96, 96)), ("s128", (128, 128))]
+    assert [(s.name, s.image_size) for s in stages] == [("s64", (64, 64)), ("s80", (80, 80)), ("s96", (96, 96))]
+    replay = str(tmp_path / "shards" / "replay-64")
     for s, size in zip(stages, recipe.SIZES):
-        assert s.config.data.train == [str(tmp_path / "shards" / f"t2i-{size}")]
-        assert s.config.data.eval == direct.data.eval == [str(tmp_path / "shards" / "eval-128")]
+        # Two thirds of the rows at the stage's size, a third replay of the old tasks at 64x64.
+        assert [(src.path, src.weight) for src in train_sources(s.config)] == [
+            (str(tmp_path / "shards" / f"t2i-{size}"), 2.0), (replay, 1.0)]
+        assert s.config.data.eval == direct.data.eval == [str(tmp_path / "shards" / "eval-96")]
         shipped.grid_size(size, size)  # the shipped image tokenizer encodes every stage's size
+    assert [(src.path, src.weight) for src in train_sources(direct)] == [
+        (str(tmp_path / "shards" / "t2i-96"), 2.0), (replay, 1.0)]
     assert stages[0].config.model.pipeline == str(recipe.SHIPPED) == direct.model.pipeline
-    assert stages[2].config.model.pipeline == str(tmp_path / "fpsft" / "s96" / "final")
+    assert stages[2].config.model.pipeline == str(tmp_path / "fpsft" / "s80" / "final")
     # The same budget: steps x batch x seq_len row positions, the rest of the settings alike.
     budget = sum(s.config.train.max_steps * s.config.data.batch_size * s.config.data.seq_len for s in stages)
     assert budget == direct.train.max_steps * direct.data.batch_size * direct.data.seq_len
@@ -232,16 +238,18 @@ def test_the_finetune_recipe_configs_resolve_to_the_same_budget(tmp_path):
 
 @pytest.mark.slow
 def test_the_finetune_recipe_smoke_run(tmp_path):
-    """Minutes: tiny sets at 64, 96 and 128 px with the shipped model, both runs for 2 steps a stage, the
-    comparison on one prompt."""
+    """Minutes: tiny sets at 64, 80 and 96 px and a tiny replay set with the shipped model, both runs for 2
+    steps a stage, the comparison on one prompt."""
     recipe = recipe_module()
     assert recipe.main(["--work", str(tmp_path), "--smoke", "--n", "1"]) == 0
-    for size in (64, 96, 128):
+    for size in (64, 80, 96):
         assert read_manifest(tmp_path / "shards" / f"t2i-{size}")["counts"]["image_sizes"] == {f"{size}x{size}": 12}
+    assert set(read_manifest(tmp_path / "shards" / "replay-64")["counts"]["image_sizes"]) == {"64x64"}
     report = json.loads((tmp_path / "compare.json").read_text())
     assert set(report["models"]) == {"start", "fpsft", "direct"}
     assert report["models"]["fpsft"]["steps"] == report["models"]["direct"]["steps"] == 6
-    assert tokenloom.load(tmp_path / "fpsft" / "final").config.image_width == 128
+    assert tokenloom.load(tmp_path / "fpsft" / "final").config.image_width == 96
+    assert set(report["models"]["direct"]["text"]) == {"caption", "qa"}
 
 
 def test_a_relative_output_directory_holds_its_stages(work, monkeypatch):

@@ -1,31 +1,34 @@
-"""FP-SFT (progressive resolution, as Lumina-mGPT trains) against direct 128 px fine-tuning of the shipped
-shapes-tiny on text to image, for the same budget: the data, both trainings and the comparison.
+"""FP-SFT (progressive resolution, as Lumina-mGPT trains) against direct 96 px fine-tuning of the shipped
+shapes-tiny on text to image, for the same budget and the same share of replay: the data, both trainings
+and the comparison.
 
-    python recipes/finetune/progressive.py --work runs/fpsft                  # everything (hours on a CPU)
+    python recipes/finetune/progressive.py --work runs/fpsft                  # everything (~1 h on a CPU)
     python recipes/finetune/progressive.py --work runs/fpsft --only data      # or fpsft, direct, compare
     python recipes/finetune/progressive.py --work runs/fpsft-smoke --smoke    # tiny sets, 2 steps a stage
-    python recipes/finetune/progressive.py --work runs/fpsft-small --scale 0.2   # a fifth: ~45 min on a CPU
 
 1. data: shapes-world text-to-image sets (`tokenloom.world.tasks.build_dataset`, t2i only) of square
-   images at 64, 96 and 128 px, each drawn with a seed of its own (seeds no shapes-tiny stage used),
-   and a 128 px eval-loss set; pre-tokenized with the starting model into WORK/shards/t2i-64, t2i-96,
-   t2i-128 and eval-128 (their manifests count the images of each size, which is what a stage's
+   images at 64, 80 and 96 px, each drawn with a seed of its own (seeds no shapes-tiny stage used), a
+   replay set of the shipped model's old tasks (t2i, caption, qa, story, edit) at 64x64, and a 96 px
+   eval-loss set; pre-tokenized with the starting model into WORK/shards/t2i-64, t2i-80, t2i-96,
+   replay-64 and eval-96 (their manifests count the images of each size, which is what a stage's
    image_size is checked against);
-2. fpsft: fpsft.yaml, written to WORK/fpsft.yaml: stages s64 -> s96 -> s128 in WORK/fpsft/, each from
+2. fpsft: fpsft.yaml, written to WORK/fpsft.yaml: stages s64 -> s80 -> s96 in WORK/fpsft/, each from
    the previous one's weights, the last one's model in WORK/fpsft/final;
-3. direct: direct.yaml, written to WORK/direct.yaml: 128 px from the start for the schedule's steps x
+3. direct: direct.yaml, written to WORK/direct.yaml: 96 px from the start for the schedule's steps x
    batch x seq_len, in WORK/direct/;
 4. compare: each model (the starting one, fpsft, direct) draws the same --n held-out t2i prompts at
-   128x128 (the new size) and at 64x64 (the old one, which fine-tuning should keep), scored by parsing
-   the drawn scene back (exact match); with each run's steps, last eval loss on the 128 px set, the
-   document tokens it trained on and its training wall time: WORK/compare.json, WORK/compare.md,
+   96x96 (the new size) and at 64x64 (the old one, which fine-tuning must keep), scored by parsing the
+   drawn scene back (exact match), and answers --n held-out caption and question prompts (the text
+   skills, which must hold too); with each run's steps, last eval loss on the 96 px set, the document
+   tokens it trained on and its training wall time: WORK/compare.json, WORK/compare.md,
    WORK/compare-<model>-<size>.png.
 
 --scale F (default 1) multiplies every training set's document count, every stage's max_steps and the
 direct run's steps (the sum of the scaled stages, so both runs keep the same budget); below 1 each
 stage's warmup is min(warmup, steps // 5) and both runs evaluate and checkpoint every third of the
 direct run's steps. The scale is recorded in WORK/recipe.json; a work directory built at another scale
-is refused. Measured at --scale 0.2 on two CPU cores: docs/finetuning.md.
+(or by the recipe's first design, 64 -> 96 -> 128 without replay) is refused. Measured on two CPU cores:
+docs/finetuning.md.
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. --model starts
 from another model directory (default: the shipped one, read only); --device runs the pre-tokenizer's
@@ -51,32 +54,39 @@ from tokenloom.world.tasks import build_dataset
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path(tokenloom.__file__).resolve().parent / "assets" / "shapes-tiny"  # read only
-SIZES = (64, 96, 128)
-# Documents per training set: about one pass of what its stage reads (seq_len 1024 holds about 11 64 px,
-# 5 96 px or 3 128 px documents); the direct run reads t2i-128 for all its 1200 steps.
-COUNTS = {64: 26000, 96: 12000, 128: 29000}
+SIZES = (64, 80, 96)
+TARGET = SIZES[-1]
+DESIGN = 2  # 1: 64 -> 96 -> 128 without replay at lr 3e-4 (docs/finetuning.md has its numbers)
+# Documents per training set. Two thirds of a row's positions are t2i (seq_len 1024 holds about 11 64 px,
+# 8 80 px or 5-6 96 px documents): about one pass of what the fpsft stages read, and the direct run reads
+# t2i-96 one and a half times. The replay third reads replay-64 about once.
+COUNTS = {64: 4000, 80: 5000, 96: 12000}
+REPLAY = {"t2i": 3000, "caption": 1200, "qa": 2400, "story": 1000, "edit": 2400}  # stage 13's proportions
 EVAL_COUNT = 400
-SEEDS = {64: 1064, 96: 1096, 128: 1128, "eval": 2128}  # shapes-tiny's stages used seeds 0-42
+SEEDS = {64: 1064, 80: 1080, 96: 1096, "replay": 1264, "eval": 2096}  # shapes-tiny's stages used seeds 0-42
 SMOKE_COUNT = 12
-COMPARE_SIZES = (128, 64)  # the new size, then the old one (the shipped model draws 64x64 by default)
+COMPARE_SIZES = (TARGET, 64)  # the new size, then the old one (the shipped model draws 64x64 by default)
+TEXT_TASKS = ("caption", "qa")  # the skills that must not be lost, scored after the drawing
 SHARD_SIZE = 5000
 RUNS = ("fpsft", "direct")
 STEPS = ("data", *RUNS, "compare")
 
 
 def set_name(size: int | str) -> str:
-    return "eval-128" if size == "eval" else f"t2i-{size}"
+    return {"eval": f"eval-{TARGET}", "replay": "replay-64"}.get(size, f"t2i-{size}")
 
 
 # --------------------------------------------------------------------------- data
 
 
-def set_count(size: int | str, smoke: bool = False, scale: float = 1.0) -> int:
-    """Documents in a set: the eval set's EVAL_COUNT, a training set's COUNTS x scale (SMOKE_COUNT each
-    in a smoke run)."""
+def set_counts(size: int | str, smoke: bool = False, scale: float = 1.0) -> dict[str, int]:
+    """Documents a set draws per task: the eval set's EVAL_COUNT, a training set's COUNTS (or REPLAY) x
+    scale; SMOKE_COUNT (a task) in a smoke run."""
+    if size == "replay":
+        return {task: SMOKE_COUNT if smoke else max(1, round(n * scale)) for task, n in REPLAY.items()}
     if smoke:
-        return SMOKE_COUNT
-    return EVAL_COUNT if size == "eval" else max(1, round(COUNTS[size] * scale))
+        return {"t2i": SMOKE_COUNT}
+    return {"t2i": EVAL_COUNT if size == "eval" else max(1, round(COUNTS[size] * scale))}
 
 
 def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None = None,
@@ -84,14 +94,13 @@ def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None 
     """The raw sets (WORK/data/<set>/) and their shards (WORK/shards/<set>), each skipped when done."""
     pipe = None
     summaries = {}
-    for size in (*SIZES, "eval"):
+    for size in (*SIZES, "replay", "eval"):
         name = set_name(size)
         data = work / "data" / name
         split = "eval" if size == "eval" else "train"
-        px = 128 if size == "eval" else size
+        px = {"eval": TARGET, "replay": 64}.get(size, size)
         if not (data / f"{split}.jsonl").exists():
-            count = set_count(size, smoke, scale)
-            build_dataset(data, {"t2i": count}, seed=SEEDS[size], sizes=[(px, px)], split=split)
+            build_dataset(data, set_counts(size, smoke, scale), seed=SEEDS[size], sizes=[(px, px)], split=split)
         if pipe is None:
             if device is not None and torch.device(device).type == "cuda":  # the CPU's codes: no TF32
                 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -175,7 +184,7 @@ def train_run(run: str, work: Path, model: Path, smoke: bool = False, train_devi
 def check_work(work: Path, smoke: bool, scale: float) -> None:
     """Record the work directory's scale in WORK/recipe.json; refuse one recorded at another."""
     path = work / "recipe.json"
-    want = {"smoke": smoke, "scale": scale}
+    want = {"design": DESIGN, "smoke": smoke, "scale": scale}
     if path.exists():
         have = json.loads(path.read_text())
         if have != want:
@@ -229,6 +238,15 @@ def t2i_at(pipe, n: int, seed: int, size: int, candidates: int, batch_size: int 
     return {"t2i_exact": score, "breakdown": breakdown}, shown
 
 
+def text_at(pipe, task: str, n: int, seed: int, batch_size: int = 32) -> dict:
+    """Exact answers of `n` held-out `task` prompts (captions or questions, greedy), with the breakdown."""
+    from tokenloom.evaluation import eval_text
+    from tokenloom.world.tasks import heldout_samples
+
+    score, breakdown, _ = eval_text(pipe, heldout_samples(task, n, seed), batch_size, True, task)
+    return {"exact": score, "breakdown": breakdown}
+
+
 def _pct(score: float | None) -> str:
     return "" if score is None else f"{100 * score:.1f}%"
 
@@ -238,7 +256,8 @@ def _objects(breakdown: dict[str, float]) -> str:
 
 
 def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: int = 1,
-            device: str | None = None, sizes: tuple[int, ...] = COMPARE_SIZES) -> dict[str, Any]:
+            device: str | None = None, sizes: tuple[int, ...] = COMPARE_SIZES,
+            text_tasks: tuple[str, ...] = TEXT_TASKS) -> dict[str, Any]:
     from tokenloom.report import image_grid
 
     labels = [f"{size}x{size}" for size in sizes]
@@ -263,20 +282,25 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
             record["t2i"][label] = {**scores, "seconds": time.perf_counter() - started}
             if shown:
                 image_grid(shown[:64], columns=8).save(work / f"compare-{name}-{size}.png")
-        record["t2i_exact"] = record["t2i"][labels[0]]["t2i_exact"]  # the first size's (128x128)
+        record["t2i_exact"] = record["t2i"][labels[0]]["t2i_exact"]  # the new size's
+        record["text"] = {task: text_at(pipe, task, n, seed) for task in text_tasks}
         report["models"][name] = record
     (work / "compare.json").write_text(json.dumps(report, indent=2))
     scale = report.get("recipe", {}).get("scale", 1.0)
-    lines = ["# FP-SFT (64 -> 96 -> 128) vs direct 128 px fine-tuning", "",
+    stages = " -> ".join(str(size) for size in SIZES)
+    lines = [f"# FP-SFT ({stages}) vs direct {TARGET} px fine-tuning, both with a third of replay", "",
              f"{n} held-out t2i prompts (the same scenes at every size; seed {seed}, {candidates} draw(s) each, "
-             f"the best kept), exact scene match{f'; recipe at scale {scale:g}' if scale != 1.0 else ''}. "
+             f"the best kept), exact scene match, and {n} held-out prompts of each text task (greedy, exact)"
+             f"{f'; recipe at scale {scale:g}' if scale != 1.0 else ''}. "
              "Objects: exact % of 1 / 2 / 3-object scenes.", "",
              "| model | " + " | ".join(f"t2i exact @{s} | objects @{s}" for s in sizes)
-             + " | eval loss @128 | steps | document tokens | row positions | train time | s/step (median) |",
-             "| --- " * (2 * len(sizes) + 7) + "|"]
+             + "".join(f" | {task}" for task in text_tasks)
+             + f" | eval loss @{TARGET} | steps | document tokens | row positions | train time | s/step (median) |",
+             "| --- " * (2 * len(sizes) + len(text_tasks) + 7) + "|"]
     for name, r in report["models"].items():
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
         cells = [f"{_pct(r['t2i'][label]['t2i_exact'])} | {_objects(r['t2i'][label]['breakdown'])}" for label in labels]
+        cells += [_pct(r["text"][task]["exact"]) for task in text_tasks]
         seconds, per_step = r.get("train_seconds"), r.get("step_seconds_median")
         wall = "" if seconds is None else f"{seconds / 60:.1f} min"
         step = "" if per_step is None else f"{per_step:.2f}"
