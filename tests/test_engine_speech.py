@@ -304,14 +304,20 @@ def test_random_weight_fuzz_utterances_always_well_formed(talkers, layout):
 
 
 def test_modes_text_and_image_never_speak(talkers):
-    """Even with a model that likes speech_begin: modes "text" and "image" never emit it; "any" does."""
+    """Even with a model that likes speech_begin: modes "text" and "image" never emit it, nor "any" with
+    speak=False (in a batch beside rows that may); "any" does."""
     fond = talkers["blocks"]
     v = fond.vocab
-    for mode, size in (("text", None), ("image", (2, 2)), ("any", (2, 2))):
+    for mode, size, speak in (("text", None, True), ("image", (2, 2), True), ("any", (2, 2), True),
+                              ("any", (2, 2), False)):
         reqs = [GenerationRequest(prompt(fond, f"x {s}"), mode=mode, image_size=size, max_new_tokens=30, text=WARM,
-                                  image=WARM, speech=WARM, seed=s) for s in range(4)]
+                                  image=WARM, speech=WARM, seed=s, speak=speak) for s in range(4)]
         started = [v.speech_begin in r.ids for r in fond.engine.generate(reqs)]
-        assert any(started) if mode == "any" else not any(started), mode
+        assert any(started) if (mode, speak) == ("any", True) else not any(started), (mode, speak)
+    mixed = [GenerationRequest(prompt(fond, f"x {s}"), max_new_tokens=30, text=WARM, speech=WARM, seed=s,
+                               speak=bool(s % 2)) for s in range(8)]
+    started = [v.speech_begin in r.ids for r in fond.engine.generate(mixed)]
+    assert not any(started[0::2]) and any(started[1::2])
 
 
 # -- the same tokens as recomputation from scratch ---------------------------------------------------
@@ -625,6 +631,12 @@ def test_bad_speech_requests_are_refused(speech_pipe, pipe):
         eng.generate([speech_request(speech_pipe, speech_frames=3, max_new_tokens=13)])
     with pytest.raises(ValueError, match=r"an utterance of one frame at 2 levels needs 4 tokens"):
         eng.generate([speech_request(speech_pipe, speech_levels=2, max_new_tokens=3)])
+    with pytest.raises(ValueError, match="request 0: speak=False contradicts mode 'speech'"):
+        eng.generate([speech_request(speech_pipe, speak=False)])
+    with pytest.raises(ValueError, match="speak=False contradicts speech_frames"):
+        eng.generate([speech_request(speech_pipe, mode="any", speech_frames=2, speak=False)])
+    with pytest.raises(ValueError, match="speak must be True or False"):
+        eng.generate([speech_request(speech_pipe, mode="any", speak="no")])
     # Without speech tokens mode "any" never speaks (there is nothing to speak with).
     res = pipe.engine.generate([speech_request(pipe, mode="any", text=WILD, seed=s) for s in range(3)])
     assert not any(r.speech_parts for r in res)

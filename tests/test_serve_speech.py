@@ -15,14 +15,19 @@ import pytest
 import soundfile as sf
 import torch
 
-from tokenloom.audio_io import Audio, audio_bytes, read_audio_bytes, to_pcm16
+from tokenloom.audio_io import Audio, audio_bytes, read_audio_bytes, resample, to_pcm16
 from tokenloom.document import Document, TextPart
 from tokenloom.engine import Finished, SpeechChunk
 from tokenloom.pipeline import random_pipeline
 from tokenloom.serve import ServerThread, ServeSettings, create_app
 
 SAY = [{"role": "user", "content": "Say something."}]
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 code frames a second
+SAMPLES_PER_FRAME = 960  # the answers' 24 kHz (OpenAI's rate) / 25 code frames a second
+
+
+def at_24k(samples) -> np.ndarray:
+    """What the server sends of the codec's 16 kHz samples: 16-bit PCM at 24 kHz."""
+    return to_pcm16(np.clip(resample(samples, 16000, 24000), -1.0, 1.0))
 MAX_AUDIO_BYTES = 64 << 10
 MAX_AUDIO_SECONDS = 2.0
 
@@ -136,14 +141,14 @@ def test_an_audio_answer_is_a_wav_of_the_utterance(speaker, reference):
         raw = base64.b64decode(message.audio.data)
         assert raw[:4] == b"RIFF"
         samples, rate = sf.read(io.BytesIO(raw), dtype="int16")
-        assert rate == 16000 and len(samples) == utterance.num_frames * SAMPLES_PER_FRAME
-        assert np.array_equal(samples, to_pcm16(utterance.audio))
+        assert rate == 24000 and len(samples) == utterance.num_frames * SAMPLES_PER_FRAME
+        assert np.array_equal(samples, at_24k(utterance.audio))
         assert r.usage.completion_tokens == len(expected.ids)
     # pcm16 without streaming: the same samples, raw 16-bit little-endian
     r = chat(speaker, messages=SAY, modalities=["audio"], audio={"voice": "x", "format": "pcm16"}, max_tokens=120,
              seed=0)
     pcm = np.frombuffer(base64.b64decode(r.choices[0].message.audio.data), dtype="<i2")
-    assert np.array_equal(pcm, to_pcm16(utterance.audio))
+    assert np.array_equal(pcm, at_24k(utterance.audio))
 
 
 def test_streamed_audio_is_the_speech_chunks_as_pcm16(speaker, reference):
@@ -167,7 +172,7 @@ def test_streamed_audio_is_the_speech_chunks_as_pcm16(speaker, reference):
     assert reasons == [expected.finish_reason]
     streamed = [np.frombuffer(base64.b64decode(a.data), dtype="<i2") for a in data]
     for got, want in zip(streamed, chunks):  # each chunk decoded alone, as the engine's SpeechChunk
-        assert np.array_equal(got, to_pcm16(want))
+        assert np.array_equal(got, at_24k(want))
     whole = np.concatenate(streamed)  # as long as the plain answer's WAV; near the seams slightly different
     assert len(whole) == expected.speech_parts[0].num_frames * SAMPLES_PER_FRAME
     # no audio parameter: a stream's audio is pcm16 all the same
@@ -179,6 +184,29 @@ def test_streamed_audio_is_the_speech_chunks_as_pcm16(speaker, reference):
 def test_every_modality_at_once_is_accepted(speaker):
     r = chat(speaker, messages=SAY, modalities=["text", "image", "audio"], max_tokens=10, seed=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_answer_speaks_only_when_audio_is_asked_for(speaker, monkeypatch):
+    """The engine's speak flag follows the request's modalities: a client that asked for text (and images),
+    or named no modalities, gets no audio, even from a model that can speak."""
+    from tokenloom.serve import jobs
+
+    seen = []
+    build = jobs.ChatJob.build
+
+    def spy(self, pipe):
+        requests = build(self, pipe)
+        seen.append([(r.mode, r.speak) for r in requests])
+        return requests
+
+    monkeypatch.setattr(jobs.ChatJob, "build", spy)
+    for modalities, want in ((None, ("any", False)), (["text", "image"], ("any", False)), (["text"], ("text", False)),
+                             (["text", "image", "audio"], ("any", True)), (["audio"], ("speech", True))):
+        r = chat(speaker, messages=SAY, max_tokens=10, seed=0, **({} if modalities is None else
+                                                                 {"modalities": modalities}))
+        assert seen[-1] == [want], modalities
+        if not want[1]:
+            assert r.choices[0].message.audio is None
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

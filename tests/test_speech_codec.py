@@ -48,7 +48,7 @@ def write_corpus(folder: Path, n: int, seed: int) -> Path:
         voice = ["low", "high"][i % 2]
         soundfile.write(folder / "wav" / f"{i:03d}.wav", utterance(symbols, voice), SR, subtype="PCM_16")
         # a space between "words", which is no CTC target
-        lines.append({"audio": f"wav/{i:03d}.wav", "text": symbols, "voice": voice,
+        lines.append({"audio": f"wav/{i:03d}.wav", "text": symbols, "voice": voice, "pitch": 35 + 30 * (i % 2) + i,
                       "phonemes": symbols[:2] + " " + symbols[2:]})
     (folder / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder / "manifest.jsonl"
@@ -275,6 +275,79 @@ def test_train_codec_resumes_exactly(corpus, tmp_path):
         train_codec(model, data, tmp_path / "b", steps=6, resume=False, **KW)
     with pytest.raises(TrainError, match="train lr was 0.003, now 0.001"):
         train_codec(model, data, tmp_path / "b", steps=6, **{**KW, "lr": 1e-3})
+
+
+def test_the_voice_adversary_reverses_its_gradient_into_the_encoder(corpus):
+    """The voice head learns to tell the voices from codebook 0 while the encoder is pushed the other
+    way: the encoder's gradient from the voice losses is -voice_weight times the plain one, the head's
+    is the plain one."""
+    config = SpeechCodecConfig(**{**TINY.to_dict(), "voice_labels": ["high", "low"]})
+    utterances = read_manifest(corpus[0])
+    trainer = CodecTrainer(config, tiny_train(voice_weight=0.5), utterances)
+    assert trainer.voices == [1, 0] * 6  # "low", "high", ... by index in voice_labels
+    batch = trainer.batch(0)
+    model = trainer.model
+    z = model.latents(model.features(batch.samples))
+    codes, vectors, _ = model.quantize(z)
+    from tokenloom.train.codec import _frame_mask
+
+    mask = _frame_mask(batch.frames, z.shape[-1])
+    grads = {}
+    for weight in (0.5, 0.0):
+        model.zero_grad()
+        level0 = z + (vectors[0] - z).detach()
+        out = trainer._voice_losses(level0, batch, mask, weight)
+        (out["voice"] + out["pitch"]).backward(retain_graph=True)
+        encoder = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+        head = torch.cat([p.grad.flatten() for p in model.voice_head.parameters()])
+        grads[weight] = (encoder.clone(), head.clone())
+    # weight 0 stops the encoder's gradient; a plain (unreversed) pass gives it back for comparison
+    assert grads[0.0][0].abs().max() == 0
+    model.zero_grad()
+    plain = trainer.model.voice_predictions(z + (vectors[0] - z).detach())
+    voices = batch.voices[:, None].expand(mask.shape)
+    pitches = batch.pitches[:, None].expand(mask.shape)
+    (torch.nn.functional.cross_entropy(plain[..., :-1][mask], voices[mask])
+     + torch.nn.functional.mse_loss(plain[..., -1][mask], pitches[mask])).backward()
+    encoder = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+    assert torch.allclose(grads[0.5][0], -0.5 * encoder, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(grads[0.5][1], grads[0.0][1])  # the head learns at full strength either way
+    # the ramp: a tenth of the steps to full strength
+    assert trainer.voice_weight_at(0) == pytest.approx(0.5 / max(1, trainer.train.steps // 10))
+    assert trainer.voice_weight_at(trainer.train.steps) == 0.5
+    for _ in range(3):
+        m = trainer.step()
+    assert {"voice", "pitch", "voice_accuracy"} <= set(m) and 0 <= m["voice_accuracy"] <= 1
+
+
+def test_the_voice_adversary_takes_its_labels_from_the_manifest(corpus, tmp_path):
+    data = CodecDataConfig(train=[str(corpus[0])], eval=str(corpus[1]))
+    model = SpeechCodecConfig(**{**TINY.to_dict(), "content_symbols": []})
+    tok = train_codec(model, data, tmp_path / "run", steps=2, voice_weight=0.2, **KW)
+    assert tok.config.voice_labels == ["high", "low"]
+    loaded = SpeechTokenizer.from_pretrained(tmp_path / "run" / "best")  # the head is saved and read back
+    assert loaded.config.voice_labels == ["high", "low"] and hasattr(loaded.codec, "voice_head")
+    wave = utterance("abc", "low")
+    assert np.array_equal(loaded.encode(wave), tok.encode(wave))
+    # a codec directory written before voice_labels existed still loads (no key, no head)
+    config = json.loads((tmp_path / "run" / "best" / CONFIG_NAME).read_text())
+    assert SpeechCodecConfig.from_dict({k: v for k, v in config.items() if k != "voice_labels"}).voice_labels == []
+    with pytest.raises(ValueError, match="not in model.voice_labels"):
+        CodecTrainer(SpeechCodecConfig(**{**TINY.to_dict(), "voice_labels": ["low"]}), tiny_train(voice_weight=0.1),
+                     read_manifest(corpus[0]))
+    with pytest.raises(ValueError, match="needs model.voice_labels"):
+        CodecTrainer(TINY, tiny_train(voice_weight=0.1), read_manifest(corpus[0]))
+    with pytest.raises(ValueError, match="voice_labels must be distinct"):
+        SpeechCodecConfig(voice_labels=["a", "a"])
+    unvoiced = tmp_path / "unvoiced"
+    unvoiced.mkdir()
+    lines = [json.loads(x) for x in corpus[0].read_text().splitlines()]
+    (unvoiced / "manifest.jsonl").write_text("".join(json.dumps({**x, "audio": str(corpus[0].parent / x["audio"]),
+                                                                 "voice": "" if i == 3 else x["voice"]}) + "\n"
+                                                     for i, x in enumerate(lines)))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:4: train.voice_weight > 0 needs a 'voice'"):
+        train_codec(model, CodecDataConfig(train=[str(unvoiced / "manifest.jsonl")], eval=str(corpus[1])),
+                    tmp_path / "bad", steps=2, voice_weight=0.2, **KW)
 
 
 def test_the_cli_trains_and_bad_configs_exit_2(corpus, tmp_path, capsys):

@@ -81,6 +81,11 @@ class SpeechCodecConfig:
     content_symbols: list[str] = field(default_factory=list)
     content_steps: int = 2  # CTC steps per code frame (25 fps alone is tight for fast phoneme strings)
     griffin_lim_iters: int = 48
+    # the training voices a voice head tells apart from codebook 0 (with each utterance's pitch), as an
+    # adversary: train.codec reverses its gradient into the encoder, so codebook 0 keeps what is said and
+    # loses who says it (the voice goes to the timbre codebooks). Empty: no voice head. Training-only, as
+    # the content head is: encoding and decoding never use it.
+    voice_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         # messages start with the field's name: the config parser turns that into file:line
@@ -111,6 +116,10 @@ class SpeechCodecConfig:
         if len(set(self.content_symbols)) != len(self.content_symbols):
             dup = sorted({s for s in self.content_symbols if self.content_symbols.count(s) > 1})
             raise ValueError(f"content_symbols holds duplicates: {dup!r}")
+        self.voice_labels = list(self.voice_labels)
+        if any(not isinstance(v, str) or not v for v in self.voice_labels) or len(set(self.voice_labels)) != len(
+                self.voice_labels):
+            raise ValueError(f"voice_labels must be distinct non-empty strings, got {self.voice_labels[:5]!r}")
 
     @property
     def n_freq(self) -> int:
@@ -321,6 +330,10 @@ class SpeechCodec(nn.Module):
         self.content_head = nn.Sequential(
             nn.Conv1d(c.dim, c.channels, 3, padding=1), nn.GELU(),
             nn.Conv1d(c.channels, c.content_steps * (len(c.content_symbols) + 1), 1))
+        if c.voice_labels:  # per frame: a logit per training voice, then the pitch (see voice_predictions)
+            self.voice_head = nn.Sequential(
+                nn.Conv1d(c.dim, c.channels, 3, padding=1), nn.GELU(),
+                nn.Conv1d(c.channels, len(c.voice_labels) + 1, 1))
         self.register_buffer("filterbank", mel_filterbank(c.sample_rate, c.n_fft, c.n_mels), persistent=False)
 
     # -- pieces (the trainer runs them one by one)
@@ -368,6 +381,13 @@ class SpeechCodec(nn.Module):
         logits = self.content_head(level0)
         b, _, t = logits.shape
         return logits.transpose(1, 2).reshape(b, t * self.config.content_steps, -1)
+
+    def voice_predictions(self, level0: torch.Tensor) -> torch.Tensor:
+        """Level-0 vectors [B,dim,T] -> per frame [B,T,voices + 1]: a logit per voice of
+        config.voice_labels, then the utterance's pitch (train.codec's scale). Needs voice_labels."""
+        if not self.config.voice_labels:
+            raise ValueError("this codec has no voice head (config.voice_labels is empty)")
+        return self.voice_head(level0).transpose(1, 2)
 
     # -- the public path
 

@@ -150,6 +150,11 @@ class Engine:
         t = self.tables
         check_integer(r.max_speech_frames, f"request {i}: max_speech_frames", low=1, high=MAX_SPEECH_FRAMES)
         check_integer(r.speech_chunk_frames, f"request {i}: speech_chunk_frames", low=1)
+        if not isinstance(r.speak, bool):
+            raise ValueError(f"request {i}: speak must be True or False, got {r.speak!r}")
+        if not r.speak and (r.mode == "speech" or r.speech_frames is not None):
+            what = "mode 'speech'" if r.mode == "speech" else "speech_frames"
+            raise ValueError(f"request {i}: speak=False contradicts {what}, which asks for an utterance")
         if r.mode != "speech" and r.speech_levels is None and r.speech_frames is None:
             return
         if not t.has_speech:

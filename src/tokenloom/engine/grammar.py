@@ -174,12 +174,13 @@ class Grammar:
     (unirep only). `video_frames`: the frame count to force, or None to let the model choose.
     `speech_levels`: codebook levels of each utterance (None: all the vocabulary's);
     `speech_frames`: its frame count to force (None: the model ends it); `max_speech_frames`: the
-    most frames of an utterance whose count the model chooses (None: document.MAX_SPEECH_FRAMES)."""
+    most frames of an utterance whose count the model chooses (None: document.MAX_SPEECH_FRAMES);
+    `speak`: False keeps a mode-"any" row from speaking (None: every row may)."""
 
     def __init__(self, tables: GrammarTables, modes: list[str], image_sizes: list[tuple[int, int] | None],
                  budgets: list[int], device, video_frames: list[int | None] | None = None, *,
                  speech_levels: list[int | None] | None = None, speech_frames: list[int | None] | None = None,
-                 max_speech_frames: list[int | None] | None = None):
+                 max_speech_frames: list[int | None] | None = None, speak: list[bool] | None = None):
         self.t = tables
         b = len(modes)
         bad = [m for m in modes if m not in MODES]
@@ -226,8 +227,9 @@ class Grammar:
         self.max_images = tensor([{"image": 1, "any": UNLIMITED}.get(m, 0) for m in modes])
         self.max_videos = tensor([{"video": 1, "any": UNLIMITED}.get(m, 0) if tables.has_video else 0
                                   for m in modes])
-        self.max_speeches = tensor([{"speech": 1, "any": UNLIMITED}.get(m, 0) if tables.has_speech else 0
-                                    for m in modes])
+        speak = speak or [True] * b
+        self.max_speeches = tensor([{"speech": 1, "any": UNLIMITED if ok else 0}.get(m, 0) if tables.has_speech else 0
+                                    for m, ok in zip(modes, speak)])
         self.speeches_done = torch.zeros(b, dtype=torch.long, device=device)
         # Per row: the utterance's levels L' and its forced frame count (0: free), the most frames it may
         # have; inside one, the level of the next code (blocks: the current block's; interleaved: the

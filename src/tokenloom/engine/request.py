@@ -59,6 +59,7 @@ class GenerationRequest:
     speech_frames: int | None = None  # frames of an utterance, forced when given; None: the model ends it
     max_speech_frames: int = MAX_SPEECH_FRAMES  # the most frames of an utterance whose length the model chooses
     speech_chunk_frames: int = 10  # frames per SpeechChunk event (the last chunk of an utterance may be shorter)
+    speak: bool = True  # mode "any": False keeps speech out (an answer whose asker did not ask for audio)
 
 
 @dataclass

@@ -410,7 +410,7 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
     options = ChatOptions(messages=[], mode=mode, n=body.n, max_tokens=max_tokens, max_tokens_limit=limit,
                           seed=_seed(body.seed), preview_every=settings.preview_rows if body.stream else 0,
                           sampling={k: v for k, v in sampling.items() if v is not None}, stream=body.stream,
-                          audio_format=audio_format)
+                          audio_format=audio_format, speak="audio" in (body.modalities or ()))
     return options, raw
 
 

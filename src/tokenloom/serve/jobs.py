@@ -90,6 +90,7 @@ class ChatOptions:
     sampling: dict = dataclasses.field(default_factory=dict)  # Pipeline.chat_request keywords
     stream: bool = False  # streamed: speech chunks are posted as they come
     audio_format: str = "wav"  # of the answer's audio: "wav" or "pcm16" (protocol.AUDIO_OUTPUT_FORMATS)
+    speak: bool = True  # may the answer speak (a client that did not ask for "audio" gets none)
 
 
 class ChatJob(Job):
@@ -116,6 +117,7 @@ class ChatJob(Job):
             turns.append((role, doc_parts))
         request = pipe.chat_request(Document.chat(turns), mode=o.mode, max_new_tokens=o.max_tokens, seed=o.seed,
                                     **o.sampling)
+        request.speak = o.speak
         context = pipe.model.config.max_position_embeddings
         prompt = len(request.prompt_ids)
         room = context - prompt

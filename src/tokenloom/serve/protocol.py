@@ -177,7 +177,7 @@ def modalities_mode(modalities: list[str] | None) -> str:
 # -- audio in and out ------------------------------------------------------------------------------------------
 AUDIO_INPUT_FORMATS = ("wav", "flac", "ogg")  # input_audio.format: what soundfile reads, mp3 left out
 AUDIO_OUTPUT_FORMATS = ("wav", "pcm16")  # the request's audio.format; a stream's audio is pcm16 only
-AUDIO_RATE = audio_io.SAMPLE_RATE  # every answer's audio: 16 kHz mono (WAV, or pcm16 little-endian)
+AUDIO_RATE = 24000  # every answer's audio: 24 kHz mono (WAV, or pcm16 little-endian), as OpenAI's
 _SIGNATURES = {"wav": (b"RIFF", b"RIFX", b"RF64", b"BW64"), "flac": (b"fLaC",), "ogg": (b"OggS",)}
 
 
@@ -209,11 +209,11 @@ def check_audio_param(audio, stream: bool) -> str:
         raise bad_request(f"audio.format must be a string (got {_short(fmt)})", "audio.format", "invalid_type")
     if fmt not in AUDIO_OUTPUT_FORMATS:
         raise bad_request(f"audio.format {fmt!r} is not supported; this server writes \"wav\" (16-bit PCM WAV) "
-                          "or \"pcm16\" (raw 16-bit little-endian PCM, 16 kHz mono)", "audio.format",
+                          "or \"pcm16\" (raw 16-bit little-endian PCM, 24 kHz mono)", "audio.format",
                           "unsupported_value")
     if stream and fmt != "pcm16":
         raise bad_request(f"audio.format {fmt!r} cannot be streamed: a streamed answer's audio is \"pcm16\" (raw "
-                          "16-bit little-endian PCM, 16 kHz mono), as OpenAI streams it; ask for \"pcm16\" or "
+                          "16-bit little-endian PCM, 24 kHz mono), as OpenAI streams it; ask for \"pcm16\" or "
                           "do not stream", "audio.format", "unsupported_value")
     return fmt
 

@@ -12,6 +12,13 @@ left out of training (counted in summary.json). The loss:
                                               where speech lives the way hearing does
   + ctc_weight * CTC(content head(level 0))   codebook 0 carries the phonemes
   + commitment_weight * commitment            each level's residual stays near its code
+  + voice(level 0)                            with model.voice_labels: a voice head learns to tell the
+                                              training voice (cross-entropy) and the pitch (squared
+                                              error) from codebook 0, frame by frame, while the encoder
+                                              gets its gradient reversed, times voice_weight (ramped up
+                                              over the first tenth of the steps, as domain-adversarial
+                                              training does): codebook 0 keeps the phonemes and loses
+                                              the voice, which the timbre codebooks must then carry
 
 The codebooks are not trained by gradient: each code moves to the (decayed) mean of the residuals
 it was picked for (EMA, `codebook_ema`), and codes no frame picked during a window of steps are
@@ -104,6 +111,7 @@ class CodecTrainConfig:
     mel_weight: float = 1.0
     ctc_weight: float = 0.1
     commitment_weight: float = 0.25
+    voice_weight: float = 0.0  # the voice adversary's reversed gradient into the encoder; 0: no adversary
     codebook_ema: float = 0.95  # decay of the codebooks' running means
     restart_every: int = 25  # steps per usage window; 0 disables restarts
     restart_until: float = 0.85  # fraction of steps after which codes stop being restarted
@@ -125,7 +133,7 @@ class CodecTrainConfig:
         check_ranges(self,
                      positive=("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints"),
                      non_negative=("steps", "warmup_steps", "weight_decay", "grad_clip", "spec_weight", "mel_weight",
-                                   "ctc_weight", "commitment_weight", "restart_every", "eval_every",
+                                   "ctc_weight", "commitment_weight", "voice_weight", "restart_every", "eval_every",
                                    "eval_utterances", "eval_audio"),
                      unit=("min_lr_ratio", "restart_until", "quantizer_dropout"))
         if not 0 <= self.codebook_ema < 1:
@@ -186,6 +194,7 @@ class Utterance:
     voice: str
     seconds: float
     where: str  # "manifest.jsonl:LINE", for errors
+    pitch: float | None = None  # the speaker's pitch, where the manifest gives it (espeak-ng's 0-99)
 
 
 def read_manifest(path: str | Path) -> list[Utterance]:
@@ -213,8 +222,12 @@ def read_manifest(path: str | Path) -> list[Utterance]:
             info = soundfile.info(str(audio))
         except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError)
             raise ValueError(f"{where}: cannot read the audio file {audio} ({e})") from None
+        pitch = record.get("pitch")
+        if pitch is not None and (isinstance(pitch, bool) or not isinstance(pitch, (int, float))
+                                  or not math.isfinite(pitch)):
+            raise ValueError(f"{where}: 'pitch' must be a number, got {pitch!r}")
         out.append(Utterance(audio, record["phonemes"], str(record.get("text", "")), str(record.get("voice", "")),
-                             info.frames / info.samplerate, where))
+                             info.frames / info.samplerate, where, None if pitch is None else float(pitch)))
     if not out:
         raise ValueError(f"{path}: the manifest lists no utterances")
     return out
@@ -245,10 +258,13 @@ class Batch:
     targets: torch.Tensor  # concatenated CTC targets
     target_lengths: torch.Tensor  # [B]
     levels: torch.Tensor  # [B] RVQ levels the decoder sees (quantizer dropout)
+    voices: torch.Tensor | None = None  # [B] index in config.voice_labels (-1: unknown)
+    pitches: torch.Tensor | None = None  # [B] standardised pitch (nan: unknown)
 
 
 def collate(waves: Sequence[np.ndarray], targets: Sequence[Sequence[int]], config: SpeechCodecConfig,
-            levels: Sequence[int] | None = None) -> Batch:
+            levels: Sequence[int] | None = None, voices: Sequence[int] | None = None,
+            pitches: Sequence[float] | None = None) -> Batch:
     frames = [max(1, config.frames_for(len(w))) for w in waves]
     samples = torch.zeros(len(waves), max(frames) * config.samples_per_frame)
     for i, w in enumerate(waves):
@@ -256,7 +272,9 @@ def collate(waves: Sequence[np.ndarray], targets: Sequence[Sequence[int]], confi
     flat = [t for ids in targets for t in ids]
     return Batch(samples, torch.tensor(frames), torch.tensor(flat, dtype=torch.long),
                  torch.tensor([len(ids) for ids in targets]),
-                 torch.tensor(levels if levels is not None else [config.codebooks] * len(waves)))
+                 torch.tensor(levels if levels is not None else [config.codebooks] * len(waves)),
+                 None if voices is None else torch.tensor(voices, dtype=torch.long),
+                 None if pitches is None else torch.tensor(pitches, dtype=torch.float32))
 
 
 def training_batch(seed: int, step: int, n: int, batch_size: int, codebooks: int,
@@ -396,6 +414,7 @@ class CodecTrainer(TokenizerTrainer):
                 raise ValueError(f"{u.where}: phonemes hold {bad!r}, which are not in model.content_symbols (leave "
                                  "content_symbols empty to build the alphabet from the training manifest)")
             self.targets.append(ids)
+        self.voices, self.pitches = self._voice_targets(config, train)
         super().__init__(config, train, out_dir)
         k, n = config.codebooks, config.codebook_size
         # EMA state: how many residuals each code was picked for, and their sum (both decayed)
@@ -408,6 +427,23 @@ class CodecTrainer(TokenizerTrainer):
         self.optimizer = self.adamw(decay, rest)
         self.usage = torch.zeros(k, n, dtype=torch.long)  # codes picked this window, per level
 
+    def _voice_targets(self, config: SpeechCodecConfig, train: CodecTrainConfig) -> tuple[list[int], list[float]]:
+        """Each training utterance's index in config.voice_labels (-1: not one of them) and its pitch,
+        standardised over the training set (nan where the manifest gives none)."""
+        if train.voice_weight > 0 and not config.voice_labels:
+            raise ValueError("train.voice_weight > 0 needs model.voice_labels (train_codec fills them from the "
+                             "training manifest's voices)")
+        index = {v: i for i, v in enumerate(config.voice_labels)}
+        voices = [index.get(u.voice, -1) for u in self.train_set]
+        if train.voice_weight > 0:
+            missing = next((u for u, v in zip(self.train_set, voices) if v < 0), None)
+            if missing is not None:
+                raise ValueError(f"{missing.where}: voice {missing.voice!r} is not in model.voice_labels (leave "
+                                 "voice_labels empty to take them from the training manifest)")
+        known = np.array([u.pitch for u in self.train_set if u.pitch is not None], dtype=np.float64)
+        mean, std = (float(known.mean()), float(known.std()) or 1.0) if len(known) else (0.0, 1.0)
+        return voices, [math.nan if u.pitch is None else (u.pitch - mean) / std for u in self.train_set]
+
     # -- one step
 
     def batch(self, step: int) -> Batch:
@@ -415,10 +451,19 @@ class CodecTrainer(TokenizerTrainer):
         picks, levels = training_batch(t.seed, step, len(self.train_set), t.batch_size, c.codebooks,
                                        t.quantizer_dropout)
         waves = [read_audio(self.train_set[i].audio, c.sample_rate) for i in picks]
-        return collate(waves, [self.targets[i] for i in picks], c, levels.tolist())
+        return collate(waves, [self.targets[i] for i in picks], c, levels.tolist(),
+                       [self.voices[i] for i in picks], [self.pitches[i] for i in picks])
 
-    def losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Forward pass -> (named losses incl. "loss", each level's residuals, codes [B,K,T], code-frame mask)."""
+    def voice_weight_at(self, step: int | None) -> float:
+        """The adversary's strength at `step`: voice_weight, ramped up linearly over the first tenth of
+        the steps (the content and the reconstruction find their footing first)."""
+        ramp = max(1, self.train.steps // 10)
+        return self.train.voice_weight * (1.0 if step is None else min(1.0, (step + 1) / ramp))
+
+    def losses(self, batch: Batch, step: int | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Forward pass -> (named losses incl. "loss", each level's residuals, codes [B,K,T], code-frame mask).
+        `step` sets the voice adversary's ramp (None: its full strength)."""
         t, m, c = self.train, self.model, self.config
         log_mag = m.features(batch.samples)
         z = m.latents(log_mag)
@@ -443,7 +488,27 @@ class CodecTrainer(TokenizerTrainer):
             out["ctc"] = torch.zeros(())
         out["loss"] = (t.spec_weight * out["spec"] + t.mel_weight * out["mel"] + t.ctc_weight * out["ctc"]
                        + t.commitment_weight * out["commitment"])
+        if t.voice_weight > 0 and batch.voices is not None:
+            out.update(self._voice_losses(z + (vectors[0] - z).detach(), batch, mask, self.voice_weight_at(step)))
+            out["loss"] = out["loss"] + out["voice"] + out["pitch"]
         return out, [r.detach() for r in residuals], codes, mask
+
+    def _voice_losses(self, level0: torch.Tensor, batch: Batch, mask: torch.Tensor,
+                      weight: float) -> dict[str, torch.Tensor]:
+        """The voice head's losses on codebook 0, per frame. The head's own gradient is theirs; what
+        reaches the encoder is reversed and scaled by `weight`: the value of `reversed` is level0's, its
+        gradient -weight times level0's."""
+        reversed_ = (1 + weight) * level0.detach() - weight * level0
+        pred = self.model.voice_predictions(reversed_).float()  # [B,T,V+1]
+        voices = batch.voices[:, None].expand(mask.shape)
+        known = mask & (voices >= 0)
+        logits = pred[..., :-1][known]
+        ce = F.cross_entropy(logits, voices[known]) if len(logits) else pred.sum() * 0
+        pitch = batch.pitches[:, None].expand(mask.shape)
+        has_pitch = mask & ~pitch.isnan()
+        mse = F.mse_loss(pred[..., -1][has_pitch], pitch[has_pitch]) if has_pitch.any() else pred.sum() * 0
+        accuracy = (logits.argmax(-1) == voices[known]).float().mean() if len(logits) else torch.zeros(())
+        return {"voice": ce, "pitch": mse, "voice_accuracy": accuracy.detach()}
 
     def step(self) -> dict[str, Any]:
         """Train on the batch of the current step; returns its losses (before the update).
@@ -453,7 +518,7 @@ class CodecTrainer(TokenizerTrainer):
         batch = self.batch(step)
         self.model.train()
         lr = self.set_lr(step)
-        out, residuals, codes, mask = self.losses(batch)
+        out, residuals, codes, mask = self.losses(batch, step)
         norm = self.update(out["loss"], step)
         counts = self._counts(codes, mask)
         self.usage += counts.long()
@@ -573,6 +638,11 @@ def train_codec(config: SpeechCodecConfig, data: CodecDataConfig, out_dir: str |
     eval_set = read_manifest(data.eval) if data.eval is not None else []
     if not config.content_symbols:
         config = dataclasses.replace(config, content_symbols=content_alphabet(train_set))
+    if train.voice_weight > 0 and not config.voice_labels:
+        unvoiced = next((u for u in train_set if not u.voice), None)
+        if unvoiced is not None:
+            raise ValueError(f"{unvoiced.where}: train.voice_weight > 0 needs a 'voice' on every training utterance")
+        config = dataclasses.replace(config, voice_labels=sorted({u.voice for u in train_set}))
     trainer = CodecTrainer(config, train, train_set, eval_set, out_dir, data)
     steps_per_frame = config.content_steps * config.frame_rate
     too_fast = sum(_ctc_steps_needed(ids) > max(1, math.ceil(u.seconds * config.frame_rate)) * config.content_steps

@@ -10,7 +10,7 @@
   const MAX_UPLOAD_SIDE = 1024; // larger uploads are scaled down before sending
   const GALLERY_BATCH = 4;      // images per /v1/images/generations request (the server's default limit)
   const GALLERY_SEED_STRIDE = 1000; // seed offset between batches (draw j of a request uses seed + j)
-  const AUDIO_RATE = 16000;     // the server's audio: 16 kHz mono, streamed as 16-bit little-endian PCM
+  const AUDIO_RATE = 24000;     // the server's audio: 24 kHz mono (OpenAI's), streamed as 16-bit little-endian PCM
 
   const state = {
     model: null,          // id from GET /v1/models
@@ -678,7 +678,7 @@
 
     const answerWith = modalities();
     const body = { messages: state.conversation, stream: true, modalities: answerWith, ...params };
-    if (answerWith.includes("audio")) body.audio = { format: "pcm16" };  // 16 kHz mono, as the server streams it
+    if (answerWith.includes("audio")) body.audio = { format: "pcm16" };  // 24 kHz mono, as the server streams it
     if (state.model) body.model = state.model;
 
     const controller = new AbortController();
