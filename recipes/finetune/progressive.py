@@ -2,7 +2,7 @@
 shapes-tiny on text to image, for the same budget and the same share of replay: the data, both trainings
 and the comparison.
 
-    python recipes/finetune/progressive.py --work runs/fpsft                  # everything (~1 h on a CPU)
+    python recipes/finetune/progressive.py --work runs/fpsft                  # everything (~1 h on 2 cores)
     python recipes/finetune/progressive.py --work runs/fpsft --only data      # or fpsft, direct, compare
     python recipes/finetune/progressive.py --work runs/fpsft-smoke --smoke    # tiny sets, 2 steps a stage
 
@@ -58,8 +58,8 @@ SIZES = (64, 80, 96)
 TARGET = SIZES[-1]
 DESIGN = 2  # 1: 64 -> 96 -> 128 without replay at lr 3e-4 (docs/finetuning.md has its numbers)
 # Documents per training set. Two thirds of a row's positions are t2i (seq_len 1024 holds about 11 64 px,
-# 8 80 px or 5-6 96 px documents): about one pass of what the fpsft stages read, and the direct run reads
-# t2i-96 one and a half times. The replay third reads replay-64 about once.
+# 8 80 px or 5-6 96 px documents): a little more than the fpsft stages read, and about what the direct
+# run reads of t2i-96 (one pass). The replay third reads most of replay-64 once.
 COUNTS = {64: 4000, 80: 5000, 96: 12000}
 REPLAY = {"t2i": 3000, "caption": 1200, "qa": 2400, "story": 1000, "edit": 2400}  # stage 13's proportions
 EVAL_COUNT = 400
