@@ -33,3 +33,19 @@ def test_sets_use_fresh_seeds_and_every_task() -> None:
     speech, replay = recipe.SETS["speech"][1], recipe.SETS["replay"][1]
     assert set(speech) == set(recipe.SPEECH_TASKS) and set(replay) == set(recipe.OLD_TASKS)
     assert recipe.CORPUS["eval"][2] and not recipe.CORPUS["train"][2]  # held-out voices only in the eval corpus
+
+
+def test_the_voice_probe_names_voices_only_from_a_level_that_carries_them() -> None:
+    """recipes/speech/codec_report.voice_probe: level 0 picks a code band per voice (the probe names every
+    voice), level 1 is the same random codes for every voice (about chance)."""
+    spec = importlib.util.spec_from_file_location("codec_report", ROOT / "recipes" / "speech" / "codec_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    voices = [f"v{i % 4}" for i in range(40)]
+    codes = [np.stack([rng.integers(8 * (i % 4), 8 * (i % 4) + 8, 30), rng.integers(0, 32, 30)]) for i in range(40)]
+    probe = report.voice_probe(codes, voices, 32)
+    assert probe["voices"] == 4 and probe["utterances"] == 40 and probe["chance"] == 0.25
+    assert probe["accuracy"][0] == 1.0 and probe["accuracy"][1] < 0.5
