@@ -20,7 +20,8 @@ stays exactly as it was. This script does the same to shapes-tiny, where drawing
    `tokenloom train` into WORK/<run>/. Three on the same budget (steps, batch, rows, data order, lr):
    `head` (`train.trainable: image_head`, Anole), `lora` (the documented defaults: r 8 on every
    attention and MLP projection; the head cannot take LoRA, so its random code rows stay as they are)
-   and `full` (`all`); and two more: `head-long`, the head alone for 3 times the steps, and
+   and `full` (`all`); and three more: `head-long` and `head-x10`, the head alone for 3 and 10 times
+   the steps, and
    `lora-head`, LoRA with `modules_to_save: [output]` (the whole head; not run for docs/finetuning.md);
 4. measures every model's eval loss on the --eval-seed set (WORK/reference/ for the untrained two),
    runs `tokenloom eval --n N --tasks t2i,caption,qa --candidates C` on the shipped model, WORK/reinit
@@ -58,6 +59,7 @@ RUNS = {
     "lora": ("lora", 1, None),  # the documented LoRA defaults: the head (its random code rows too) stays frozen
     "full": ("all", 1, None),
     "head-long": ("image_head", 3, None),  # the head alone for 3 times the steps
+    "head-x10": ("image_head", 10, None),  # and for 10 times: where the head alone levels off
     "lora-head": ("lora", 1, {"modules_to_save": ["output"]}),  # LoRA plus the whole output head
 }
 MAIN_RUNS = ("head", "lora", "full")  # the same budget: steps, batch, rows, data order
@@ -214,8 +216,8 @@ def main(argv=None) -> int:
                         help="tokenloom eval --candidates (1: one draw per prompt, no reranking; the model's "
                              "default is 8)")
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"which of {','.join(RUNS)} to train "
-                        f"({','.join(MAIN_RUNS)}: the same budget; head-long: 3 times the steps; lora-head: LoRA "
-                        f"and the whole output head); default {','.join(DEFAULT_RUNS)}")
+                        f"({','.join(MAIN_RUNS)}: the same budget; head-long, head-x10: 3 and 10 times the steps; "
+                        f"lora-head: LoRA and the whole output head); default {','.join(DEFAULT_RUNS)}")
     parser.add_argument("--phase", choices=("all", "data", "train", "eval"), default="all")
     args = parser.parse_args(argv)
     work = Path(args.work)

@@ -587,8 +587,11 @@ class CodecTrainer(TokenizerTrainer):
     # -- progress
 
     def progress_postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{metrics['loss']:.3f}", "mel": f"{metrics['mel'] * 20 / math.log(10):.2f}dB",
-                "ctc": f"{metrics['ctc']:.3f}"}
+        postfix = {"loss": f"{metrics['loss']:.3f}", "mel": f"{metrics['mel'] * 20 / math.log(10):.2f}dB",
+                   "ctc": f"{metrics['ctc']:.3f}"}
+        if "voice_accuracy" in metrics:  # the adversary's hit rate on the batch's frames: falls toward chance
+            postfix["voice"] = f"{metrics['voice_accuracy']:.2f}"
+        return postfix
 
     def eval_message(self, metrics: dict[str, Any]) -> str:
         return (f"mel {metrics['mel_db']:.2f} dB (content only {metrics['mel_db_content']:.2f}) "
