@@ -222,6 +222,11 @@ def test_the_finetune_recipe_configs_resolve_to_the_same_budget(tmp_path):
         shipped.grid_size(size, size)  # the shipped image tokenizer encodes every stage's size
     assert [(src.path, src.weight) for src in train_sources(direct)] == [
         (str(tmp_path / "shards" / "t2i-96"), 2.0), (replay, 1.0)]
+    other = load_config(recipe.write_config("direct-all-sizes", tmp_path, recipe.SHIPPED))
+    assert [(src.path, src.weight) for src in train_sources(other)] == [
+        (str(tmp_path / "shards" / "t2i-96"), 2.0), (str(tmp_path / "shards" / "replay-all"), 1.0)]
+    assert {k: v for k, v in other.to_dict().items() if k != "data"} == {k: v for k, v in direct.to_dict().items()
+                                                                         if k != "data"}
     assert stages[0].config.model.pipeline == str(recipe.SHIPPED) == direct.model.pipeline
     assert stages[2].config.model.pipeline == str(tmp_path / "fpsft" / "s80" / "final")
     # The same budget: steps x batch x seq_len row positions, the rest of the settings alike.
@@ -246,10 +251,18 @@ def test_the_finetune_recipe_smoke_run(tmp_path):
         assert read_manifest(tmp_path / "shards" / f"t2i-{size}")["counts"]["image_sizes"] == {f"{size}x{size}": 12}
     assert set(read_manifest(tmp_path / "shards" / "replay-64")["counts"]["image_sizes"]) == {"64x64"}
     report = json.loads((tmp_path / "compare.json").read_text())
-    assert set(report["models"]) == {"start", "fpsft", "direct"}
+    assert set(report["models"]) == {"start", "fpsft", "direct", "direct-all-sizes"}
     assert report["models"]["fpsft"]["steps"] == report["models"]["direct"]["steps"] == 6
+    assert report["models"]["direct-all-sizes"]["steps"] == 6
+    assert set(read_manifest(tmp_path / "shards" / "replay-all")["counts"]["image_sizes"]) <= {"64x64", "96x64", "64x96"}
+    # a second compare scores nothing again: the same numbers, read back
+    again = recipe.compare(tmp_path, recipe.SHIPPED, n=1)
+    for name, record in report["models"].items():
+        for key in ("t2i", "text"):
+            assert json.dumps(again["models"][name][key]) == json.dumps(record[key]), (name, key)
     assert tokenloom.load(tmp_path / "fpsft" / "final").config.image_width == 96
     assert set(report["models"]["direct"]["text"]) == {"caption", "qa"}
+    assert set(report["models"]["direct"]["text"]["caption"]["by_size"]) <= {"64x64", "96x64", "64x96"}
 
 
 def test_a_relative_output_directory_holds_its_stages(work, monkeypatch):

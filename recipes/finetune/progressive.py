@@ -7,19 +7,20 @@ and the comparison.
     python recipes/finetune/progressive.py --work runs/fpsft-smoke --smoke    # tiny sets, 2 steps a stage
 
 1. data: shapes-world text-to-image sets (`tokenloom.world.tasks.build_dataset`, t2i only) of square
-   images at 64, 80 and 96 px, each drawn with a seed of its own (seeds no shapes-tiny stage used), a
-   replay set of the shipped model's old tasks (t2i, caption, qa, story, edit) at 64x64, and a 96 px
-   eval-loss set; pre-tokenized with the starting model into WORK/shards/t2i-64, t2i-80, t2i-96,
-   replay-64 and eval-96 (their manifests count the images of each size, which is what a stage's
-   image_size is checked against);
+   images at 64, 80 and 96 px, each drawn with a seed of its own (seeds no shapes-tiny stage used), two
+   replay sets of the shipped model's old tasks (t2i, caption, qa, story, edit), at 64x64 and at its
+   own sizes, and a 96 px eval-loss set; pre-tokenized with the starting model into WORK/shards/t2i-64,
+   t2i-80, t2i-96, replay-64, replay-all and eval-96 (their manifests count the images of each size,
+   which is what a stage's image_size is checked against);
 2. fpsft: fpsft.yaml, written to WORK/fpsft.yaml: stages s64 -> s80 -> s96 in WORK/fpsft/, each from
    the previous one's weights, the last one's model in WORK/fpsft/final;
 3. direct: direct.yaml, written to WORK/direct.yaml: 96 px from the start for the schedule's steps x
-   batch x seq_len, in WORK/direct/;
-4. compare: each model (the starting one, fpsft, direct) draws the same --n held-out t2i prompts at
+   batch x seq_len, in WORK/direct/; direct-all-sizes (direct-all-sizes.yaml): the same with the replay
+   at the shipped model's sizes (WORK/shards/replay-all: 64x64, 96x64 and 64x96), in WORK/direct-all-sizes/;
+4. compare: each model (the starting one and each run's) draws the same --n held-out t2i prompts at
    96x96 (the new size) and at 64x64 (the old one, which fine-tuning must keep), scored by parsing the
    drawn scene back (exact match), and answers --n held-out caption and question prompts (the text
-   skills, which must hold too); with each run's steps, last eval loss on the 96 px set, the document
+   skills, which must hold too; at the shipped model's three image sizes, scored by size too); with each run's steps, last eval loss on the 96 px set, the document
    tokens it trained on and its training wall time: WORK/compare.json, WORK/compare.md,
    WORK/compare-<model>-<size>.png.
 
@@ -50,7 +51,7 @@ import yaml
 import tokenloom
 from tokenloom.data.pretokenize import pretokenize
 from tokenloom.pipeline import Pipeline
-from tokenloom.world.tasks import build_dataset
+from tokenloom.world.tasks import DEFAULT_SIZES, build_dataset
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path(tokenloom.__file__).resolve().parent / "assets" / "shapes-tiny"  # read only
@@ -63,17 +64,17 @@ DESIGN = 2  # 1: 64 -> 96 -> 128 without replay at lr 3e-4 (docs/finetuning.md h
 COUNTS = {64: 4000, 80: 5000, 96: 12000}
 REPLAY = {"t2i": 3000, "caption": 1200, "qa": 2400, "story": 1000, "edit": 2400}  # stage 13's proportions
 EVAL_COUNT = 400
-SEEDS = {64: 1064, 80: 1080, 96: 1096, "replay": 1264, "eval": 2096}  # shapes-tiny's stages used seeds 0-42
+SEEDS = {64: 1064, 80: 1080, 96: 1096, "replay": 1264, "replay-all": 1265, "eval": 2096}  # shapes-tiny used 0-42
 SMOKE_COUNT = 12
 COMPARE_SIZES = (TARGET, 64)  # the new size, then the old one (the shipped model draws 64x64 by default)
 TEXT_TASKS = ("caption", "qa")  # the skills that must not be lost, scored after the drawing
 SHARD_SIZE = 5000
-RUNS = ("fpsft", "direct")
+RUNS = ("fpsft", "direct", "direct-all-sizes")
 STEPS = ("data", *RUNS, "compare")
 
 
 def set_name(size: int | str) -> str:
-    return {"eval": f"eval-{TARGET}", "replay": "replay-64"}.get(size, f"t2i-{size}")
+    return {"eval": f"eval-{TARGET}", "replay": "replay-64", "replay-all": "replay-all"}.get(size, f"t2i-{size}")
 
 
 # --------------------------------------------------------------------------- data
@@ -82,7 +83,7 @@ def set_name(size: int | str) -> str:
 def set_counts(size: int | str, smoke: bool = False, scale: float = 1.0) -> dict[str, int]:
     """Documents a set draws per task: the eval set's EVAL_COUNT, a training set's COUNTS (or REPLAY) x
     scale; SMOKE_COUNT (a task) in a smoke run."""
-    if size == "replay":
+    if size in ("replay", "replay-all"):
         return {task: SMOKE_COUNT if smoke else max(1, round(n * scale)) for task, n in REPLAY.items()}
     if smoke:
         return {"t2i": SMOKE_COUNT}
@@ -94,13 +95,14 @@ def build_sets(work: Path, model: Path, smoke: bool = False, device: str | None 
     """The raw sets (WORK/data/<set>/) and their shards (WORK/shards/<set>), each skipped when done."""
     pipe = None
     summaries = {}
-    for size in (*SIZES, "replay", "eval"):
+    for size in (*SIZES, "replay", "replay-all", "eval"):
         name = set_name(size)
         data = work / "data" / name
         split = "eval" if size == "eval" else "train"
-        px = {"eval": TARGET, "replay": 64}.get(size, size)
+        # replay-all: the shipped model's own sizes (64x64, 96x64, 64x96), the rest square
+        sizes = DEFAULT_SIZES if size == "replay-all" else [({"eval": TARGET, "replay": 64}.get(size, size),) * 2]
         if not (data / f"{split}.jsonl").exists():
-            build_dataset(data, set_counts(size, smoke, scale), seed=SEEDS[size], sizes=[(px, px)], split=split)
+            build_dataset(data, set_counts(size, smoke, scale), seed=SEEDS[size], sizes=sizes, split=split)
         if pipe is None:
             if device is not None and torch.device(device).type == "cuda":  # the CPU's codes: no TF32
                 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -120,7 +122,7 @@ def scaled_steps(scale: float) -> list[int]:
 
 def run_config(run: str, model: Path, smoke: bool = False, train_device: str | None = None,
                scale: float = 1.0) -> dict[str, Any]:
-    """fpsft.yaml or direct.yaml with model.pipeline set (and the smoke run's, the scale's or the
+    """fpsft.yaml, direct.yaml or direct-all-sizes.yaml with model.pipeline set (and the smoke run's, the scale's or the
     device's overrides)."""
     config = copy.deepcopy(yaml.safe_load((HERE / f"{run}.yaml").read_text()))
     config["model"]["pipeline"] = str(model)
@@ -239,12 +241,21 @@ def t2i_at(pipe, n: int, seed: int, size: int, candidates: int, batch_size: int 
 
 
 def text_at(pipe, task: str, n: int, seed: int, batch_size: int = 32) -> dict:
-    """Exact answers of `n` held-out `task` prompts (captions or questions, greedy), with the breakdown."""
+    """Exact answers of `n` held-out `task` prompts (captions or questions, greedy, about images of the
+    shipped model's sizes), with the breakdown and the exact rate by image size."""
+    from PIL import Image
+
     from tokenloom.evaluation import eval_text
     from tokenloom.world.tasks import heldout_samples
 
-    score, breakdown, _ = eval_text(pipe, heldout_samples(task, n, seed), batch_size, True, task)
-    return {"exact": score, "breakdown": breakdown}
+    samples = heldout_samples(task, n, seed)
+    score, breakdown, records = eval_text(pipe, samples, batch_size, True, task)
+    by_size: dict[str, list[bool]] = {}
+    for sample, record in zip(samples, records):
+        image = next(x for x in sample.prompt if isinstance(x, Image.Image))
+        by_size.setdefault(f"{image.width}x{image.height}", []).append(record["right"])
+    return {"exact": score, "breakdown": breakdown,
+            "by_size": {size: sum(right) / len(right) for size, right in sorted(by_size.items())}}
 
 
 def _pct(score: float | None) -> str:
@@ -253,6 +264,22 @@ def _pct(score: float | None) -> str:
 
 def _objects(breakdown: dict[str, float]) -> str:
     return " / ".join(f"{100 * breakdown[f'objects_{k}']:.0f}" for k in (1, 2, 3) if f"objects_{k}" in breakdown)
+
+
+def _earlier_scores(work: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The models of an earlier WORK/compare.json made with the same prompts and draws, whose final/ has
+    not been written since (a rerun scores only what is new: a run finished later, a new measure)."""
+    path = work / "compare.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old.get(k) != report[k] for k in ("sizes", "n", "seed", "candidates")):
+        return {}
+    made = path.stat().st_mtime
+    def unchanged(model: Path) -> bool:
+        return (model / "config.json").exists() and (model / "config.json").stat().st_mtime < made
+
+    return {name: r for name, r in old.get("models", {}).items() if name == "start" or unchanged(Path(r["model"]))}
 
 
 def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: int = 1,
@@ -266,6 +293,7 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
     if recipe.exists():
         report["recipe"] = json.loads(recipe.read_text())
     models = {"start": model, **{run: work / run / "final" for run in RUNS}}
+    earlier = _earlier_scores(work, report)
     for name, path in models.items():
         record: dict[str, Any] = {"model": str(path)}
         if name != "start":
@@ -275,24 +303,30 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
                 continue
             record.update(run)
         pipe = tokenloom.load(path, device=device)
-        record["t2i"] = {}
-        for size, label in zip(sizes, labels):
-            started = time.perf_counter()
-            scores, shown = t2i_at(pipe, n, seed, size, candidates)
-            record["t2i"][label] = {**scores, "seconds": time.perf_counter() - started}
-            if shown:
-                image_grid(shown[:64], columns=8).save(work / f"compare-{name}-{size}.png")
+        old = earlier.get(name, {})
+        if old.get("model") == str(path) and set(old.get("t2i", {})) == set(labels):
+            record["t2i"] = old["t2i"]  # scored before, with these settings, of this same final/
+        else:
+            record["t2i"] = {}
+            for size, label in zip(sizes, labels):
+                started = time.perf_counter()
+                scores, shown = t2i_at(pipe, n, seed, size, candidates)
+                record["t2i"][label] = {**scores, "seconds": time.perf_counter() - started}
+                if shown:
+                    image_grid(shown[:64], columns=8).save(work / f"compare-{name}-{size}.png")
         record["t2i_exact"] = record["t2i"][labels[0]]["t2i_exact"]  # the new size's
-        record["text"] = {task: text_at(pipe, task, n, seed) for task in text_tasks}
+        record["text"] = {task: old["text"][task] if "by_size" in old.get("text", {}).get(task, {})
+                          else text_at(pipe, task, n, seed) for task in text_tasks}
         report["models"][name] = record
     (work / "compare.json").write_text(json.dumps(report, indent=2))
     scale = report.get("recipe", {}).get("scale", 1.0)
     stages = " -> ".join(str(size) for size in SIZES)
-    lines = [f"# FP-SFT ({stages}) vs direct {TARGET} px fine-tuning, both with a third of replay", "",
+    lines = [f"# FP-SFT ({stages}) vs direct {TARGET} px fine-tuning, each with a third of replay", "",
              f"{n} held-out t2i prompts (the same scenes at every size; seed {seed}, {candidates} draw(s) each, "
              f"the best kept), exact scene match, and {n} held-out prompts of each text task (greedy, exact)"
              f"{f'; recipe at scale {scale:g}' if scale != 1.0 else ''}. "
-             "Objects: exact % of 1 / 2 / 3-object scenes.", "",
+             "Objects: exact % of 1 / 2 / 3-object scenes. Text tasks: exact, and in brackets by the size of "
+             "the image asked about (64x64 / 64x96 / 96x64).", "",
              "| model | " + " | ".join(f"t2i exact @{s} | objects @{s}" for s in sizes)
              + "".join(f" | {task}" for task in text_tasks)
              + f" | eval loss @{TARGET} | steps | document tokens | row positions | train time | s/step (median) |",
@@ -300,7 +334,8 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
     for name, r in report["models"].items():
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
         cells = [f"{_pct(r['t2i'][label]['t2i_exact'])} | {_objects(r['t2i'][label]['breakdown'])}" for label in labels]
-        cells += [_pct(r["text"][task]["exact"]) for task in text_tasks]
+        cells += [f"{_pct(r['text'][task]['exact'])} ({' / '.join(f'{100 * v:.0f}' for v in r['text'][task]['by_size'].values())})"
+                  for task in text_tasks]
         seconds, per_step = r.get("train_seconds"), r.get("step_seconds_median")
         wall = "" if seconds is None else f"{seconds / 60:.1f} min"
         step = "" if per_step is None else f"{per_step:.2f}"

@@ -14,7 +14,7 @@ left out of training (counted in summary.json). The loss:
   + commitment_weight * commitment            each level's residual stays near its code
   + voice(level 0)                            with model.voice_labels: a voice head learns to tell the
                                               training voice (cross-entropy) and the pitch (squared
-                                              error) from codebook 0, frame by frame, while the encoder
+                                              error) from codebook 0, per utterance, while the encoder
                                               gets its gradient reversed, times voice_weight (ramped up
                                               over the first tenth of the steps, as domain-adversarial
                                               training does): codebook 0 keeps the phonemes and loses
@@ -495,19 +495,21 @@ class CodecTrainer(TokenizerTrainer):
 
     def _voice_losses(self, level0: torch.Tensor, batch: Batch, mask: torch.Tensor,
                       weight: float) -> dict[str, torch.Tensor]:
-        """The voice head's losses on codebook 0, per frame. The head's own gradient is theirs; what
-        reaches the encoder is reversed and scaled by `weight`: the value of `reversed` is level0's, its
+        """The voice head's losses on codebook 0, per utterance: its per-frame predictions averaged over
+        the utterance's frames (a voice is a property of the utterance: a frame or three of content codes
+        say little, their distribution says who speaks). The head's own gradient is theirs; what reaches
+        the encoder is reversed and scaled by `weight`: the value of `reversed_` is level0's, its
         gradient -weight times level0's."""
         reversed_ = (1 + weight) * level0.detach() - weight * level0
-        pred = self.model.voice_predictions(reversed_).float()  # [B,T,V+1]
-        voices = batch.voices[:, None].expand(mask.shape)
-        known = mask & (voices >= 0)
-        logits = pred[..., :-1][known]
-        ce = F.cross_entropy(logits, voices[known]) if len(logits) else pred.sum() * 0
-        pitch = batch.pitches[:, None].expand(mask.shape)
-        has_pitch = mask & ~pitch.isnan()
-        mse = F.mse_loss(pred[..., -1][has_pitch], pitch[has_pitch]) if has_pitch.any() else pred.sum() * 0
-        accuracy = (logits.argmax(-1) == voices[known]).float().mean() if len(logits) else torch.zeros(())
+        frames = self.model.voice_predictions(reversed_).float()  # [B,T,V+1]
+        m = mask[..., None].to(frames.dtype)
+        pred = (frames * m).sum(1) / m.sum(1).clamp_min(1)  # [B,V+1]
+        known = batch.voices >= 0
+        ce = F.cross_entropy(pred[known, :-1], batch.voices[known]) if known.any() else pred.sum() * 0
+        has_pitch = ~batch.pitches.isnan()
+        mse = F.mse_loss(pred[has_pitch, -1], batch.pitches[has_pitch]) if has_pitch.any() else pred.sum() * 0
+        accuracy = ((pred[known, :-1].argmax(-1) == batch.voices[known]).float().mean() if known.any()
+                    else torch.zeros(()))
         return {"voice": ce, "pitch": mse, "voice_accuracy": accuracy.detach()}
 
     def step(self) -> dict[str, Any]:
