@@ -277,13 +277,12 @@ def test_train_codec_resumes_exactly(corpus, tmp_path):
         train_codec(model, data, tmp_path / "b", steps=6, **{**KW, "lr": 1e-3})
 
 
-def test_the_voice_adversary_reverses_its_gradient_into_the_encoder(corpus):
-    """The voice head learns to tell the voices from codebook 0 (its frames' predictions averaged over
-    each utterance) while the encoder is pushed the other way: the encoder's gradient from the voice
-    losses is -voice_weight times the plain one, the head's is the plain one."""
+def test_the_voice_adversary_learns_the_voice_and_pushes_the_encoder_to_confusion(corpus):
+    """Two players in one backward pass: the voice head learns from codebook 0 detached (its gradient does
+    not depend on voice_weight), the encoder only from the confusion term, times voice_weight (none at 0),
+    and confusion is least when the head's answer is uniform."""
     config = SpeechCodecConfig(**{**TINY.to_dict(), "voice_labels": ["high", "low"]})
-    utterances = read_manifest(corpus[0])
-    trainer = CodecTrainer(config, tiny_train(voice_weight=0.5), utterances)
+    trainer = CodecTrainer(config, tiny_train(voice_weight=0.5), read_manifest(corpus[0]))
     assert trainer.voices == [1, 0] * 6  # "low", "high", ... by index in voice_labels
     batch = trainer.batch(0)
     model = trainer.model
@@ -292,31 +291,29 @@ def test_the_voice_adversary_reverses_its_gradient_into_the_encoder(corpus):
     from tokenloom.train.codec import _frame_mask
 
     mask = _frame_mask(batch.frames, z.shape[-1])
-    grads = {}
+    grads, outs = {}, {}
     for weight in (0.5, 0.0):
         model.zero_grad()
-        level0 = z + (vectors[0] - z).detach()
-        out = trainer._voice_losses(level0, batch, mask, weight)
-        (out["voice"] + out["pitch"]).backward(retain_graph=True)
-        encoder = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
-        head = torch.cat([p.grad.flatten() for p in model.voice_head.parameters()])
-        grads[weight] = (encoder.clone(), head.clone())
-    # weight 0 stops the encoder's gradient; a plain (unreversed) pass gives it back for comparison
-    assert grads[0.0][0].abs().max() == 0
+        out = trainer._voice_losses(z + (vectors[0] - z).detach(), batch, mask, weight)
+        (out["voice"] + out["pitch"] + out["adversary"]).backward(retain_graph=True)
+        grads[weight] = [torch.cat([p.grad.flatten() for p in part.parameters()])
+                         for part in (model.encoder, model.voice_head)]
+        outs[weight] = out
+    assert grads[0.0][0].abs().max() == 0 and grads[0.5][0].abs().max() > 0
+    assert torch.equal(grads[0.5][1], grads[0.0][1])  # the head learns the same either way
+    # the encoder's gradient is weight times the confusion's
     model.zero_grad()
-    frames = trainer.model.voice_predictions(z + (vectors[0] - z).detach())
-    plain = torch.stack([frames[i, mask[i]].mean(0) for i in range(len(frames))])  # each utterance's mean
-    (torch.nn.functional.cross_entropy(plain[:, :-1], batch.voices)
-     + torch.nn.functional.mse_loss(plain[:, -1], batch.pitches)).backward()
+    trainer._voice_losses(z + (vectors[0] - z).detach(), batch, mask, 1.0)["confusion"].backward()
     encoder = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
-    assert torch.allclose(grads[0.5][0], -0.5 * encoder, atol=1e-6, rtol=1e-4)
-    assert torch.allclose(grads[0.5][1], grads[0.0][1])  # the head learns at full strength either way
+    assert torch.allclose(grads[0.5][0], 0.5 * encoder, atol=1e-7, rtol=1e-4)
+    # confusion: cross-entropy against uniform voices plus the squared pitch, least (log 2) at a uniform answer
+    assert float(outs[0.5]["confusion"].detach()) >= math.log(2) - 1e-6
     # the ramp: a tenth of the steps to full strength
     assert trainer.voice_weight_at(0) == pytest.approx(0.5 / max(1, trainer.train.steps // 10))
     assert trainer.voice_weight_at(trainer.train.steps) == 0.5
     for _ in range(3):
         m = trainer.step()
-    assert {"voice", "pitch", "voice_accuracy"} <= set(m) and 0 <= m["voice_accuracy"] <= 1
+    assert {"voice", "pitch", "confusion", "voice_accuracy"} <= set(m) and 0 <= m["voice_accuracy"] <= 1
 
 
 def test_the_voice_adversary_takes_its_labels_from_the_manifest(corpus, tmp_path):

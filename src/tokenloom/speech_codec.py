@@ -82,9 +82,9 @@ class SpeechCodecConfig:
     content_steps: int = 2  # CTC steps per code frame (25 fps alone is tight for fast phoneme strings)
     griffin_lim_iters: int = 48
     # the training voices a voice head tells apart from codebook 0 (with each utterance's pitch), as an
-    # adversary: train.codec reverses its gradient into the encoder, so codebook 0 keeps what is said and
-    # loses who says it (the voice goes to the timbre codebooks). Empty: no voice head. Training-only, as
-    # the content head is: encoding and decoding never use it.
+    # adversary: train.codec pushes the encoder to leave that head unsure, so codebook 0 keeps what is
+    # said and loses who says it (the voice goes to the timbre codebooks). Empty: no voice head.
+    # Training-only, as the content head is: encoding and decoding never use it.
     voice_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self):

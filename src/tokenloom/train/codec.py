@@ -12,13 +12,13 @@ left out of training (counted in summary.json). The loss:
                                               where speech lives the way hearing does
   + ctc_weight * CTC(content head(level 0))   codebook 0 carries the phonemes
   + commitment_weight * commitment            each level's residual stays near its code
-  + voice(level 0)                            with model.voice_labels: a voice head learns to tell the
+  + voice + pitch + voice_weight * confusion  with model.voice_labels: a voice head learns to tell the
                                               training voice (cross-entropy) and the pitch (squared
                                               error) from codebook 0, per utterance, while the encoder
-                                              gets its gradient reversed, times voice_weight (ramped up
-                                              over the first tenth of the steps, as domain-adversarial
-                                              training does): codebook 0 keeps the phonemes and loses
-                                              the voice, which the timbre codebooks must then carry
+                                              is pushed to leave it unsure (confusion, ramped up over
+                                              the first tenth of the steps): codebook 0 keeps the
+                                              phonemes and loses the voice, which the timbre codebooks
+                                              must then carry
 
 The codebooks are not trained by gradient: each code moves to the (decayed) mean of the residuals
 it was picked for (EMA, `codebook_ema`), and codes no frame picked during a window of steps are
@@ -111,7 +111,7 @@ class CodecTrainConfig:
     mel_weight: float = 1.0
     ctc_weight: float = 0.1
     commitment_weight: float = 0.25
-    voice_weight: float = 0.0  # the voice adversary's reversed gradient into the encoder; 0: no adversary
+    voice_weight: float = 0.0  # how hard the encoder is pushed to leave the voice head unsure; 0: no adversary
     codebook_ema: float = 0.95  # decay of the codebooks' running means
     restart_every: int = 25  # steps per usage window; 0 disables restarts
     restart_until: float = 0.85  # fraction of steps after which codes stop being restarted
@@ -490,27 +490,39 @@ class CodecTrainer(TokenizerTrainer):
                        + t.commitment_weight * out["commitment"])
         if t.voice_weight > 0 and batch.voices is not None:
             out.update(self._voice_losses(z + (vectors[0] - z).detach(), batch, mask, self.voice_weight_at(step)))
-            out["loss"] = out["loss"] + out["voice"] + out["pitch"]
+            out["loss"] = out["loss"] + out["voice"] + out["pitch"] + out.pop("adversary")
         return out, [r.detach() for r in residuals], codes, mask
 
     def _voice_losses(self, level0: torch.Tensor, batch: Batch, mask: torch.Tensor,
                       weight: float) -> dict[str, torch.Tensor]:
-        """The voice head's losses on codebook 0, per utterance: its per-frame predictions averaged over
-        the utterance's frames (a voice is a property of the utterance: a frame or three of content codes
-        say little, their distribution says who speaks). The head's own gradient is theirs; what reaches
-        the encoder is reversed and scaled by `weight`: the value of `reversed_` is level0's, its
-        gradient -weight times level0's."""
-        reversed_ = (1 + weight) * level0.detach() - weight * level0
-        frames = self.model.voice_predictions(reversed_).float()  # [B,T,V+1]
-        m = mask[..., None].to(frames.dtype)
-        pred = (frames * m).sum(1) / m.sum(1).clamp_min(1)  # [B,V+1]
-        known = batch.voices >= 0
-        ce = F.cross_entropy(pred[known, :-1], batch.voices[known]) if known.any() else pred.sum() * 0
-        has_pitch = ~batch.pitches.isnan()
-        mse = F.mse_loss(pred[has_pitch, -1], batch.pitches[has_pitch]) if has_pitch.any() else pred.sum() * 0
-        accuracy = ((pred[known, :-1].argmax(-1) == batch.voices[known]).float().mean() if known.any()
-                    else torch.zeros(()))
-        return {"voice": ce, "pitch": mse, "voice_accuracy": accuracy.detach()}
+        """The voice adversary on codebook 0, per utterance (a voice is a property of the utterance: a
+        few frames of content codes say little, their distribution says who speaks): the head's
+        per-frame predictions averaged over the utterance's frames.
+
+        Two players, one backward pass. The head learns from level 0 detached: cross-entropy against the
+        true voice, squared error against the pitch ("voice", "pitch"). The encoder sees the head with
+        its weights detached and is pushed, times `weight`, to make it unsure: cross-entropy against the
+        uniform distribution over voices and the predicted pitch toward the mean ("confusion"). Unlike a
+        reversed gradient, which rewards confidently wrong answers and grows without bound, confusion is
+        least when codebook 0 tells nothing of the voice."""
+        head = self.model.voice_head
+        m = mask[..., None].float()
+
+        def utterances(frames: torch.Tensor) -> torch.Tensor:  # [B,V+1,T] -> [B,V+1], over real frames
+            frames = frames.float().transpose(1, 2)
+            return (frames * m).sum(1) / m.sum(1).clamp_min(1)
+
+        pred = utterances(head(level0.detach()))
+        known, has_pitch = batch.voices >= 0, ~batch.pitches.isnan()
+        zero = pred.sum() * 0
+        ce = F.cross_entropy(pred[known, :-1], batch.voices[known]) if known.any() else zero
+        mse = F.mse_loss(pred[has_pitch, -1], batch.pitches[has_pitch]) if has_pitch.any() else zero
+        frozen = {name: p.detach() for name, p in head.named_parameters()}
+        fooled = utterances(torch.func.functional_call(head, frozen, (level0,)))
+        confusion = -fooled[:, :-1].log_softmax(-1).mean() + fooled[:, -1].pow(2).mean()
+        accuracy = (pred[known, :-1].argmax(-1) == batch.voices[known]).float().mean() if known.any() else zero
+        return {"voice": ce, "pitch": mse, "confusion": confusion, "voice_accuracy": accuracy.detach(),
+                "adversary": weight * confusion}
 
     def step(self) -> dict[str, Any]:
         """Train on the batch of the current step; returns its losses (before the update).
