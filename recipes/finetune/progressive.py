@@ -20,9 +20,10 @@ and the comparison.
 4. compare: each model (the starting one and each run's) draws the same --n held-out t2i prompts at
    96x96 (the new size) and at 64x64 (the old one, which fine-tuning must keep), scored by parsing the
    drawn scene back (exact match), and answers --n held-out caption and question prompts (the text
-   skills, which must hold too; at the shipped model's three image sizes, scored by size too); with each run's steps, last eval loss on the 96 px set, the document
-   tokens it trained on and its training wall time: WORK/compare.json, WORK/compare.md,
-   WORK/compare-<model>-<size>.png.
+   skills, which must hold too; about images of the shipped model's three sizes, scored by size too);
+   with each run's steps, last eval loss on the 96 px set, the document tokens it trained on and its
+   training wall time: WORK/compare.json, WORK/compare.md, WORK/compare-<model>-<size>.png. A second
+   compare scores only the models that are new since the last.
 
 --scale F (default 1) multiplies every training set's document count, every stage's max_steps and the
 direct run's steps (the sum of the scaled stages, so both runs keep the same budget); below 1 each
