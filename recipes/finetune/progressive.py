@@ -15,8 +15,9 @@ and the comparison.
 2. fpsft: fpsft.yaml, written to WORK/fpsft.yaml: stages s64 -> s80 -> s96 in WORK/fpsft/, each from
    the previous one's weights, the last one's model in WORK/fpsft/final;
 3. direct: direct.yaml, written to WORK/direct.yaml: 96 px from the start for the schedule's steps x
-   batch x seq_len, in WORK/direct/; direct-all-sizes (direct-all-sizes.yaml): the same with the replay
-   at the shipped model's sizes (WORK/shards/replay-all: 64x64, 96x64 and 64x96), in WORK/direct-all-sizes/;
+   batch x seq_len, in WORK/direct/; direct-all-sizes (direct.yaml with the replay at the shipped model's
+   sizes, WORK/shards/replay-all: 64x64, 96x64 and 64x96; written to WORK/direct-all-sizes.yaml), in
+   WORK/direct-all-sizes/;
 4. compare: each model (the starting one and each run's) draws the same --n held-out t2i prompts at
    96x96 (the new size) and at 64x64 (the old one, which fine-tuning must keep), scored by parsing the
    drawn scene back (exact match), and answers --n held-out caption and question prompts (the text
@@ -71,6 +72,10 @@ COMPARE_SIZES = (TARGET, 64)  # the new size, then the old one (the shipped mode
 TEXT_TASKS = ("caption", "qa")  # the skills that must not be lost, scored after the drawing
 SHARD_SIZE = 5000
 RUNS = ("fpsft", "direct", "direct-all-sizes")
+# direct-all-sizes is direct.yaml with this replay instead of replay-64. Replay at 64x64 alone kept 64x64
+# captions but not captions of the 96x64 and 64x96 images the shipped model also reads (docs/finetuning.md);
+# the fpsft stages s64 and s80 cannot take it (a stage's image_size check refuses larger images).
+ALL_SIZES_REPLAY = ("shards/replay-64", "shards/replay-all")
 STEPS = ("data", *RUNS, "compare")
 
 
@@ -121,11 +126,19 @@ def scaled_steps(scale: float) -> list[int]:
     return [max(1, round(stage["train"]["max_steps"] * scale)) for stage in schedule]
 
 
+def template(run: str) -> str:
+    """The recipe file a run's config comes from."""
+    return "direct.yaml" if run == "direct-all-sizes" else f"{run}.yaml"
+
+
 def run_config(run: str, model: Path, smoke: bool = False, train_device: str | None = None,
                scale: float = 1.0) -> dict[str, Any]:
-    """fpsft.yaml, direct.yaml or direct-all-sizes.yaml with model.pipeline set (and the smoke run's, the scale's or the
-    device's overrides)."""
-    config = copy.deepcopy(yaml.safe_load((HERE / f"{run}.yaml").read_text()))
+    """fpsft.yaml or direct.yaml (also for direct-all-sizes, with ALL_SIZES_REPLAY's swap) with
+    model.pipeline set (and the smoke run's, the scale's or the device's overrides)."""
+    config = copy.deepcopy(yaml.safe_load((HERE / template(run)).read_text()))
+    if run == "direct-all-sizes":
+        old, new = ALL_SIZES_REPLAY
+        config["data"]["train"] = [{**x, "path": new} if x["path"] == old else x for x in config["data"]["train"]]
     config["model"]["pipeline"] = str(model)
     if train_device is not None:
         config["train"]["device"] = train_device
@@ -160,7 +173,8 @@ def write_config(run: str, work: Path, model: Path, smoke: bool = False, train_d
                  scale: float = 1.0) -> Path:
     path = work / f"{run}.yaml"
     note = " (smoke run)" if smoke else (f" at scale {scale:g}" if scale != 1.0 else "")
-    path.write_text(f"# written by recipes/finetune/progressive.py from recipes/finetune/{run}.yaml"
+    swap = " with the replay at the shipped sizes" if run == "direct-all-sizes" else ""
+    path.write_text(f"# written by recipes/finetune/progressive.py from recipes/finetune/{template(run)}{swap}"
                     f"{note}; paths are relative to this folder\n"
                     + yaml.safe_dump(run_config(run, model, smoke, train_device, scale), sort_keys=False))
     return path
@@ -277,6 +291,7 @@ def _earlier_scores(work: Path, report: dict[str, Any]) -> dict[str, Any]:
     if any(old.get(k) != report[k] for k in ("sizes", "n", "seed", "candidates")):
         return {}
     made = path.stat().st_mtime
+
     def unchanged(model: Path) -> bool:
         return (model / "config.json").exists() and (model / "config.json").stat().st_mtime < made
 
@@ -335,8 +350,9 @@ def compare(work: Path, model: Path, n: int = 200, seed: int = 0, candidates: in
     for name, r in report["models"].items():
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
         cells = [f"{_pct(r['t2i'][label]['t2i_exact'])} | {_objects(r['t2i'][label]['breakdown'])}" for label in labels]
-        cells += [f"{_pct(r['text'][task]['exact'])} ({' / '.join(f'{100 * v:.0f}' for v in r['text'][task]['by_size'].values())})"
-                  for task in text_tasks]
+        for task in text_tasks:
+            by_size = " / ".join(f"{100 * v:.0f}" for v in r["text"][task]["by_size"].values())
+            cells.append(f"{_pct(r['text'][task]['exact'])} ({by_size})")
         seconds, per_step = r.get("train_seconds"), r.get("step_seconds_median")
         wall = "" if seconds is None else f"{seconds / 60:.1f} min"
         step = "" if per_step is None else f"{per_step:.2f}"

@@ -330,7 +330,7 @@ class SpeechCodec(nn.Module):
         self.content_head = nn.Sequential(
             nn.Conv1d(c.dim, c.channels, 3, padding=1), nn.GELU(),
             nn.Conv1d(c.channels, c.content_steps * (len(c.content_symbols) + 1), 1))
-        if c.voice_labels:  # per frame: a logit per training voice, then the pitch (see voice_predictions)
+        if c.voice_labels:  # per frame: a logit per training voice, then the pitch (train.codec's voice adversary)
             self.voice_head = nn.Sequential(
                 nn.Conv1d(c.dim, c.channels, 3, padding=1), nn.GELU(),
                 nn.Conv1d(c.channels, len(c.voice_labels) + 1, 1))
@@ -381,13 +381,6 @@ class SpeechCodec(nn.Module):
         logits = self.content_head(level0)
         b, _, t = logits.shape
         return logits.transpose(1, 2).reshape(b, t * self.config.content_steps, -1)
-
-    def voice_predictions(self, level0: torch.Tensor) -> torch.Tensor:
-        """Level-0 vectors [B,dim,T] -> per frame [B,T,voices + 1]: a logit per voice of
-        config.voice_labels, then the utterance's pitch (train.codec's scale). Needs voice_labels."""
-        if not self.config.voice_labels:
-            raise ValueError("this codec has no voice head (config.voice_labels is empty)")
-        return self.voice_head(level0).transpose(1, 2)
 
     # -- the public path
 

@@ -603,7 +603,7 @@ class CodecTrainer(TokenizerTrainer):
     def progress_postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         postfix = {"loss": f"{metrics['loss']:.3f}", "mel": f"{metrics['mel'] * 20 / math.log(10):.2f}dB",
                    "ctc": f"{metrics['ctc']:.3f}"}
-        if "voice_accuracy" in metrics:  # the adversary's hit rate on the batch's frames: falls toward chance
+        if "voice_accuracy" in metrics:  # the voice head's hit rate on the batch's utterances
             postfix["voice"] = f"{metrics['voice_accuracy']:.2f}"
         return postfix
 
