@@ -1,0 +1,118 @@
+"""shapes-tiny grows video and speech at once, at the learning rate its last stage ended on, so that what it
+has is kept: the shipped model grown by the video tokens and by the speech codec's codes, trained on the
+video and speech tasks mixed with replay of its old tasks, measured on every task.
+
+    python recipes/grow/build.py --work runs/grow                # everything
+    python recipes/grow/build.py --work runs/grow --only train   # or corpus, codec, base, data, train, eval
+    python recipes/grow/build.py --work runs/grow-smoke --smoke  # tiny sets, a few steps
+
+The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost the old tasks 1-9 points
+(docs/video.md, docs/speech.md). shapes-tiny's last stage (recipes/shapes-tiny/stages.yaml, train-13) ran at
+1e-4; this recipe trains the new modalities at that rate with half of every batch replaying the old tasks.
+
+1. corpus, codec: the speech recipe's steps (same corpus seeds, same codec.yaml) into WORK/corpus, WORK/codec;
+2. base: `tokenloom add-modality` of the shipped model (read only) by video, then by speech with the codec,
+   into WORK/base (WORK/base-video is the step between);
+3. data: sets drawn with seeds no other recipe used: WORK/data/video, WORK/data/speech, WORK/data/replay (the
+   old tasks in train-13's proportions), WORK/data/eval (some of every task); pre-tokenized with the base;
+4. train: grow.yaml (written to WORK/grow.yaml); WORK/grow/final is the model;
+5. eval: `tokenloom.evaluation.evaluate` of the trained model on every task (WORK/eval/), and the shipped
+   model on the old ones with --only eval-before (its model card's numbers, reproduced);
+6. with --install-to DIR (a checkout's src/tokenloom/assets/shapes-tiny): WORK/grow/final is copied there.
+
+Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
+docs/model-growth.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from modality import SHIPPED, build_sets, evaluate_model, install_model  # noqa: E402
+from modality import write_config as write_from  # noqa: E402
+
+from tokenloom.convert import add_modality_dir  # noqa: E402
+
+
+def _recipe(name: str):
+    """recipes/NAME/build.py as a module of its own name (every recipe's script is called build.py)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", HERE.parent / name / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+speech, video = _recipe("speech"), _recipe("video")
+OLD_TASKS, VIDEO_TASKS, SPEECH_TASKS = video.OLD_TASKS, video.VIDEO_TASKS, speech.SPEECH_TASKS
+SETS = {  # name: (seed, documents per task); seeds 0-65 went to earlier recipes and the speech corpus
+    "video": (66, {t: 2000 for t in VIDEO_TASKS}),
+    "speech": (67, {t: 2000 for t in SPEECH_TASKS}),
+    "replay": (68, {"t2i": 8000, "caption": 3000, "qa": 6000, "story": 5000, "edit": 8000}),
+    "eval": (69, {t: 16 for t in OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS}),
+}
+STEPS = ("corpus", "codec", "base", "data", "train", "eval")
+EXTRA_STEPS = ("eval-before",)
+
+
+def build_base(work: Path) -> Path:
+    base, between = work / "base", work / "base-video"
+    if not (base / "config.json").exists():
+        if not (between / "config.json").exists():
+            add_modality_dir(SHIPPED, between, "video", overwrite=True)
+        add_modality_dir(between, base, "speech", codec=work / "codec" / "best", overwrite=True)
+    return base
+
+
+def write_config(work: Path, smoke: bool) -> Path:
+    return write_from(HERE / "grow.yaml", work, smoke)
+
+
+def train_grown(work: Path, smoke: bool) -> dict:
+    from tokenloom.train import train
+
+    return train(write_config(work, smoke), out_dir=(work / "grow").resolve())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
+    ap.add_argument("--only", choices=STEPS + EXTRA_STEPS, help="run one step")
+    ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
+    ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
+    ap.add_argument("--tasks", help="comma-separated tasks of the eval step (default: every task)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of the codec's training")
+    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
+    a = ap.parse_args(argv)
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    n = 4 if a.smoke else a.n
+    tasks = tuple(a.tasks.split(",")) if a.tasks else OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS
+    for step in [a.only] if a.only else STEPS:
+        print(f"== {step}", flush=True)
+        if step == "corpus":
+            speech.build_corpus(work, a.smoke)
+        elif step == "codec":
+            speech.train_codec(work, a.smoke, a.threads)
+        elif step == "base":
+            build_base(work)
+        elif step == "data":
+            build_sets(work, SETS, a.smoke)
+        elif step == "eval-before":
+            evaluate_model(SHIPPED, work / "eval-before", OLD_TASKS, n)
+        elif step == "train":
+            train_grown(work, a.smoke)
+        else:
+            out = work / ("eval" if not a.tasks else "eval-" + "-".join(tasks))
+            evaluate_model(work / "grow" / "final", out, tasks, n)
+    if a.install_to is not None:
+        print(f"installed {install_model(work / 'grow' / 'final', a.install_to)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""The growth recipe (recipes/grow/): its config reads as the trainer's at the shipped model's last learning
+rate, its sets draw seeds no other recipe used, and its base is the shipped model with both new modalities,
+whose old logits are unchanged."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from tokenloom.pipeline import Pipeline
+from tokenloom.train import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("grow_recipe", ROOT / "recipes" / "grow" / "build.py")
+recipe = importlib.util.module_from_spec(SPEC)
+sys.modules["grow_recipe"] = recipe
+SPEC.loader.exec_module(recipe)
+
+
+def test_config_mixes_both_modalities_with_replay_at_the_last_stage_rate(tmp_path) -> None:
+    import yaml
+
+    config = load_config(recipe.write_config(tmp_path, smoke=False))
+    assert [s["name"] for s in config.data.train] == ["video", "speech", "replay"]
+    assert sum(s["weight"] for s in config.data.train) == 1.0 and config.data.train[2]["weight"] == 0.5
+    stages = yaml.safe_load((ROOT / "recipes" / "shapes-tiny" / "stages.yaml").read_text())["stages"]
+    assert config.optim.lr == stages[-1]["lr"]  # the rate the shipped model's training ended on
+    assert config.model.pipeline == str(tmp_path / "base")
+    assert load_config(recipe.write_config(tmp_path, smoke=True)).train.max_steps == 4
+
+
+def test_sets_use_fresh_seeds_and_every_task() -> None:
+    earlier = ([s for s, _ in recipe.video.SETS.values()] + [s for s, _ in recipe.speech.SETS.values()]
+               + [s for s, _, _ in recipe.speech.CORPUS.values()])
+    seeds = [seed for seed, _ in recipe.SETS.values()]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(earlier) and min(seeds) > max(earlier)
+    sets = {name: set(counts) for name, (_, counts) in recipe.SETS.items()}
+    assert sets["video"] == set(recipe.VIDEO_TASKS) and sets["speech"] == set(recipe.SPEECH_TASKS)
+    assert sets["replay"] == set(recipe.OLD_TASKS) and sets["eval"] == sets["video"] | sets["speech"] | sets["replay"]
+
+
+def test_base_has_both_modalities_and_the_old_logits(tmp_path, speech_pipe) -> None:
+    speech_pipe.speech_tokenizer.save_pretrained(tmp_path / "codec" / "best")
+    base = Pipeline.from_pretrained(recipe.build_base(tmp_path))
+    shipped = Pipeline.from_pretrained(recipe.SHIPPED)
+    assert base.vocab.has_video and base.vocab.speech_codebooks == 4
+    assert base.speech_tokenizer is not None
+    ids = torch.arange(0, shipped.vocab.size, 7)[None]
+    with torch.no_grad():
+        old, new = shipped.model(ids), base.model(ids)
+    assert torch.allclose(new[..., :shipped.vocab.size], old, atol=1e-5)  # the old ids' predictions kept
+    assert recipe.build_base(tmp_path) == tmp_path / "base"  # done once
