@@ -4,6 +4,7 @@ once, and install a trained one. Each step skips what is done and resumes what w
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,24 @@ def write_config(template: Path, work: Path, smoke: bool) -> Path:
     path.write_text(f"# written from {recipe} by its build.py; paths are relative to this folder\n"
                     + yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def train_from(template: Path, work: Path, name: str, smoke: bool) -> dict:
+    """Train WORK/<template's name> (written by write_config) into WORK/NAME; WORK/NAME/final is the model."""
+    from tokenloom.train import train
+
+    return train(write_config(template, work, smoke), out_dir=(work / name).resolve())
+
+
+def arguments(doc: str, steps) -> argparse.ArgumentParser:
+    """The options every modality recipe takes; a recipe adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
+    ap.add_argument("--only", choices=steps, help="run one step")
+    ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
+    ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
+    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
+    return ap
 
 
 def evaluate_model(model: Path, out: Path, tasks, n: int) -> dict:

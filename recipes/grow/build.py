@@ -26,14 +26,13 @@ docs/model-growth.md.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from modality import SHIPPED, build_sets, evaluate_model, install_model  # noqa: E402
+from modality import SHIPPED, arguments, build_sets, evaluate_model, install_model, train_from  # noqa: E402
 from modality import write_config as write_from  # noqa: E402
 
 from tokenloom.convert import add_modality_dir  # noqa: E402
@@ -73,20 +72,13 @@ def write_config(work: Path, smoke: bool) -> Path:
 
 
 def train_grown(work: Path, smoke: bool) -> dict:
-    from tokenloom.train import train
-
-    return train(write_config(work, smoke), out_dir=(work / "grow").resolve())
+    return train_from(HERE / "grow.yaml", work, "grow", smoke)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
-    ap.add_argument("--only", choices=STEPS + EXTRA_STEPS, help="run one step")
-    ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
-    ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
+    ap = arguments(__doc__, STEPS + EXTRA_STEPS)
     ap.add_argument("--tasks", help="comma-separated tasks of the eval step (default: every task)")
     ap.add_argument("--threads", type=int, default=None, help="threads of the codec's training")
-    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ docs/speech.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from modality import SHIPPED, build_sets, evaluate_model, install_model  # noqa: E402
+from modality import SHIPPED, arguments, build_sets, evaluate_model, install_model, train_from  # noqa: E402
 from modality import write_config as write_from  # noqa: E402
 
 from tokenloom.convert import add_modality_dir  # noqa: E402
@@ -93,19 +92,12 @@ def write_config(work: Path, smoke: bool) -> Path:
 
 
 def train_speech(work: Path, smoke: bool) -> dict:
-    from tokenloom.train import train
-
-    return train(write_config(work, smoke), out_dir=(work / "speech").resolve())
+    return train_from(HERE / "speech.yaml", work, "speech", smoke)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
-    ap.add_argument("--only", choices=STEPS, help="run one step")
-    ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
-    ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
+    ap = arguments(__doc__, STEPS)
     ap.add_argument("--threads", type=int, default=None, help="threads of the codec's training")
-    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)

@@ -23,13 +23,12 @@ docs/video.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from modality import SHIPPED, build_sets, evaluate_model, install_model  # noqa: E402
+from modality import SHIPPED, arguments, build_sets, evaluate_model, install_model, train_from  # noqa: E402
 from modality import write_config as write_from  # noqa: E402
 
 from tokenloom.convert import add_modality_dir  # noqa: E402
@@ -56,18 +55,11 @@ def write_config(work: Path, smoke: bool) -> Path:
 
 
 def train_video(work: Path, smoke: bool) -> dict:
-    from tokenloom.train import train
-
-    return train(write_config(work, smoke), out_dir=(work / "video").resolve())
+    return train_from(HERE / "video.yaml", work, "video", smoke)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, type=Path, help="work directory (created; reruns resume)")
-    ap.add_argument("--only", choices=STEPS, help="run one step")
-    ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
-    ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
-    ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
+    ap = arguments(__doc__, STEPS)
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
