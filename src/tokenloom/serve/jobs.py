@@ -116,8 +116,7 @@ class ChatJob(Job):
                     doc_parts.append(pipe.encode_image(value))
             turns.append((role, doc_parts))
         request = pipe.chat_request(Document.chat(turns), mode=o.mode, max_new_tokens=o.max_tokens, seed=o.seed,
-                                    **o.sampling)
-        request.speak = o.speak
+                                    speak=o.speak, **o.sampling)
         context = pipe.model.config.max_position_embeddings
         prompt = len(request.prompt_ids)
         room = context - prompt
