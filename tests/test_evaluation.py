@@ -124,7 +124,7 @@ def test_edit_eval_draws_unguided_whatever_the_pipeline_guidance(monkeypatch):
     pipe = random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=64)
     pipe.config.guidance_scale = 3.0
     seen = []
-    monkeypatch.setattr(evaluation, "run_requests", lambda pipe, requests, *a: seen.extend(requests) or [
+    monkeypatch.setattr(pipe, "run_batched", lambda requests, *a, **k: seen.extend(requests) or [
         type("R", (), {"images": []})() for _ in requests])
     samples = heldout_samples("edit", 2, 0)
     score, _, records, shown = evaluation.eval_edit(pipe, samples, 2, False)

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from .document import TextPart
-from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
+from .evaluation_parts import border, framed, sample_document, shares, tally
 from .report import image_grid
 from .speech_evaluation import SPEECH_TASKS, eval_tts
 from .video_evaluation import VIDEO_TASKS, eval_next_frames, eval_t2v, video_question_kind, videos_grid
@@ -89,7 +89,7 @@ def eval_speech_t2i(pipe, samples, batch_size, progress, seed):
     """Draw what you hear: a spoken caption -> an image, scored as text-to-image is."""
     requests = [pipe.chat_request(sample_document(pipe, s), mode="image", seed=seed * MAX_SAMPLES + i,
                                   image_size=_grid_size(pipe, s)) for i, s in enumerate(samples)]
-    results = run_requests(pipe, requests, batch_size, progress, "speech_t2i")
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc="speech_t2i")
     blank = [r.images[0] if r.images else Image.new("RGB", s.size, "white") for r, s in zip(results, samples)]
     return score_t2i(samples, blank)
 
@@ -129,7 +129,7 @@ def score_t2i(samples, images):
 def eval_text(pipe, samples, batch_size, progress, task):
     requests = [pipe.chat_request(sample_document(pipe, s), mode="text", seed=0,
                                   text_sampling={"temperature": 0.0}) for s in samples]
-    results = run_requests(pipe, requests, batch_size, progress, task)
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc=task)
     return score_text(samples, [r.text for r in results])
 
 
@@ -166,7 +166,7 @@ def eval_edit(pipe, samples, batch_size, progress):
                                 guidance_scale=EDIT_GUIDANCE_SCALE)
         req.max_new_tokens = pipe.format.image_length(*req.image_size) + 1
         requests.append(req)
-    results = run_requests(pipe, requests, batch_size, progress, "edit")
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc="edit")
     drawn = [r.images[0] if r.images else None for r in results]
     score, breakdown, records = score_edit(samples, drawn)
     # Per edit: source, drawn (green border = right; blank = no image drawn), target (grey borders).
@@ -213,7 +213,7 @@ def eval_story(pipe, samples, batch_size, progress, seed):
                                 image_size=_grid_size(pipe, s), text_sampling=STORY_TEXT_SAMPLING)
         req.max_new_tokens = 4 * pipe.format.image_length(*req.image_size) + 120
         requests.append(req)
-    results = run_requests(pipe, requests, batch_size, progress, "story")
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc="story")
     return score_story(samples, [r.document for r in results])
 
 

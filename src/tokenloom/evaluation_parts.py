@@ -1,16 +1,11 @@
 """What both evaluations (`tokenloom.evaluation`, `tokenloom.video_evaluation`) build on: a held-out
-sample as a prompt document, batched engine runs, tallies of hits per slice and framed thumbnails."""
+sample as a prompt document, tallies of hits per slice and framed thumbnails."""
 
 from __future__ import annotations
 
 from PIL import Image, ImageOps
 
 from .document import Document, TextPart
-
-
-def batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def sample_document(pipe, sample) -> Document:
@@ -24,15 +19,6 @@ def sample_document(pipe, sample) -> Document:
             encode = pipe.encode_video if pipe.is_video(p) else pipe.encode_image
             parts.append(encode(p, *p.size))
     return Document.chat([("user", parts)])
-
-
-def run_requests(pipe, requests, batch_size, progress, desc):
-    from tqdm.auto import tqdm
-
-    results = []
-    for chunk in tqdm(list(batches(requests, batch_size)), desc=desc, disable=not progress, unit="batch"):
-        results.extend(pipe.engine.generate(chunk))
-    return results
 
 
 def tally(stats, key: str, hit: bool) -> None:

@@ -556,8 +556,6 @@ class Pipeline(SpeechMixin):
         """Text to video: per prompt, `num_videos` videos, each a list of PIL frames (prompt order). Video k
         of prompt i uses seed + i * num_videos + k. Keywords: guidance_scale, temperature, top_k, top_p,
         speculative, speculative_window (as `generate_images`)."""
-        from tqdm.auto import tqdm
-
         prompts = [check_text(p, "prompt") for p in _prompt_list(prompts)[0]]
         check_integer(num_videos, "num_videos", low=1, high=MAX_NUM_IMAGES)
         check_integer(batch_size, "batch_size", low=1)
@@ -571,11 +569,20 @@ class Pipeline(SpeechMixin):
                                        **sampling)
                     for i, p in enumerate(prompts) for k in range(num_videos)]  # every one checked first
         videos = []
-        for chunk in tqdm(list(_chunks(requests, batch_size)), desc="drawing", unit="batch", disable=not progress):
-            for result in self.engine.generate(chunk):
-                parts = result.document.videos
-                videos.append(list(parts[0].pixels) if parts else [])
+        for result in self.run_batched(requests, batch_size, progress=progress, desc="drawing"):
+            parts = result.document.videos
+            videos.append(list(parts[0].pixels) if parts else [])
         return videos
+
+    def run_batched(self, requests: list[GenerationRequest], batch_size: int, *, progress: bool = False,
+                    desc: str = "generating") -> list:
+        """The engine's results for `requests`, in order, `batch_size` rows at a time (a bar of batches)."""
+        from tqdm.auto import tqdm
+
+        results = []
+        for start in tqdm(range(0, len(requests), batch_size), desc=desc, unit="batch", disable=not progress):
+            results.extend(self.engine.generate(requests[start:start + batch_size]))
+        return results
 
     def user_document(self, prompt: str, images=()) -> Document:
         """A user turn: the images (or videos, or speech: see `is_video`, `is_speech`) and then the
@@ -636,11 +643,6 @@ class Pipeline(SpeechMixin):
         prompts = [self.config.video_caption_prompt if self.is_video(x) else self.config.caption_prompt
                    for x in (image if many else [image])]
         return self.ask(image, prompts if many else prompts[0], **kwargs)
-
-
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def _given(**values) -> dict:

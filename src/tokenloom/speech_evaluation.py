@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from . import audio_io
-from .evaluation_parts import run_requests
 from .world.speech import Recognizer, normalize, random_voice, speak
 
 SPEECH_TASKS = ("asr", "tts", "spoken_qa", "speech_t2i")
@@ -31,7 +30,7 @@ CEILING_STREAM = 0x5BEE3  # seeds the held-out voices of the ceiling renders (pe
 def eval_tts(pipe, samples, batch_size, progress, seed, out_dir: Path | None = None):
     """Text to speech: the caption said by the model, recognised; with the recogniser's ceilings."""
     requests = [pipe.speech_request(s.info["text"], seed=seed * len(samples) + i) for i, s in enumerate(samples)]
-    results = run_requests(pipe, requests, batch_size, progress, "tts")
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc="tts")
     recognizer = Recognizer()
     codec = pipe.speech_tokenizer
     rate = codec.config.sample_rate

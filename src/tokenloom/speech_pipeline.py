@@ -98,8 +98,6 @@ class SpeechMixin:
               progress: bool = False, **sampling):
         """Text to speech: an `audio_io.Audio` per text (one for a str, a list for a list). Keywords:
         guidance_scale, temperature, top_k, top_p, max_seconds. Text k uses seed + k."""
-        from tqdm.auto import tqdm
-
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not texts:
@@ -110,11 +108,10 @@ class SpeechMixin:
         requests = [self.speech_request(t, seed=None if seed is None else seed + k, **sampling)
                     for k, t in enumerate(texts)]  # every one checked before any is drawn
         out = []
-        for start in tqdm(range(0, len(requests), batch_size), desc="speaking", unit="batch", disable=not progress):
-            for result in self.engine.generate(requests[start:start + batch_size]):
-                parts = result.document.speech
-                out.append(self.decode_speech(parts[0]) if parts else audio_io.Audio(np.zeros(0, np.float32),
-                                                                                     self._codec().config.sample_rate))
+        for result in self.run_batched(requests, batch_size, progress=progress, desc="speaking"):
+            parts = result.document.speech
+            out.append(self.decode_speech(parts[0]) if parts else audio_io.Audio(np.zeros(0, np.float32),
+                                                                                 self._codec().config.sample_rate))
         return out[0] if single else out
 
     def transcribe(self, audio, **kwargs):

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from PIL import Image
 
-from .evaluation_parts import border, framed, run_requests, sample_document, shares, tally
+from .evaluation_parts import border, framed, sample_document, shares, tally
 from .report import image_grid
 from .world.video import motion_of, parse_motion_caption, score_frames, score_video
 
@@ -75,7 +75,7 @@ def eval_next_frames(pipe, samples, batch_size, progress):
         req.video_frames = motion.frames - first
         req.max_new_tokens = pipe.format.video_length(req.video_frames, *grid) + 1
         requests.append(req)
-    results = run_requests(pipe, requests, batch_size, progress, "next_frames")
+    results = pipe.run_batched(requests, batch_size, progress=progress, desc="next_frames")
     return score_next_frames(samples, [_frames_of(r) for r in results])
 
 
