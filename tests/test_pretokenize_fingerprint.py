@@ -2,6 +2,7 @@
 place to the same size is detected (by its SHA-256) and refused, never continued into a mix of
 shards of the old and the new text."""
 
+import hashlib
 import importlib
 import json
 
@@ -51,13 +52,13 @@ def interrupt_after(monkeypatch, shards):
     return real
 
 
-def test_file_sha256_reads_in_chunks(tmp_path, monkeypatch):
-    import hashlib
-
-    data = bytes(range(256)) * 1000
-    (tmp_path / "f").write_bytes(data)
-    monkeypatch.setattr(pretokenize_module, "HASH_CHUNK", 1000)  # many chunks, one ragged
-    assert pretokenize_module.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+def test_an_input_is_hashed_in_the_pass_that_looks_for_refused_parts(tmp_path):
+    path = tmp_path / "a.jsonl"
+    data = b'{"text": "one"}\n\n{"text": "video, speech"}\n{"text": "no newline at the end"}'
+    path.write_bytes(data)
+    reader = pretokenize_module._JsonlInput(path, 0)
+    reader.read_ahead(refuse_video=True, refuse_speech=True)  # the words alone are no video or speech part
+    assert reader.identity()["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_same_size_edit_of_a_partly_done_input_is_refused(pipe, tmp_path, monkeypatch):
@@ -69,7 +70,7 @@ def test_same_size_edit_of_a_partly_done_input_is_refused(pipe, tmp_path, monkey
     monkeypatch.setattr(pretokenize_module, "_write_shard", real)
     before, manifest = shard_bytes(out), read_manifest(out)
     assert len(before) == 1 and not manifest["complete"]
-    assert manifest["settings"]["inputs"][0]["sha256"] == pretokenize_module.file_sha256(path)
+    assert manifest["settings"]["inputs"][0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
     size = path.stat().st_size
     edit_in_place(path)

@@ -58,7 +58,6 @@ from .raw import (DataError, DataSummary, RawDocument, RawImage, RawSpeech, RawV
                   iter_lines, parse_line, report_error)
 
 MANIFEST_NAME = "manifest.json"
-HASH_CHUNK = 1 << 20  # bytes read at a time when fingerprinting an input
 MANIFEST_FORMAT = "tokenloom-shards/1"
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
 SPEECH_INPUTS = ("content", "all")
@@ -90,15 +89,6 @@ def pipeline_fingerprint(pipeline) -> str:
     if pipeline.vocab.has_speech:
         parts["speech_layout"] = pipeline.config.speech_layout
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in chunks (inputs can be far larger than memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, docs: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
@@ -524,26 +514,13 @@ def no_video_tokens(where: str) -> str:
 
 def _refuse_modalities(readers: list[_JsonlInput | _PairInput], pipeline) -> None:
     """DataError at the first video (speech) part of a JSONL input when the pipeline cannot write videos
-    (speech): skipping them one by one would quietly drop a whole modality."""
+    (speech): skipping them one by one would quietly drop a whole modality. The same pass hashes the
+    file for its identity, so a JSONL input is read once before the run rather than twice."""
     video = not pipeline.vocab.has_video
     speech = not (pipeline.vocab.has_speech and pipeline.speech_tokenizer is not None)
-    if not (video or speech):
-        return
     for reader in readers:
-        if not isinstance(reader, _JsonlInput):  # pairs are images only
-            continue
-        for number, _, raw in iter_lines(reader.path):
-            # a cheap filter: a video (speech) part's line says "video" ("speech")
-            if not ((video and b"video" in raw) or (speech and b"speech" in raw)):
-                continue
-            try:
-                doc = parse_line(raw, reader.path, number)
-            except DataError:
-                continue  # reported (or skipped) in order by the run itself
-            if doc is not None and video and doc.videos:
-                raise DataError(no_video_tokens(f"{reader.path}:{number}"))
-            if doc is not None and speech and doc.speech:
-                raise DataError(f"{reader.path}:{number}: {no_speech_tokens()}")
+        if isinstance(reader, _JsonlInput):  # pairs are images only
+            reader.read_ahead(refuse_video=video, refuse_speech=speech)
 
 
 @dataclass
@@ -565,9 +542,31 @@ class _JsonlInput:
     def __init__(self, path: Path, index: int):
         self.path, self.index = path, index
         self.size = path.stat().st_size
+        self._sha256: str | None = None
+
+    def read_ahead(self, refuse_video: bool = False, refuse_speech: bool = False) -> None:
+        """One pass before the run: the file's SHA-256 and, where refused, a DataError at the first line
+        with a video (speech) part. A line that does not parse is left to the run, which reports it in order."""
+        digest = hashlib.sha256()
+        for number, _, raw in iter_lines(self.path):
+            digest.update(raw)
+            # a cheap filter: a video (speech) part's line says "video" ("speech")
+            if not ((refuse_video and b"video" in raw) or (refuse_speech and b"speech" in raw)):
+                continue
+            try:
+                doc = parse_line(raw, self.path, number)
+            except DataError:
+                continue
+            if doc is not None and refuse_video and doc.videos:
+                raise DataError(no_video_tokens(f"{self.path}:{number}"))
+            if doc is not None and refuse_speech and doc.speech:
+                raise DataError(f"{self.path}:{number}: {no_speech_tokens()}")
+        self._sha256 = digest.hexdigest()
 
     def identity(self) -> dict[str, Any]:
-        return {"path": str(self.path.resolve()), "bytes": self.path.stat().st_size, "sha256": file_sha256(self.path)}
+        if self._sha256 is None:
+            self.read_ahead()
+        return {"path": str(self.path.resolve()), "bytes": self.path.stat().st_size, "sha256": self._sha256}
 
     def done(self, cursor: dict[str, int]) -> int:
         return cursor["byte"]
