@@ -65,6 +65,9 @@ def arguments(doc: str, steps) -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="tiny sets and a few steps: checks the recipe runs")
     ap.add_argument("--n", type=int, default=200, help="held-out samples per task in the evaluations")
     ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
+    ap.add_argument("--base", type=Path, default=SHIPPED,
+                    help="the model to grow (default: the shipped shapes-tiny); it must not have the new modality "
+                         "yet (docs/model-growth.md says how to get the image-text model these recipes grew)")
     return ap
 
 

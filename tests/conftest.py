@@ -24,3 +24,10 @@ def flat_pipe():
 def speech_pipe():
     """Speech codes of 4 levels of 32 (blocks layout) and a random speech codec beside the image codes."""
     return random_pipeline(seed=2, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, speech=(4, 32))
+
+
+@pytest.fixture(scope="module")
+def old_pipe():
+    """A vocabulary made before video and speech had markers (as shapes-tiny's first one was), for
+    `add_modality` to grow and for the errors of a model without those modalities."""
+    return random_pipeline(seed=3, hidden_size=64, num_layers=2, codebook_size=64, image_size=32, markers=False)

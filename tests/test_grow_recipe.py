@@ -1,5 +1,5 @@
 """The growth recipe (recipes/grow/): its config reads as the trainer's at the shipped model's last learning
-rate, its sets draw seeds no other recipe used, and its base is the shipped model with both new modalities,
+rate, its sets draw seeds no other recipe used, and its base is the given model with both new modalities,
 whose old logits are unchanged."""
 
 import importlib.util
@@ -40,14 +40,14 @@ def test_sets_use_fresh_seeds_and_every_task() -> None:
     assert sets["replay"] == set(recipe.OLD_TASKS) and sets["eval"] == sets["video"] | sets["speech"] | sets["replay"]
 
 
-def test_base_has_both_modalities_and_the_old_logits(tmp_path, speech_pipe) -> None:
+def test_base_has_both_modalities_and_the_old_logits(tmp_path, speech_pipe, old_pipe) -> None:
     speech_pipe.speech_tokenizer.save_pretrained(tmp_path / "codec" / "best")
-    base = Pipeline.from_pretrained(recipe.build_base(tmp_path))
-    shipped = Pipeline.from_pretrained(recipe.SHIPPED)
+    old_pipe.save_pretrained(tmp_path / "old")
+    base = Pipeline.from_pretrained(recipe.build_base(tmp_path, tmp_path / "old"))
     assert base.vocab.has_video and base.vocab.speech_codebooks == 4
     assert base.speech_tokenizer is not None
-    ids = torch.arange(0, shipped.vocab.size, 7)[None]
+    ids = torch.arange(0, old_pipe.vocab.size, 7)[None]
     with torch.no_grad():
-        old, new = shipped.model(ids), base.model(ids)
-    assert torch.allclose(new[..., :shipped.vocab.size], old, atol=1e-5)  # the old ids' predictions kept
-    assert recipe.build_base(tmp_path) == tmp_path / "base"  # done once
+        old, new = old_pipe.model(ids), base.model(ids)
+    assert torch.allclose(new[..., :old_pipe.vocab.size], old, atol=1e-5)  # the old ids' predictions kept
+    assert recipe.build_base(tmp_path, tmp_path / "old") == tmp_path / "base"  # done once

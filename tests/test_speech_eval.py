@@ -33,10 +33,11 @@ def test_speech_tasks_are_scored(speech_pipe, tmp_path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["n"] == 2
 
 
-def test_eval_verb_takes_speech_tasks(speech_pipe, tmp_path, capsys) -> None:
-    model = tmp_path / "model"
+def test_eval_verb_takes_speech_tasks(speech_pipe, old_pipe, tmp_path, capsys) -> None:
+    model, old = tmp_path / "model", tmp_path / "old"
     speech_pipe.save_pretrained(model)
+    old_pipe.save_pretrained(old)
     assert main(["eval", "--model", str(model), "--out", str(tmp_path / "eval"), "--n", "1",
                  "--tasks", "asr,spoken_qa"]) == 0
-    assert main(["eval", "--out", str(tmp_path / "shipped"), "--n", "1", "--tasks", "tts"]) == 2
+    assert main(["eval", "--model", str(old), "--out", str(tmp_path / "old-eval"), "--n", "1", "--tasks", "tts"]) == 2
     assert "speech codes" in capsys.readouterr().err

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import tokenloom
 
 from tokenloom.cli import main
 from tokenloom.document import MAX_FRAMES, Document, ImagePart, TextPart, Turn, VideoPart
@@ -15,13 +14,6 @@ from tokenloom.formats import DecodeError, DecodeWarning
 from tokenloom.modalities import add_modality
 from tokenloom.pipeline import Pipeline
 from tokenloom.vocab import VocabularyError
-
-
-# New native vocabularies (the random test pipelines') have the video tokens from the start.
-@pytest.fixture(scope="module")
-def shipped():
-    """The embedded model, whose vocabulary predates video."""
-    return tokenloom.load()
 
 
 def _video(rng, frames, h, w, codes=64):
@@ -98,14 +90,14 @@ def test_damaged_video_keeps_what_it_can(pipe) -> None:
         assert pipe.format.decode([pipe.vocab.video_end]).parts == []
 
 
-def test_a_vocabulary_without_video_tokens_says_so(shipped) -> None:
-    assert not shipped.vocab.has_video
+def test_a_vocabulary_without_video_tokens_says_so(old_pipe) -> None:
+    assert not old_pipe.vocab.has_video
     with pytest.raises(ValueError, match="no video tokens.*add-modality"):
-        shipped.format.encode(Document.from_parts([np.zeros((2, 2, 2), np.int64)]))
+        old_pipe.format.encode(Document.from_parts([np.zeros((2, 2, 2), np.int64)]))
 
 
-def test_add_modality_grows_the_model_and_keeps_what_it_knew(shipped) -> None:
-    base, grown = shipped, add_modality(shipped, "video")
+def test_add_modality_grows_the_model_and_keeps_what_it_knew(old_pipe) -> None:
+    base, grown = old_pipe, add_modality(old_pipe, "video")
     old, new = base.vocab, grown.vocab
     assert (new.video_begin, new.video_end) == (old.size, old.size + 1) and new.size == old.size + 2
     assert grown.model.config.vocab_size == new.size and base.model.config.vocab_size == old.size  # a copy
@@ -122,9 +114,9 @@ def test_add_modality_grows_the_model_and_keeps_what_it_knew(shipped) -> None:
         add_modality(base, "smell")
 
 
-def test_add_modality_verb_writes_a_loadable_model(tmp_path, shipped, capsys) -> None:
-    pipe = shipped
-    base = tokenloom.pipeline.default_model_path()
+def test_add_modality_verb_writes_a_loadable_model(tmp_path, old_pipe, capsys) -> None:
+    pipe, base = old_pipe, tmp_path / "base"
+    pipe.save_pretrained(base)
     assert main(["add-modality", str(base), str(tmp_path / "grown"), "--modality", "video"]) == 0
     grown = Pipeline.from_pretrained(tmp_path / "grown")
     assert grown.vocab.has_video

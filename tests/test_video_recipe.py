@@ -31,9 +31,10 @@ def test_sets_use_fresh_seeds_and_every_task() -> None:
     assert set(video) == set(recipe.VIDEO_TASKS) and set(replay) == set(recipe.OLD_TASKS)
 
 
-def test_base_is_the_shipped_model_grown_by_video(tmp_path) -> None:
-    base = recipe.build_base(tmp_path)
+def test_base_is_the_given_model_grown_by_video(tmp_path, old_pipe) -> None:
     from tokenloom.pipeline import Pipeline
 
+    old_pipe.save_pretrained(tmp_path / "old")
+    base = recipe.build_base(tmp_path, tmp_path / "old")
     assert Pipeline.from_pretrained(base).vocab.has_video
-    assert recipe.build_base(tmp_path) == base  # done once
+    assert recipe.build_base(tmp_path, tmp_path / "old") == base  # done once

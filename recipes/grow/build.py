@@ -58,11 +58,11 @@ STEPS = ("corpus", "codec", "base", "data", "train", "eval")
 EXTRA_STEPS = ("eval-before",)
 
 
-def build_base(work: Path) -> Path:
+def build_base(work: Path, source: Path = SHIPPED) -> Path:
     base, between = work / "base", work / "base-video"
     if not (base / "config.json").exists():
         if not (between / "config.json").exists():
-            add_modality_dir(SHIPPED, between, "video", overwrite=True)
+            add_modality_dir(source, between, "video", overwrite=True)
         add_modality_dir(between, base, "speech", codec=work / "codec" / "best", overwrite=True)
     return base
 
@@ -91,11 +91,11 @@ def main(argv=None) -> int:
         elif step == "codec":
             speech.train_codec(work, a.smoke, a.threads)
         elif step == "base":
-            build_base(work)
+            build_base(work, a.base)
         elif step == "data":
             build_sets(work, SETS, a.smoke)
         elif step == "eval-before":
-            evaluate_model(SHIPPED, work / "eval-before", OLD_TASKS, n)
+            evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
             train_grown(work, a.smoke)
         else:

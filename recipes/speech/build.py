@@ -80,10 +80,10 @@ def train_codec(work: Path, smoke: bool, threads: int | None) -> Path:
     return best
 
 
-def build_base(work: Path) -> Path:
+def build_base(work: Path, source: Path = SHIPPED) -> Path:
     base = work / "base"
     if not (base / "config.json").exists():
-        add_modality_dir(SHIPPED, base, "speech", codec=work / "codec" / "best", overwrite=True)
+        add_modality_dir(source, base, "speech", codec=work / "codec" / "best", overwrite=True)
     return base
 
 
@@ -109,11 +109,11 @@ def main(argv=None) -> int:
         elif step == "codec":
             train_codec(work, a.smoke, a.threads)
         elif step == "base":
-            build_base(work)
+            build_base(work, a.base)
         elif step == "data":
             build_sets(work, SETS, a.smoke)
         elif step == "eval-before":
-            evaluate_model(SHIPPED, work / "eval-before", OLD_TASKS, n)
+            evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
             train_speech(work, a.smoke)
         else:

@@ -43,10 +43,10 @@ SETS = {  # name: (seed, documents per task); seeds 0-57 went to earlier recipes
 STEPS = ("base", "data", "eval-before", "train", "eval")
 
 
-def build_base(work: Path) -> Path:
+def build_base(work: Path, source: Path = SHIPPED) -> Path:
     base = work / "base"
     if not (base / "config.json").exists():
-        add_modality_dir(SHIPPED, base, "video", overwrite=True)
+        add_modality_dir(source, base, "video", overwrite=True)
     return base
 
 
@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     for step in steps:
         print(f"== {step}", flush=True)
         if step == "base":
-            build_base(work)
+            build_base(work, a.base)
         elif step == "data":
             build_sets(work, SETS, a.smoke)
         elif step == "eval-before":
-            evaluate_model(SHIPPED, work / "eval-before", OLD_TASKS, n)
+            evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
             train_video(work, a.smoke)
         else:

@@ -686,9 +686,10 @@ def load_model(path: Path, config: ModelConfig, device: torch.device, dtype: tor
 
 def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, codebook_size: int = 256,
                     image_size: int = 64, layout: str = "unirep", speech: tuple[int, int] | None = None,
-                    speech_layout: str = "blocks") -> Pipeline:
+                    speech_layout: str = "blocks", markers: bool = True) -> Pipeline:
     """A tiny randomly initialised pipeline (tests, demos before a trained model exists). `speech`:
-    (codebooks, codebook_size) of a random speech codec whose codes the vocabulary gets."""
+    (codebooks, codebook_size) of a random speech codec whose codes the vocabulary gets. `markers=False`:
+    a vocabulary without the video and speech markers, as models made before those modalities have."""
     from .vocab import build_native
     from .vqgan import VQGANConfig
 
@@ -700,7 +701,7 @@ def random_pipeline(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 
     max_grid = 1024 // factor
     levels, speech_codes = speech or (0, 0)
     text_tokenizer, vocab = build_native(corpus, 300, codebook_size, max_grid, speech_codebooks=levels,
-                                         speech_codebook_size=speech_codes)
+                                         speech_codebook_size=speech_codes, markers=markers)
     grid = image_size // factor
     model_config = ModelConfig(vocab_size=vocab.size, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
                                num_kv_heads=2, qk_norm=True, max_position_embeddings=4096)

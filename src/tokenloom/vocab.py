@@ -601,14 +601,17 @@ def chameleon_image_token(code: int) -> str:
 
 def build_native(
     texts: Iterable[str], text_vocab_size: int, codebook_size: int, max_grid_size: int, *,
-    speech_codebooks: int = 0, speech_codebook_size: int = 0,
+    speech_codebooks: int = 0, speech_codebook_size: int = 0, markers: bool = True,
 ) -> tuple[TextTokenizer, Vocabulary]:
     """Train a tiny byte-level BPE with tokenloom's special/size tokens and its native vocabulary.
 
     `text_vocab_size` counts byte and merge tokens; the special and size tokens come on top.
+    `markers=False` leaves out the optional modality markers (`OPTIONAL_ROLES`: video, speech), as
+    vocabularies made before those modalities have them, for `add_modality` to grow in.
     Meant for tests and toy pipelines.
     """
-    specials = list(NATIVE_SPECIAL_TOKENS.values()) + [native_size_token(n) for n in range(1, max_grid_size + 1)]
+    specials = [name for role, name in NATIVE_SPECIAL_TOKENS.items() if markers or role not in OPTIONAL_ROLES]
+    specials += [native_size_token(n) for n in range(1, max_grid_size + 1)]
     tokenizer = TextTokenizer.train(texts, text_vocab_size + len(specials), specials)
     return tokenizer, Vocabulary.native(tokenizer, codebook_size, max_grid_size, speech_codebooks=speech_codebooks,
                                         speech_codebook_size=speech_codebook_size)
