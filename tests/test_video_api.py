@@ -128,6 +128,42 @@ def test_the_server_answers_a_video_as_an_animated_gif(tmp_path) -> None:
     assert len(back) == 4 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back, video))
 
 
+def test_the_server_reads_an_animated_gif_in_a_message_as_a_video(tmp_path, pipe, old_pipe) -> None:
+    """What the server answers videos as, it reads back as a video: the prompt holds the video span."""
+    import base64
+
+    import openai
+
+    from tokenloom.document import Document, TextPart
+    from tokenloom.serve import ServerThread, ServeSettings, create_app
+    from tokenloom.video_io import animation_bytes
+
+    video = list(_video(3))
+    gif = "data:image/gif;base64," + base64.b64encode(animation_bytes(video)).decode("ascii")
+    message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": gif}},
+                                            {"type": "text", "text": "Describe the video."}]}]
+    expected = Document.chat([("user", [pipe.encode_video(video), TextPart("Describe the video.")])])
+    assert expected.videos[0].num_frames == 3
+    pipe.save_pretrained(tmp_path / "video")
+    old_pipe.save_pretrained(tmp_path / "old")
+    with ServerThread(create_app(ServeSettings(model=str(tmp_path / "video")))) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60.0)
+        model = c.models.list().data[0].id
+        r = c.chat.completions.create(model=model, messages=message, max_tokens=3, seed=0)
+        assert r.usage.prompt_tokens == len(pipe.chat_request(expected, mode="text").prompt_ids)
+        # a still GIF stays an image: its prompt is one image span shorter than three frames
+        still = "data:image/gif;base64," + base64.b64encode(animation_bytes(video[:1])).decode("ascii")
+        r1 = c.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": still}}]}], max_tokens=1, seed=0)
+        image_doc = Document.chat([("user", [pipe.encode_image(video[0])])])
+        assert r1.usage.prompt_tokens == len(pipe.chat_request(image_doc, mode="text").prompt_ids)
+    with ServerThread(create_app(ServeSettings(model=str(tmp_path / "old")))) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60.0)
+        with pytest.raises(openai.BadRequestError, match="no video tokens") as e:
+            c.chat.completions.create(model=c.models.list().data[0].id, messages=message, max_tokens=3)
+        assert e.value.body["param"] == "messages[0].content[0].image_url"
+
+
 def test_the_demo_shows_a_video_for_a_model_that_has_video(model_dir, tmp_path) -> None:
     assert main(["demo", "--model", str(model_dir), "--out", str(tmp_path), "--max-new-tokens", "20"]) == 0
     page = (tmp_path / "index.html").read_text()

@@ -142,21 +142,27 @@ def read_video(path: str | os.PathLike, *, min_frames: int = 1, max_frames: int 
     if not path.is_file():
         raise ValueError(f"cannot read video {path}: no such file or folder")
     with _open_animation(path) as image:
-        stored = getattr(image, "n_frames", 1)
-        _check_count(path, stored, 1, max_frames)  # before decoding anything: repeats only add frames
-        fps = _recorded_fps(image)
-        frames: list[Image.Image] = []
-        try:
-            for index in range(stored):
-                image.seek(index)
-                frame = whiten_transparency(decoded(image))
-                repeats = 1 if fps is None else max(1, round(image.info.get("duration", 0) * fps / 1000))
-                frames += [frame] * repeats  # one image object per repeat is enough: frames are not mutated
-                if len(frames) > max_frames:
-                    break
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ValueError(f"cannot read video {path}: frame {len(frames)}: {type(e).__name__}: {e}") from None
-    _check_count(path, len(frames), min_frames, max_frames)
+        return animation_frames(image, path, min_frames=min_frames, max_frames=max_frames)
+
+
+def animation_frames(image: Image.Image, where, *, min_frames: int = 1, max_frames: int = MAX_FRAMES) -> list[Image.Image]:
+    """The frames of an open animated GIF/WebP image (RGB, transparency on white), each repeated as the
+    frame rate `write_video` recorded says; ValueError naming `where` as `read_video` does."""
+    stored = getattr(image, "n_frames", 1)
+    _check_count(where, stored, 1, max_frames)  # before decoding anything: repeats only add frames
+    fps = _recorded_fps(image)
+    frames: list[Image.Image] = []
+    try:
+        for index in range(stored):
+            image.seek(index)
+            frame = whiten_transparency(decoded(image))
+            repeats = 1 if fps is None else max(1, round(image.info.get("duration", 0) * fps / 1000))
+            frames += [frame] * repeats  # one image object per repeat is enough: frames are not mutated
+            if len(frames) > max_frames:
+                break
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read video {where}: frame {len(frames)}: {type(e).__name__}: {e}") from None
+    _check_count(where, len(frames), min_frames, max_frames)
     return frames
 
 

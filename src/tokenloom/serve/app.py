@@ -415,16 +415,19 @@ def _chat_options(body: ChatCompletionRequest, pipe, settings: ServeSettings):
 
 
 def _decode_messages(raw, settings: ServeSettings, pipe):
-    """Data URIs -> PIL images and input_audio -> audio_io.Audio (in a worker thread: decoding is CPU
-    work); the model encodes them later."""
+    """Data URIs -> PIL images (animated ones: ("video", frames)) and input_audio -> audio_io.Audio (in a
+    worker thread: decoding is CPU work); the model encodes them later."""
     hearing = _hearing(pipe, settings)
     out = []
     for role, parts, i in raw:
         decoded = []
         for j, (kind, value) in enumerate(parts):
             if kind == "image":
-                value = decode_data_uri(value, f"messages[{i}].content[{j}].image_url", settings.max_image_bytes,
-                                        settings.max_image_pixels)
+                where = f"messages[{i}].content[{j}].image_url"
+                value = decode_data_uri(value, where, settings.max_image_bytes, settings.max_image_pixels)
+                if isinstance(value, list):  # an animated GIF or WebP: a video
+                    kind = "video"
+                    _check_video_input(pipe, len(value), where)
             elif kind == "audio":
                 rate, seconds = hearing
                 value = decode_input_audio(*value, f"messages[{i}].content[{j}]", settings.max_audio_bytes, seconds,
@@ -432,6 +435,15 @@ def _decode_messages(raw, settings: ServeSettings, pipe):
             decoded.append((kind, value))
         out.append((role, decoded))
     return out
+
+
+def _check_video_input(pipe, frames: int, where: str) -> None:
+    if not pipe.vocab.has_video:
+        raise bad_request("the image is animated (a video), but this model has no video tokens; send one frame "
+                          "as a PNG", where, "unsupported_video")
+    if frames > pipe.vocab.max_video_frames:
+        raise bad_request(f"the video has {frames} frames; this model reads at most {pipe.vocab.max_video_frames}",
+                          where, "invalid_video")
 
 
 def _image_options(body: ImageGenerationRequest, pipe, settings: ServeSettings) -> ImageOptions:

@@ -112,6 +112,8 @@ class ChatJob(Job):
                         doc_parts.append(TextPart(value))
                 elif kind == "audio":  # heard as the pipeline hears: the content codebook only
                     doc_parts.append(pipe.encode_speech(value, levels="content"))
+                elif kind == "video":
+                    doc_parts.append(pipe.encode_video(value))
                 else:
                     doc_parts.append(pipe.encode_image(value))
             turns.append((role, doc_parts))

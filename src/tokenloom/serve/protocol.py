@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import audio_io
 from ..engine.sampling import check_number
 from ..image_processing import decoded
+from ..video_io import VIDEO_FORMATS, animation_bytes, animation_frames
 from .errors import APIError, bad_request
 
 
@@ -283,8 +284,9 @@ def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int |
 
 
 # -- images in and out ---------------------------------------------------------------------------------------
-def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """A data:image/...;base64 URI -> a decoded RGB (or RGBA) PIL image, within the byte and pixel bounds."""
+def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Image.Image | list[Image.Image]:
+    """A data:image/...;base64 URI -> a decoded RGB (or RGBA) PIL image, within the byte and pixel bounds; an
+    animated GIF or WebP of more than one frame -> its frames, a video (what the server answers videos as)."""
     if not isinstance(url, str) or not url.startswith("data:"):
         raise bad_request("image_url.url must be a data URI (data:image/png;base64,...); this server does not "
                           "fetch URLs", param, "invalid_image_url")
@@ -308,6 +310,11 @@ def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Im
             if img.width * img.height > max_pixels:
                 raise bad_request(f"the image is {img.width}x{img.height}: more than {max_pixels} pixels", param,
                                   "image_too_large")
+            if img.format in VIDEO_FORMATS and getattr(img, "n_frames", 1) > 1:
+                try:
+                    return animation_frames(img, "in the data URI")
+                except ValueError as e:
+                    raise bad_request(str(e), param, "invalid_video") from None
             return decoded(img)
     except APIError:
         raise
@@ -336,8 +343,6 @@ def image_part(image: Image.Image, partial: bool = False) -> dict:
 def video_part(frames: list[Image.Image]) -> dict:
     """A drawn video as an `image_url` part holding an animated GIF: what chat clients and browsers show
     (OpenAI's chat format has no video output part)."""
-    from ..video_io import animation_bytes
-
     return {"type": "image_url", "image_url": {"url": "data:image/gif;base64,"
                                                       + base64.b64encode(animation_bytes(frames)).decode("ascii")}}
 
