@@ -500,8 +500,9 @@ def test_speculative_windows_never_run_inside_speech(fond):
 
 def replay(events, p, audio=True):
     """Rebuild the answer from its events, checking them: an utterance streams SpeechStarted(levels), chunks
-    whose frames follow each other from 0 (each with its own audio), SpeechDone whose codes are the chunks'
-    and whose audio is the whole utterance decoded. Returns the parts and the Finished result."""
+    whose frames follow each other from 0 (their audio, concatenated, as long as the utterance), SpeechDone
+    whose codes are the chunks' and whose audio is the whole utterance decoded. Returns the parts and the
+    Finished result."""
     parts, text, speech, final = [], "", None, None
     spf = p.speech_tokenizer.config.samples_per_frame
     for ev in events:
@@ -512,12 +513,14 @@ def replay(events, p, audio=True):
         elif isinstance(ev, SpeechStarted):
             assert speech is None
             parts += [TextPart(text)] if text else []
-            text, speech = "", {"levels": ev.levels, "chunks": []}
+            text, speech = "", {"levels": ev.levels, "chunks": [], "samples": 0}
         elif isinstance(ev, SpeechChunk):
             done = sum(c.shape[1] for c in speech["chunks"])
-            assert ev.start_frame == done and ev.codes.shape[0] == speech["levels"] and ev.codes.shape[1] >= 1
+            assert ev.start_frame == done and ev.codes.shape[0] == speech["levels"]
+            assert ev.codes.shape[1] >= 1 or speech["chunks"]  # a frameless chunk flushes what others held back
             if audio:
-                assert ev.audio.dtype == np.float32 and ev.audio.shape == (ev.codes.shape[1] * spf,)
+                assert ev.audio.dtype == np.float32 and ev.audio.ndim == 1 and ev.audio.size % spf == 0
+                speech["samples"] += ev.audio.size
             else:
                 assert ev.audio is None
             speech["chunks"].append(ev.codes)
@@ -526,6 +529,7 @@ def replay(events, p, audio=True):
             if audio:
                 want = p.speech_tokenizer.decode(ev.speech.codes)
                 assert np.array_equal(ev.speech.audio, want)
+                assert speech["samples"] == ev.speech.num_frames * spf  # the chunks' audio: the utterance's length
             else:
                 assert ev.speech.audio is None
             parts.append(ev.speech)

@@ -386,3 +386,24 @@ train:
     bad.write_text("model: {}\ndata:\n  train: [x.jsonl]\n")
     with pytest.raises(ConfigError, match="bad.yaml: 'train.eval_every' needs 'data.eval'"):
         load_codec_config(bad)
+
+
+def test_the_stream_decoder_is_the_whole_decode_in_one_push_and_keeps_length_in_chunks(speech_pipe) -> None:
+    from tokenloom.speech_stream import StreamDecoder
+
+    tok = speech_pipe.speech_tokenizer
+    spf = tok.config.samples_per_frame
+    codes = np.random.default_rng(70).integers(0, tok.config.codebook_size, (tok.config.codebooks, 23))
+    assert np.array_equal(StreamDecoder(tok).push(codes, final=True), tok.decode(codes))
+    stream = StreamDecoder(tok, context=4, overlap=2)
+    pieces = [stream.push(codes[:, k:k + 5]) for k in range(0, 20, 5)] + [stream.push(codes[:, 20:], final=True)]
+    assert [p.size // spf for p in pieces] == [3, 5, 5, 5, 5]  # each holds back 2 frames; the last has them
+    # no context and no overlap: each chunk decoded alone
+    alone = StreamDecoder(tok, context=0, overlap=0)
+    assert np.array_equal(alone.push(codes[:, :5]), tok.decode(codes[:, :5]))
+    assert np.array_equal(alone.push(codes[:, 5:9], final=True), tok.decode(codes[:, 5:9]))
+    # a frameless final push flushes what was held back; nothing comes after the end
+    held = StreamDecoder(tok, overlap=2)
+    assert held.push(codes[:, :6]).size == 4 * spf and held.push(codes[:, :0], final=True).size == 2 * spf
+    with pytest.raises(ValueError, match="finished"):
+        held.push(codes[:, :1])

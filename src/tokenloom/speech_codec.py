@@ -228,12 +228,15 @@ def mel_distance(a, b, config: SpeechCodecConfig | None = None) -> float:
 
 
 def griffin_lim(log_mag: torch.Tensor, config: SpeechCodecConfig, iters: int | None = None,
-                momentum: float = 0.99, seed: int = 0) -> torch.Tensor:
+                momentum: float = 0.99, seed: int = 0, initial_angles: torch.Tensor | None = None,
+                return_angles: bool = False):
     """Natural-log |STFT| [B,F,N] (as log_magnitude makes) -> waveform [B, N * hop_length].
 
     The fast Griffin-Lim of Perraudin et al.: alternate projections between the given magnitude
     and consistent spectra, with momentum on the phase estimate. Deterministic: the initial phase
-    is uniform noise from a generator seeded with `seed`, not from the global RNG."""
+    is uniform noise from a generator seeded with `seed`, not from the global RNG; `initial_angles`
+    (unit complex [B,F,N0], N0 <= N) replace it on the first N0 STFT frames (a streaming decoder
+    continues the phase its previous chunk found). `return_angles`: also the final angles [B,F,N+1]."""
     iters = config.griffin_lim_iters if iters is None else iters
     mag = log_mag.float().exp()
     # the frame centred one past the end, which log_magnitude drops: repeat the last one
@@ -243,6 +246,11 @@ def griffin_lim(log_mag: torch.Tensor, config: SpeechCodecConfig, iters: int | N
     gen = torch.Generator(device="cpu").manual_seed(seed)
     phase = torch.rand(mag.shape, generator=gen).to(mag.device) * (2 * math.pi)
     angles = torch.polar(torch.ones_like(mag), phase)
+    if initial_angles is not None:
+        given = initial_angles.shape[-1]
+        if given > mag.shape[-1] - 1 or initial_angles.shape[:-1] != mag.shape[:-1]:
+            raise ValueError(f"initial_angles {tuple(initial_angles.shape)} do not fit magnitudes {tuple(log_mag.shape)}")
+        angles[..., :given] = initial_angles.to(angles)
 
     def istft(spec):
         return torch.istft(spec, config.n_fft, config.hop_length, window=window, center=True, length=length)
@@ -254,7 +262,8 @@ def griffin_lim(log_mag: torch.Tensor, config: SpeechCodecConfig, iters: int | N
         angles = rebuilt - previous * (momentum / (1 + momentum))
         angles = angles / angles.abs().clamp_min(1e-16)
         previous = rebuilt
-    return istft(mag * angles)
+    wave = istft(mag * angles)
+    return (wave, angles) if return_angles else wave
 
 
 # ----------------------------------------------------------------------------- the model

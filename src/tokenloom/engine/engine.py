@@ -44,6 +44,14 @@ class Engine:
             return None  # the codes are still returned
         return self.image_tokenizer.decode(grid)[0]
 
+    def stream_decoder(self):
+        """A StreamDecoder for one streamed utterance, or None without a speech tokenizer."""
+        if self.speech_tokenizer is None:
+            return None
+        from ..speech_stream import StreamDecoder
+
+        return StreamDecoder(self.speech_tokenizer)
+
     def decode_speech(self, codes: np.ndarray):
         """int64 [levels, frames] speech codes -> float32 waveform, or None without a speech tokenizer."""
         if self.speech_tokenizer is None:

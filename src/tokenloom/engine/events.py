@@ -9,8 +9,11 @@ An utterance: SpeechStarted, SpeechChunk per `speech_chunk_frames` complete fram
 rest at its end), SpeechDone. A frame is complete once all its levels are there: in the blocks
 layout only while the last block is written (every level's block has reached it), in the
 interleaved layout at each frame's last code. The chunks cover the utterance's frames once each, in
-order. A chunk's audio decodes that chunk alone: the codec sees no context across the chunk's edges,
-so concatenated chunks differ slightly from SpeechDone's whole-utterance audio near the seams.
+order (a last chunk without frames may carry only held-back audio). A chunk's audio is the next
+stretch of the utterance's waveform, decoded with the frames before it and crossfaded into the chunk
+before (`tokenloom.speech_stream`): it holds back its last frames' audio for the next chunk's crossfade,
+and the chunks' audio, concatenated, is the utterance's length. Near the seams it still differs a little
+from SpeechDone's whole-utterance audio, which is decoded at once.
 """
 
 from __future__ import annotations
@@ -90,15 +93,15 @@ class SpeechStarted(Event):
 @dataclass
 class SpeechChunk(Event):
     start_frame: int  # index of the chunk's first frame in the utterance
-    codes: np.ndarray  # int64 [levels, n]: the n complete frames from start_frame
-    # codes -> waveform (the engine's speech decoder). The audio is decoded when first read, not when
-    # the chunk is made: `Engine.generate` drops every chunk, and Griffin-Lim would run twice an utterance.
-    decode: Callable[[np.ndarray], Any] = field(repr=False, compare=False)
+    codes: np.ndarray  # int64 [levels, n]: the n complete frames from start_frame (n may be 0 in a last chunk)
+    # -> this chunk's audio (the utterance's stream decoder). Decoded when first read, not when the chunk
+    # is made: `Engine.generate` drops every chunk, and Griffin-Lim would run twice an utterance.
+    decode: Callable[[], Any] = field(repr=False, compare=False)
 
     @cached_property
     def audio(self) -> Any:
-        """float32 np.ndarray, this chunk decoded alone; None without a speech tokenizer."""
-        return self.decode(self.codes)
+        """float32 np.ndarray, the utterance's next stretch of waveform; None without a speech tokenizer."""
+        return self.decode()
 
 
 @dataclass

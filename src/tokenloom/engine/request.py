@@ -3,6 +3,8 @@ turns one request's sampled tokens into streaming events and document parts."""
 
 from __future__ import annotations
 
+import functools
+
 import math
 import numbers
 import os
@@ -100,6 +102,27 @@ class GenerationResult:
         return self.document.text
 
 
+class SpeechStream:
+    """One utterance's chunks, decoded in order (a StreamDecoder carries state from one to the next)
+    when any chunk's audio is first read: the engine itself reads none, so a plain `generate` decodes none."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder  # None without a speech tokenizer
+        self.pending: list[tuple[np.ndarray, bool]] = []  # (codes, final) per chunk
+        self.decoded: list[np.ndarray] = []
+
+    def add(self, codes: np.ndarray, final: bool) -> int:
+        self.pending.append((codes, final))
+        return len(self.pending) - 1
+
+    def audio(self, k: int):
+        if self.decoder is None:
+            return None
+        while len(self.decoded) <= k:
+            self.decoded.append(self.decoder.push(*self.pending[len(self.decoded)]))
+        return self.decoded[k]
+
+
 class RequestOutput:
     """Turns one request's tokens into events and document parts as they come."""
 
@@ -109,6 +132,7 @@ class RequestOutput:
         self.speech_levels, self.speech_chunk_frames = speech_levels, speech_chunk_frames
         self.speech: list[list[int]] | None = None  # the utterance being drawn: its codes so far, per level
         self.speech_sent = 0  # its frames already streamed in chunks
+        self.speech_stream: SpeechStream | None = None  # its chunks' decoder
         self.ids: list[int] = []
         self.parts: list = []
         self.text_ids: list[int] = []
@@ -161,16 +185,22 @@ class RequestOutput:
 
     def _speech_chunks(self, final: bool) -> list[Event]:
         """Chunks of the frames complete since the last one (every level there), speech_chunk_frames
-        each; at the utterance's end the rest too."""
+        each; at the utterance's end one last chunk of the rest (no frames, if only held-back audio is left)."""
         complete = min(len(level) for level in self.speech)
         events = []
         while complete - self.speech_sent >= self.speech_chunk_frames or (final and complete > self.speech_sent):
-            start = self.speech_sent
-            n = min(self.speech_chunk_frames, complete - start)
-            codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64)
-            events.append(SpeechChunk(self.index, start, codes, self.engine.decode_speech))
-            self.speech_sent += n
+            n = min(self.speech_chunk_frames, complete - self.speech_sent)
+            events.append(self._speech_chunk(n, final and self.speech_sent + n == complete))
+        if final and self.speech_stream.pending and not self.speech_stream.pending[-1][1]:
+            events.append(self._speech_chunk(0, True))  # the audio the last chunk held back
         return events
+
+    def _speech_chunk(self, n: int, final: bool) -> SpeechChunk:
+        start = self.speech_sent
+        codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64).reshape(len(self.speech), n)
+        self.speech_sent += n
+        chunk = self.speech_stream.add(codes, final)
+        return SpeechChunk(self.index, start, codes, functools.partial(self.speech_stream.audio, chunk))
 
     def _speech_done(self) -> list[Event]:
         codes = np.array(self.speech, dtype=np.int64)
@@ -206,6 +236,7 @@ class RequestOutput:
         elif flags["speech_started"]:
             events += self._flush_text(final=True)
             self.speech, self.speech_sent = [[] for _ in range(self.speech_levels)], 0
+            self.speech_stream = SpeechStream(e.stream_decoder())
             events.append(SpeechStarted(self.index, self.speech_levels))
         elif flags["speech_ended"]:
             events += self._speech_chunks(final=True)

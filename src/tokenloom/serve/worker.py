@@ -289,7 +289,7 @@ class EngineWorker:
             elif isinstance(event, SpeechStarted):
                 job.on_speech_started(row.index)
             elif isinstance(event, SpeechChunk):
-                if event.audio is not None:
+                if event.audio is not None and event.audio.size:
                     job.on_speech_chunk(row.index, event.audio, self.pipe.speech_tokenizer.config.sample_rate)
             elif isinstance(event, Finished):
                 del self._rows[event.row]
