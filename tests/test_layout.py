@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenloom"
 LAYERS = [
     # the pieces, and the shapes world (a domain: it knows nothing of models)
     {"document", "vocab", "text_tokenizer", "formats", "model", "vqgan", "image_processing", "checkpoint",
-     "precision", "report", "world", "adapters", "video_io", "quantize", "audio_io", "speech_codec"},
+     "precision", "report", "world", "adapters", "video_io", "quantize", "audio_io", "speech_codec",
+     "speech_stream"},
     {"engine", "scoring"},  # generation
     {"pipeline", "speech_pipeline"},
     {"data", "train", "convert", "evaluation", "evaluation_parts", "video_evaluation", "speech_evaluation", "serve",
