@@ -258,3 +258,47 @@ def test_an_api_key_typed_in_settings_goes_with_every_api_call(page):
     calls = [auth for url, auth in seen if url.endswith("/v1/chat/completions")]
     assert calls == ["Bearer sekret"]
     assert page.evaluate("() => sessionStorage.getItem('tokenloom.api-key')") == "sekret"
+
+
+def _sent_image_url(pg, gif: Path) -> str:
+    """Uploads `gif`, sends a message, and returns the image_url the page put in the request (the request
+    itself is answered with an error at once: only what the page sends matters here)."""
+    sent: list[dict] = []
+
+    def capture(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=429, content_type="application/json", body=json.dumps(
+            {"error": {"message": "captured", "type": "rate_limit_error", "param": None, "code": None}}))
+
+    pg.route("**/v1/chat/completions", capture)
+    pg.set_input_files("#file-input", str(gif))
+    pg.locator("#attachments img").wait_for()
+    box = pg.get_by_label("Message", exact=True)
+    box.fill("Describe the video.")
+    box.press("Enter")
+    pg.locator("li.message.error").wait_for()
+    pg.unroute("**/v1/chat/completions")
+    (part,) = [p for p in sent[0]["messages"][-1]["content"] if p["type"] == "image_url"]
+    return part["image_url"]["url"]
+
+
+def test_an_animated_gif_goes_as_it_is_to_a_model_that_reads_videos(browser, page, tmp_path):
+    from tokenloom.pipeline import random_pipeline
+    from tokenloom.video_io import animation_bytes
+    from tokenloom.world.video import Motion, render_video
+
+    gif = tmp_path / "moves.gif"
+    gif.write_bytes(animation_bytes(render_video(Motion("red", "circle", "large", "left", "right", 3))))
+    as_is = "data:image/gif;base64," + base64.b64encode(gif.read_bytes()).decode()
+    # the embedded model reads no video: the page sends the first frame as a PNG
+    assert _sent_image_url(page, gif).startswith("data:image/png;base64,")
+    model = tmp_path / "video-model"
+    random_pipeline(seed=0, hidden_size=32, num_layers=1, codebook_size=64, image_size=32).save_pretrained(model)
+    with ServeProcess(["--model", str(model), "--threads", "1"], timeout=STARTUP_TIMEOUT_S) as video_server:
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.set_default_timeout(ANSWER_TIMEOUT_MS)
+        pg.goto(video_server.url + "/")
+        pg.wait_for_function("document.getElementById('server-status').dataset.state === 'ok'")
+        assert _sent_image_url(pg, gif) == as_is  # read by the server as a video
+        context.close()

@@ -705,14 +705,17 @@ async def _images_stream(worker: EngineWorker, job: ImagesJob, watcher, meta: di
 
 def _model_card(worker: EngineWorker, metrics: Metrics) -> dict:
     """OpenAI's model object; once the model is loaded, with what it reads and writes (tokenloom's fields):
-    input_modalities and output_modalities, of "text", "image" and "audio" (it hears / it speaks)."""
+    input_modalities and output_modalities, of "text", "image", "video" (animated GIFs both ways) and
+    "audio" (it hears / it speaks)."""
     card = {"id": worker.model_id, "object": "model", "created": int(metrics.started), "owned_by": "tokenloom"}
     if worker.ready:
         pipe = worker.pipe
         images = pipe.image_tokenizer is not None
+        draws = images and pipe.image_tokenizer.can_decode
+        video = ["video"] if images and pipe.vocab.has_video else []
         audio = ["audio"] if has_speech(pipe) else []
-        card["input_modalities"] = ["text"] + ["image"] * images + audio
-        card["output_modalities"] = ["text"] + ["image"] * (images and pipe.image_tokenizer.can_decode) + audio
+        card["input_modalities"] = ["text"] + ["image"] * images + video + audio
+        card["output_modalities"] = ["text"] + ["image"] * draws + video * draws + audio
     return card
 
 

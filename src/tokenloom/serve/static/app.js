@@ -17,6 +17,7 @@
     conversation: [],     // OpenAI-style messages, resent each turn
     attachments: [],      // [{kind: "image", url, name} | {kind: "audio", url, data, format, name}] for the next message
     hears: false,         // the model reads input_audio (its card's input_modalities)
+    seesVideo: false,     // the model reads an animated GIF / WebP as a video (its card's input_modalities)
     speaks: false,        // the model answers with audio (its card's output_modalities)
     controller: null,     // AbortController of the running chat request
     runs: 0,              // gallery runs so far
@@ -120,6 +121,7 @@
             const card = body.data[0];
             state.model = card.id;
             state.hears = Array.isArray(card.input_modalities) && card.input_modalities.includes("audio");
+            state.seesVideo = Array.isArray(card.input_modalities) && card.input_modalities.includes("video");
             state.speaks = Array.isArray(card.output_modalities) && card.output_modalities.includes("audio");
             applyCapabilities();
           }
@@ -305,12 +307,14 @@
     });
   }
 
-  // Any image the browser can decode -> a PNG data URI (kept as is when it already is a small PNG).
+  // Any image the browser can decode -> a PNG data URI (kept as is when it already is a small PNG, or a
+  // small GIF / WebP for a model that reads videos: the server reads an animated one as a video).
   async function toPngDataURL(file) {
     const url = await readAsDataURL(file);
     const img = await loadImage(url);
     const side = Math.max(img.naturalWidth, img.naturalHeight);
     if (url.startsWith("data:image/png;") && side <= MAX_UPLOAD_SIDE) return url;
+    if (state.seesVideo && /^data:image\/(gif|webp);/.test(url) && side <= MAX_UPLOAD_SIDE) return url;
     const factor = side > MAX_UPLOAD_SIDE ? MAX_UPLOAD_SIDE / side : 1;
     const canvas = document.createElement("canvas");
     canvas.width = Math.max(1, Math.round(img.naturalWidth * factor));
