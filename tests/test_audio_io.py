@@ -152,3 +152,21 @@ def test_too_low_sample_rate(tmp_path):
     path.write_bytes(wav_header(1, 10) + np.full(10, 1000, np.int16).tobytes())
     with pytest.raises(AudioLoadError, match=r"one_hz\.wav.*sample rate 1 Hz is below the minimum 4000 Hz"):
         read_audio(path)
+
+
+@pytest.mark.parametrize("rates", [(16000, 24000), (22050, 16000)])
+def test_a_stream_resampler_joins_its_pieces_as_the_whole_resampled(rates) -> None:
+    from tokenloom.audio_io import StreamResampler
+
+    x = (np.random.default_rng(70).standard_normal(32000) * 0.2).astype(np.float32)
+    stream, pieces, k = StreamResampler(*rates), [], 0
+    for n in (1920, 3200, 17, 0, 6400, 3000):  # any sizes, an empty one too
+        pieces.append(stream.push(x[k:k + n]))
+        k += n
+    pieces.append(stream.push(x[k:], final=True))
+    whole = resample(x, *rates)
+    assert np.array_equal(np.concatenate(pieces), whole)
+    alone = np.concatenate([resample(x[i:i + 3200], *rates) for i in range(0, x.size, 3200)])
+    assert np.abs(alone[:whole.size] - whole).max() > 0.05  # each piece alone: a dip at every seam
+    with pytest.raises(ValueError, match="to_rate"):
+        StreamResampler(16000, 0)

@@ -1,6 +1,6 @@
 """tokenloom serve with speech, through the official openai client on 127.0.0.1: input_audio parts heard
 as the pipeline hears them, audio answers (modalities ["audio"]) as OpenAI's message.audio (a base64
-WAV of the utterance) and streamed delta.audio (base64 pcm16 of each SpeechChunk), what /v1/models says
+WAV of the utterance) and streamed delta.audio (base64 pcm16 of the SpeechChunks, resampled as one stream), what /v1/models says
 the model can hear and speak, and bad audio refused with a 400 naming the parameter."""
 
 from __future__ import annotations
@@ -168,14 +168,15 @@ def test_streamed_audio_is_the_speech_chunks_as_pcm16(speaker, reference):
                 reasons.append(choice.finish_reason)
     first, *data, last = audio
     assert first.id.startswith("audio_") and first.transcript == "" and first.data is None
-    assert all(a.id == first.id and a.data for a in data) and len(data) == len(chunks)
+    # one piece per chunk, and one with what the resampler held back at the end
+    assert all(a.id == first.id and a.data for a in data) and len(data) == len(chunks) + 1
     assert last.id == first.id and last.data is None and isinstance(last.expires_at, int)
     assert reasons == [expected.finish_reason]
     streamed = [np.frombuffer(base64.b64decode(a.data), dtype="<i2") for a in data]
-    for got, want in zip(streamed, chunks):  # each chunk decoded alone, as the engine's SpeechChunk
-        assert np.array_equal(got, at_24k(want))
     whole = np.concatenate(streamed)  # as long as the plain answer's WAV; near the seams slightly different
     assert len(whole) == expected.speech_parts[0].num_frames * SAMPLES_PER_FRAME
+    # the engine's chunks, resampled as one stream: equal to resampling their concatenation whole
+    assert np.array_equal(whole, at_24k(np.concatenate(chunks)))
     # no audio parameter: a stream's audio is pcm16 all the same
     stream = chat(speaker, messages=SAY, modalities=["audio"], max_tokens=120, seed=0, stream=True)
     data = [c.choices[0].delta.audio.data for c in stream if c.choices and c.choices[0].delta.audio is not None]

@@ -118,6 +118,40 @@ def resample(samples, from_rate: int, to_rate: int) -> np.ndarray:
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
+class StreamResampler:
+    """`resample` chunk by chunk, as streamed audio arrives: the pieces, concatenated, equal `resample`
+    of the whole (to float rounding). Resampling each chunk alone would zero-pad both its edges, a dip
+    at every seam. Each push resamples from `MARGIN` input samples before the first output it has not
+    given yet (far beyond the polyphase filter's reach of about 10 input samples) and holds back the
+    outputs the next samples still change; `final=True` gives the rest."""
+
+    MARGIN = 64
+
+    def __init__(self, from_rate: int, to_rate: int):
+        resample(np.zeros(1, np.float32), from_rate, to_rate)  # the rates checked as resample checks them
+        common = math.gcd(int(from_rate), int(to_rate))
+        self.from_rate, self.to_rate = int(from_rate), int(to_rate)
+        self.up, self.down = self.to_rate // common, self.from_rate // common
+        self.kept = np.zeros(0, np.float32)  # input from sample `base` on
+        self.base = 0
+        self.given = 0  # outputs given so far
+
+    def push(self, samples, final: bool = False) -> np.ndarray:
+        samples = np.asarray(samples, dtype=np.float32)
+        self.kept = np.concatenate([self.kept, samples.reshape(-1)])
+        n = self.base + self.kept.size  # input samples so far
+        settled = -(-n * self.up // self.down) if final else max(0, (n - self.MARGIN) * self.up // self.down)
+        if settled <= self.given:
+            return np.zeros(0, np.float32)
+        start = max(0, self.given * self.down // self.up - self.MARGIN)
+        start -= start % self.down  # an input sample on which an output falls exactly
+        offset = start * self.up // self.down
+        out = resample(self.kept[start - self.base:], self.from_rate, self.to_rate)
+        piece = out[self.given - offset:settled - offset]
+        self.kept, self.base, self.given = self.kept[start - self.base:], start, settled
+        return piece
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -20,13 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..audio_io import StreamResampler
 from ..document import MAX_SPEECH_FRAMES, ImagePart, TextPart, VideoPart, check_text
 from ..engine import check_guidance_scale
 from ..engine.sampling import MAX_TOP_K
 from .errors import APIError, bad_request, error_body
 from .jobs import ChatJob, ChatOptions, ImageOptions, ImagesJob, Job
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, ImageGenerationRequest, answer_audio, check_audio_param, check_range,
+from .protocol import (AUDIO_RATE, ChatCompletionRequest, ImageGenerationRequest, answer_audio, check_audio_param, check_range,
                        decode_data_uri, decode_input_audio, image_part, message_parts, modalities_mode, parse_body,
                        parse_size, png_base64, video_part)
 from .settings import ServeSettings
@@ -565,12 +566,20 @@ def _audio_id() -> str:
 async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, include_usage: bool):
     """OpenAI's chunks. A choice's speech (every utterance of it, in order) is one audio: a first
     delta.audio with its id and an empty transcript, then one with base64 pcm16 data per SpeechChunk
-    (that chunk decoded alone), and before the choice's finish_reason one with only its expires_at."""
+    (resampled to AUDIO_RATE as one stream: the pieces join as the utterance resampled whole), and before
+    the choice's finish_reason one with only its expires_at."""
     def chunk(index: int, delta: dict, finish_reason=None, **extra) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
         return _sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": [choice]})
 
     audio_ids: dict[int, str] = {}
+    resamplers: dict[int, StreamResampler] = {}  # per choice: its utterance being streamed
+
+    def flush(index: int):  # the end of an utterance: what its resampler held back
+        rest = resamplers.pop(index).push(np.zeros(0, np.float32), final=True) if index in resamplers else []
+        return [chunk(index, {"audio": {"id": audio_ids[index], "data": answer_audio(rest, AUDIO_RATE, "pcm16")}})
+                ] if len(rest) else []
+
     try:
         for i in range(job.options.n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -587,15 +596,21 @@ async def _chat_stream(worker: EngineWorker, job: ChatJob, watcher, meta: dict, 
                 part = await run_in_threadpool(video_part, message[2])
                 yield chunk(message[1], {"content": [part]})
             elif kind == "speech_start":
+                for piece in flush(message[1]):
+                    yield piece
                 if message[1] not in audio_ids:
                     audio_ids[message[1]] = _audio_id()
                     yield chunk(message[1], {"audio": {"id": audio_ids[message[1]], "transcript": ""}})
             elif kind == "speech":
                 _, index, samples, rate = message
                 aid = audio_ids.setdefault(index, _audio_id())
-                yield chunk(index, {"audio": {"id": aid, "data": answer_audio(samples, rate, "pcm16")}})
+                samples = resamplers.setdefault(index, StreamResampler(rate, AUDIO_RATE)).push(samples)
+                if len(samples):
+                    yield chunk(index, {"audio": {"id": aid, "data": answer_audio(samples, AUDIO_RATE, "pcm16")}})
             elif kind == "finished":
                 result = message[2]
+                for piece in flush(message[1]):
+                    yield piece
                 if message[1] in audio_ids:
                     yield chunk(message[1], {"audio": {"id": audio_ids[message[1]], "expires_at": meta["created"]}})
                 yield chunk(message[1], {}, result.finish_reason, seed=result.seed)

@@ -9,7 +9,7 @@ answers its handler through an asyncio queue of tuples, in order:
     ("preview", choice, PIL image, k)              a drawn image's rows so far (padded), k-th preview
     ("image", choice, PIL image, tokens)           a finished image (images: the chosen candidate)
     ("speech_start", choice)                       chat, streamed: an utterance begins
-    ("speech", choice, float32 samples, rate)      chat, streamed: a chunk of it, decoded alone
+    ("speech", choice, float32 samples, rate)      chat, streamed: the utterance's next stretch of audio
     ("finished", choice, GenerationResult)         chat: one choice is done
     ("done",) | ("cancelled",) | ("error", APIError)   last
 """
