@@ -164,6 +164,23 @@ def test_the_server_reads_an_animated_gif_in_a_message_as_a_video(tmp_path, pipe
         assert e.value.body["param"] == "messages[0].content[0].image_url"
 
 
+def test_an_animated_data_uri_is_bounded_by_its_pixels_in_all() -> None:
+    import base64
+
+    from tokenloom.serve.errors import APIError
+    from tokenloom.serve.protocol import VIDEO_PIXELS, decode_data_uri
+    from tokenloom.video_io import animation_bytes
+
+    def uri(frames):
+        return "data:image/gif;base64," + base64.b64encode(animation_bytes(list(_video(frames)))).decode("ascii")
+
+    side = SIDE * SIDE  # each frame is at the pixel bound given below
+    assert len(decode_data_uri(uri(VIDEO_PIXELS), "p", 1 << 20, side)) == VIDEO_PIXELS
+    with pytest.raises(APIError, match="pixels in all") as e:
+        decode_data_uri(uri(VIDEO_PIXELS + 1), "p", 1 << 20, side)
+    assert e.value.body()["error"]["code"] == "image_too_large"
+
+
 def test_the_demo_shows_a_video_for_a_model_that_has_video(model_dir, tmp_path) -> None:
     assert main(["demo", "--model", str(model_dir), "--out", str(tmp_path), "--max-new-tokens", "20"]) == 0
     page = (tmp_path / "index.html").read_text()

@@ -284,6 +284,9 @@ def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int |
 
 
 # -- images in and out ---------------------------------------------------------------------------------------
+VIDEO_PIXELS = 4  # an animated image's frames together may hold this many times an image's pixel bound
+
+
 def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Image.Image | list[Image.Image]:
     """A data:image/...;base64 URI -> a decoded RGB (or RGBA) PIL image, within the byte and pixel bounds; an
     animated GIF or WebP of more than one frame -> its frames, a video (what the server answers videos as)."""
@@ -310,7 +313,11 @@ def decode_data_uri(url: str, param: str, max_bytes: int, max_pixels: int) -> Im
             if img.width * img.height > max_pixels:
                 raise bad_request(f"the image is {img.width}x{img.height}: more than {max_pixels} pixels", param,
                                   "image_too_large")
-            if img.format in VIDEO_FORMATS and getattr(img, "n_frames", 1) > 1:
+            frames = getattr(img, "n_frames", 1) if img.format in VIDEO_FORMATS else 1
+            if frames > 1:
+                if frames * img.width * img.height > VIDEO_PIXELS * max_pixels:  # before decoding any frame
+                    raise bad_request(f"the video is {frames} frames of {img.width}x{img.height}: more than "
+                                      f"{VIDEO_PIXELS * max_pixels} pixels in all", param, "image_too_large")
                 try:
                     return animation_frames(img, "in the data URI")
                 except ValueError as e:
