@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         assert alone.size == streamed.size == whole.size
         # the streamed audio's seams are where its pieces meet, held back by the overlap
         streamed_seams = list(np.cumsum([p.size for p in pieces])[:-1])
-        for name, wave, at in (("alone", alone, seams), ("streamed", streamed, streamed_seams), ("whole", whole, seams)):
+        ways = (("alone", alone, seams), ("streamed", streamed, streamed_seams), ("whole", whole, seams))
+        for name, wave, at in ways:
             rows[name].append((mel_distance(wave, whole, tok.config), seam_jump(wave, at),
                                seam_mel(wave, whole, seams, tok.config)))
     result = {"codec": str(a.codec), "n": a.n, "chunk_frames": a.chunk, "context_frames": a.context,
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     for name in ("whole", "alone", "streamed"):
         mel, jump, near = (float(np.nanmean([r[i] for r in rows[name]])) for i in (0, 1, 2))
         result["ways"][name] = {"mel_distance_db": mel, "mel_distance_at_seams_db": near, "seam_jump": jump,
-                                "decode_seconds": seconds[name], "decode_ratio_to_whole": seconds[name] / seconds["whole"]}
+                                "decode_seconds": seconds[name],
+                                "decode_ratio_to_whole": seconds[name] / seconds["whole"]}
         print(f"{name:10} {mel:16.2f} {near:9.2f} {jump:10.2f} {seconds[name]:9.2f} "
               f"{seconds[name] / seconds['whole']:8.2f}")
     write_result(result, a.out)

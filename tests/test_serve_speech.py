@@ -1,7 +1,8 @@
 """tokenloom serve with speech, through the official openai client on 127.0.0.1: input_audio parts heard
 as the pipeline hears them, audio answers (modalities ["audio"]) as OpenAI's message.audio (a base64
-WAV of the utterance) and streamed delta.audio (base64 pcm16 of the SpeechChunks, resampled as one stream), what /v1/models says
-the model can hear and speak, and bad audio refused with a 400 naming the parameter."""
+WAV of the utterance) and streamed delta.audio (base64 pcm16 of the SpeechChunks, resampled as one
+stream), what /v1/models says the model can hear and speak, and bad audio refused with a 400 naming
+the parameter."""
 
 from __future__ import annotations
 

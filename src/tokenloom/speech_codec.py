@@ -249,7 +249,8 @@ def griffin_lim(log_mag: torch.Tensor, config: SpeechCodecConfig, iters: int | N
     if initial_angles is not None:
         given = initial_angles.shape[-1]
         if given > mag.shape[-1] - 1 or initial_angles.shape[:-1] != mag.shape[:-1]:
-            raise ValueError(f"initial_angles {tuple(initial_angles.shape)} do not fit magnitudes {tuple(log_mag.shape)}")
+            raise ValueError(f"initial_angles {tuple(initial_angles.shape)} do not fit magnitudes "
+                             f"{tuple(log_mag.shape)}")
         angles[..., :given] = initial_angles.to(angles)
 
     def istft(spec):

@@ -145,7 +145,8 @@ def read_video(path: str | os.PathLike, *, min_frames: int = 1, max_frames: int 
         return animation_frames(image, path, min_frames=min_frames, max_frames=max_frames)
 
 
-def animation_frames(image: Image.Image, where, *, min_frames: int = 1, max_frames: int = MAX_FRAMES) -> list[Image.Image]:
+def animation_frames(image: Image.Image, where, *, min_frames: int = 1,
+                     max_frames: int = MAX_FRAMES) -> list[Image.Image]:
     """The frames of an open animated GIF/WebP image (RGB, transparency on white), each repeated as the
     frame rate `write_video` recorded says; ValueError naming `where` as `read_video` does."""
     stored = getattr(image, "n_frames", 1)

@@ -4,7 +4,6 @@ turns one request's sampled tokens into streaming events and document parts."""
 from __future__ import annotations
 
 import functools
-
 import math
 import numbers
 import os
@@ -197,7 +196,8 @@ class RequestOutput:
 
     def _speech_chunk(self, n: int, final: bool) -> SpeechChunk:
         start = self.speech_sent
-        codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64).reshape(len(self.speech), n)
+        codes = np.array([level[start:start + n] for level in self.speech], dtype=np.int64)
+        codes = codes.reshape(len(self.speech), n)  # [levels, 0] for a frameless last chunk
         self.speech_sent += n
         chunk = self.speech_stream.add(codes, final)
         return SpeechChunk(self.index, start, codes, functools.partial(self.speech_stream.audio, chunk))

@@ -27,9 +27,9 @@ from ..engine.sampling import MAX_TOP_K
 from .errors import APIError, bad_request, error_body
 from .jobs import ChatJob, ChatOptions, ImageOptions, ImagesJob, Job
 from .metrics import Metrics
-from .protocol import (AUDIO_RATE, ChatCompletionRequest, ImageGenerationRequest, answer_audio, check_audio_param, check_range,
-                       decode_data_uri, decode_input_audio, image_part, message_parts, modalities_mode, parse_body,
-                       parse_size, png_base64, video_part)
+from .protocol import (AUDIO_RATE, ChatCompletionRequest, ImageGenerationRequest, answer_audio, check_audio_param,
+                       check_range, decode_data_uri, decode_input_audio, image_part, message_parts, modalities_mode,
+                       parse_body, parse_size, png_base64, video_part)
 from .settings import ServeSettings
 from .worker import EngineWorker
 
