@@ -101,13 +101,17 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples.astype(np.float64) * _PCM16_SCALE), -32768, 32767).astype(np.int16)
 
 
+def _check_rates(from_rate, to_rate) -> None:
+    for name, rate in (("from_rate", from_rate), ("to_rate", to_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise ValueError(f"resample: {name} must be a positive whole number of Hz, got {rate!r}")
+
+
 def resample(samples, from_rate: int, to_rate: int) -> np.ndarray:
     """Samples at `from_rate` Hz resampled to `to_rate` Hz (polyphase filter, scipy.signal.resample_poly,
     by the factor the rates reduce to, e.g. 22050 -> 16000 is up 320, down 441). The length becomes
     ceil(n * to_rate / from_rate). float32 mono."""
-    for name, rate in (("from_rate", from_rate), ("to_rate", to_rate)):
-        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-            raise ValueError(f"resample: {name} must be a positive whole number of Hz, got {rate!r}")
+    _check_rates(from_rate, to_rate)
     samples = check_samples(samples)
     if from_rate == to_rate:
         return samples
@@ -128,7 +132,7 @@ class StreamResampler:
     MARGIN = 64
 
     def __init__(self, from_rate: int, to_rate: int):
-        resample(np.zeros(1, np.float32), from_rate, to_rate)  # the rates checked as resample checks them
+        _check_rates(from_rate, to_rate)
         common = math.gcd(int(from_rate), int(to_rate))
         self.from_rate, self.to_rate = int(from_rate), int(to_rate)
         self.up, self.down = self.to_rate // common, self.from_rate // common
@@ -146,9 +150,9 @@ class StreamResampler:
         start = max(0, self.given * self.down // self.up - self.MARGIN)
         start -= start % self.down  # an input sample on which an output falls exactly
         offset = start * self.up // self.down
-        out = resample(self.kept[start - self.base:], self.from_rate, self.to_rate)
-        piece = out[self.given - offset:settled - offset]
-        self.kept, self.base, self.given = self.kept[start - self.base:], start, settled
+        self.kept, self.base = self.kept[start - self.base:], start  # what later pushes may still need
+        piece = resample(self.kept, self.from_rate, self.to_rate)[self.given - offset:settled - offset]
+        self.given = settled
         return piece
 
 

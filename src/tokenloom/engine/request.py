@@ -110,6 +110,11 @@ class SpeechStream:
         self.pending: list[tuple[np.ndarray, bool]] = []  # (codes, final) per chunk
         self.decoded: list[np.ndarray] = []
 
+    @property
+    def holds_back(self) -> bool:
+        """Whether the last chunk was not final: its decode kept audio back for a chunk still to come."""
+        return bool(self.pending) and not self.pending[-1][1]
+
     def add(self, codes: np.ndarray, final: bool) -> int:
         self.pending.append((codes, final))
         return len(self.pending) - 1
@@ -190,7 +195,7 @@ class RequestOutput:
         while complete - self.speech_sent >= self.speech_chunk_frames or (final and complete > self.speech_sent):
             n = min(self.speech_chunk_frames, complete - self.speech_sent)
             events.append(self._speech_chunk(n, final and self.speech_sent + n == complete))
-        if final and self.speech_stream.pending and not self.speech_stream.pending[-1][1]:
+        if final and self.speech_stream.holds_back:
             events.append(self._speech_chunk(0, True))  # the audio the last chunk held back
         return events
 

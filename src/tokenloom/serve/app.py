@@ -439,12 +439,13 @@ def _decode_messages(raw, settings: ServeSettings, pipe):
 
 
 def _check_video_input(pipe, frames: int, where: str) -> None:
-    if not pipe.vocab.has_video:
-        raise bad_request("the image is animated (a video), but this model has no video tokens; send one frame "
-                          "as a PNG", where, "unsupported_video")
-    if frames > pipe.vocab.max_video_frames:
-        raise bad_request(f"the video has {frames} frames; this model reads at most {pipe.vocab.max_video_frames}",
-                          where, "invalid_video")
+    """The format's own check (video tokens, frame count), as a 400 naming the part before anything is queued."""
+    try:
+        pipe.format.check_video(frames)
+    except ValueError as e:
+        code = "invalid_video" if pipe.vocab.has_video else "unsupported_video"
+        raise bad_request(f"the image is animated, a video of {frames} frames, but {e}; send one frame as a PNG "
+                          "for an image", where, code) from None
 
 
 def _image_options(body: ImageGenerationRequest, pipe, settings: ServeSettings) -> ImageOptions:
