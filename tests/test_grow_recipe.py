@@ -51,3 +51,18 @@ def test_base_has_both_modalities_and_the_old_logits(tmp_path, speech_pipe, old_
         old, new = old_pipe.model(ids), base.model(ids)
     assert torch.allclose(new[..., :old_pipe.vocab.size], old, atol=1e-5)  # the old ids' predictions kept
     assert recipe.build_base(tmp_path, tmp_path / "old") == tmp_path / "base"  # done once
+
+
+def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speech_pipe, old_pipe) -> None:
+    config = load_config(recipe.write_config(tmp_path, smoke=False, experts=True))
+    assert [s["name"] for s in config.data.train] == ["video", "speech"]  # no replay: the old tasks cannot move
+    assert config.train.trainable == "experts" and config.model.pipeline == str(tmp_path / "base-experts")
+    speech_pipe.speech_tokenizer.save_pretrained(tmp_path / "codec" / "best")
+    old_pipe.save_pretrained(tmp_path / "old")
+    base = Pipeline.from_pretrained(recipe.build_base(tmp_path, tmp_path / "old", experts=True))
+    assert base.model.config.experts == ["video", "speech"]
+    plain = Pipeline.from_pretrained(recipe.build_base(tmp_path, tmp_path / "old"))
+    assert base.vocab == plain.vocab  # the same ids: one set of shards serves both variants
+    ids = torch.arange(0, base.vocab.size, 5)[None]
+    with torch.no_grad():  # the experts start as copies: the same model as the plain base
+        assert torch.equal(base.model(ids), plain.model(ids))

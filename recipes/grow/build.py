@@ -5,6 +5,7 @@ video and speech tasks mixed with replay of its old tasks, measured on every tas
     python recipes/grow/build.py --work runs/grow                # everything
     python recipes/grow/build.py --work runs/grow --only train   # or corpus, codec, base, data, train, eval
     python recipes/grow/build.py --work runs/grow-smoke --smoke  # tiny sets, a few steps
+    python recipes/grow/build.py --work runs/grow --experts      # the same, grown through experts
 
 The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost the old tasks 1-9 points
 (docs/video.md, docs/speech.md). shapes-tiny's last stage (recipes/shapes-tiny/stages.yaml, train-13) ran at
@@ -19,6 +20,11 @@ The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost 
 5. eval: `tokenloom.evaluation.evaluate` of the trained model on every task (WORK/eval/), and the shipped
    model on the old ones with --only eval-before (its model card's numbers, reproduced);
 6. with --install-to DIR (a checkout's src/tokenloom/assets/shapes-tiny): WORK/grow/final is copied there.
+
+--experts grows the model through experts instead (tokenloom.modalities; the same corpus, codec and sets,
+in the same WORK): WORK/base-experts has expert projections for video and speech spans, experts.yaml
+trains only them and the new rows on the video and speech sets (no replay: the old tasks cannot change),
+into WORK/experts; the eval step writes WORK/eval-experts...; --install-to installs WORK/experts/final.
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
 docs/model-growth.md.
@@ -58,29 +64,36 @@ STEPS = ("corpus", "codec", "base", "data", "train", "eval")
 EXTRA_STEPS = ("eval-before",)
 
 
-def build_base(work: Path, source: Path = SHIPPED) -> Path:
-    base, between = work / "base", work / "base-video"
+def build_base(work: Path, source: Path = SHIPPED, experts: bool = False) -> Path:
+    name = "base-experts" if experts else "base"
+    base, between = work / name, work / f"{name}-video"
     if not (base / "config.json").exists():
         if not (between / "config.json").exists():
-            add_modality_dir(source, between, "video", overwrite=True)
-        add_modality_dir(between, base, "speech", codec=work / "codec" / "best", overwrite=True)
+            add_modality_dir(source, between, "video", experts=experts, overwrite=True)
+        add_modality_dir(between, base, "speech", codec=work / "codec" / "best", experts=experts, overwrite=True)
     return base
 
 
-def write_config(work: Path, smoke: bool) -> Path:
-    return write_from(HERE / "grow.yaml", work, smoke)
+def _template(experts: bool) -> Path:
+    return HERE / ("experts.yaml" if experts else "grow.yaml")
 
 
-def train_grown(work: Path, smoke: bool) -> dict:
-    return train_from(HERE / "grow.yaml", work, "grow", smoke)
+def write_config(work: Path, smoke: bool, experts: bool = False) -> Path:
+    return write_from(_template(experts), work, smoke)
+
+
+def train_grown(work: Path, smoke: bool, experts: bool = False) -> dict:
+    return train_from(_template(experts), work, "experts" if experts else "grow", smoke)
 
 
 def main(argv=None) -> int:
     ap = arguments(__doc__, STEPS + EXTRA_STEPS)
     ap.add_argument("--tasks", help="comma-separated tasks of the eval step (default: every task)")
     ap.add_argument("--threads", type=int, default=None, help="threads of the codec's training")
+    ap.add_argument("--experts", action="store_true",
+                    help="grow through expert projections for video and speech spans (the old tasks stay exact)")
     a = ap.parse_args(argv)
-    work = a.work
+    work, run = a.work, "experts" if a.experts else "grow"
     work.mkdir(parents=True, exist_ok=True)
     n = 4 if a.smoke else a.n
     tasks = tuple(a.tasks.split(",")) if a.tasks else OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS
@@ -91,18 +104,18 @@ def main(argv=None) -> int:
         elif step == "codec":
             speech.train_codec(work, a.smoke, a.threads)
         elif step == "base":
-            build_base(work, a.base)
+            build_base(work, a.base, a.experts)
         elif step == "data":
             build_sets(work, SETS, a.smoke)
         elif step == "eval-before":
             evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
-            train_grown(work, a.smoke)
+            train_grown(work, a.smoke, a.experts)
         else:
-            out = work / ("eval" if not a.tasks else "eval-" + "-".join(tasks))
-            evaluate_model(work / "grow" / "final", out, tasks, n)
+            out = "eval" + ("-experts" if a.experts else "") + ("-" + "-".join(tasks) if a.tasks else "")
+            evaluate_model(work / run / "final", work / out, tasks, n)
     if a.install_to is not None:
-        print(f"installed {install_model(work / 'grow' / 'final', a.install_to)}")
+        print(f"installed {install_model(work / run / 'final', a.install_to)}")
     return 0
 
 

@@ -7,6 +7,11 @@ A model that lacks them gains them as Liquid gains image codes: the vocabulary g
 appended after its last one, and the model's input embedding and output head grow by one row per
 new id, initialised to the mean of the existing rows (a new token starts as an average token, not
 as noise that dominates the logits). Training on the modality's data then teaches the rows.
+
+With experts (`add_modality(..., experts=True)`, CogVLM's visual expert), the model also gains a second
+set of projections in every block (`ModelConfig.experts`), copies of the first, which the tokens inside
+the modality's spans run through; trained with `train.trainable: experts` (only those projections and the
+new rows learn), the grown model computes on every old task exactly what the base did.
 """
 
 from __future__ import annotations
@@ -17,7 +22,33 @@ import dataclasses
 import torch
 from torch import nn
 
+from .model import Transformer
 from .vocab import MODALITY_ROLES, Vocabulary, VocabularyError
+
+
+def new_token_rows(vocab: Vocabulary, modalities: list[str]) -> torch.Tensor:
+    """[vocab.size] bool: the rows of `modalities`' own tokens (their markers, speech's codes): what an
+    experts run trains in the embedding and the output head."""
+    rows = torch.zeros(vocab.size, dtype=torch.bool)
+    begins, ends = vocab.span_markers(modalities)
+    rows[begins + ends] = True
+    if "speech" in modalities:
+        rows[: len(vocab.speech_mask)] |= vocab.speech_mask.cpu()
+    return rows
+
+
+def _with_experts(model: Transformer, modalities: list[str]) -> Transformer:
+    """`model` with config.experts = modalities; a model that had no experts gains them as copies of its
+    projections."""
+    weight = model.tok_embeddings.weight
+    grown = Transformer(dataclasses.replace(model.config, experts=modalities)).to(device=weight.device,
+                                                                                  dtype=weight.dtype)
+    had = bool(model.config.experts)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".expert." in name for name in missing), (missing, unexpected)
+    if not had:
+        grown.copy_to_experts()
+    return grown.eval()
 
 
 def missing_roles(vocab: Vocabulary, modality: str) -> list[str]:
@@ -34,21 +65,27 @@ def _grown(weight: torch.Tensor, rows: int, where: slice) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_modality(pipeline, modality: str, speech_tokenizer=None):
+def add_modality(pipeline, modality: str, speech_tokenizer=None, *, experts: bool = False):
     """A new Pipeline whose vocabulary and model have `modality`'s tokens (the given one is left as it
     was). A pipeline that already has them is an error, so a run never silently re-adds rows.
     Speech needs the codec (`speech_tokenizer`, a `tokenloom.speech_codec.SpeechTokenizer`) whose codes
-    the vocabulary gains; the new pipeline carries it."""
+    the vocabulary gains; the new pipeline carries it. `experts`: the modality's spans run through expert
+    projections (copies of the model's, or the experts it has already); a model that has the modality's
+    tokens but does not route them gains only that."""
     from .pipeline import Pipeline
 
     roles = missing_roles(pipeline.vocab, modality)
     new_codes = modality == "speech" and not pipeline.vocab.speech_codebooks
-    if modality == "speech" and speech_tokenizer is None:
+    if modality == "speech" and speech_tokenizer is None and (roles or new_codes):
         raise ValueError("adding speech needs its codec: add_modality(pipe, 'speech', speech_tokenizer) "
                          "(CLI: --codec DIR, a `tokenloom train-codec` run's best/)")
     if modality != "speech" and speech_tokenizer is not None:
         raise ValueError(f"a speech codec is for --modality speech, not {modality!r}")
     if not roles and not new_codes:
+        if experts and modality not in pipeline.model.config.experts:  # the tokens are there: only route them
+            model = _with_experts(copy.deepcopy(pipeline.model), [*pipeline.model.config.experts, modality])
+            return Pipeline(model, pipeline.vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
+                            dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)
         raise VocabularyError(f"the model already has the {modality} tokens")
     if pipeline.model.config.vocab_size != pipeline.vocab.size:
         # Padding rows past the vocabulary would be where the new ids go; keep the ids and rows one.
@@ -71,5 +108,7 @@ def add_modality(pipeline, modality: str, speech_tokenizer=None):
         model.output = nn.Linear(head.in_features, vocab.size, bias=False, device=head.weight.device,
                                  dtype=head.weight.dtype)
         model.output.weight.copy_(_grown(head.weight, vocab.size, new_rows))
+    if experts:
+        model = _with_experts(model, [*model.config.experts, modality])
     return Pipeline(model, vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
                     dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)

@@ -30,6 +30,7 @@ __all__ = [
     "apply_rope",
     "document_mask",
     "document_positions",
+    "span_routes",
 ]
 
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -59,6 +60,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Modalities ("video", "speech") whose spans run through expert projections (CogVLM's visual expert):
+    # every block has a second set of wq/wk/wv/wo/w1/w2/w3 for the tokens inside such a span, the first set
+    # for all others, so a model grown this way computes exactly what it did on its old tokens.
+    experts: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Resolve defaults to concrete values so to_dict() records what was built.
@@ -85,13 +90,19 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.experts = list(self.experts)
+        if any(not isinstance(m, str) for m in self.experts) or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"experts must be distinct modality names, got {self.experts!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["experts"]:  # configs (and adapter fingerprints) of models without experts stay as they were
+            del d["experts"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -99,7 +110,8 @@ class ModelConfig:
         unknown = sorted(set(d) - {f.name for f in fields})
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {unknown}")
-        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in d]
         if missing:
             raise ValueError(f"missing required ModelConfig keys: {missing}")
         return cls(**d)
@@ -152,6 +164,35 @@ def document_positions(document_ids: Tensor) -> Tensor:
     return document_mask(document_ids).sum(-1) - 1
 
 
+def span_routes(input_ids: Tensor, begin_ids: Tensor, end_ids: Tensor,
+                open_before: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Which tokens lie inside an expert span, markers included, and whether a span is open after each.
+
+    input_ids [B, T]; begin_ids / end_ids [K]: the spans' begin and end tokens; open_before [B] bool: a span
+    was open before the first token (a window after cached tokens), else none was. Returns inside [B, T] and
+    open_after [B, T]. A token's state is set by the last marker at or before it: a begin opens a span, an
+    end closes it after itself; with no marker yet, the state before the window holds.
+    """
+    B, T = input_ids.shape
+    is_begin = torch.isin(input_ids, begin_ids)
+    is_end = torch.isin(input_ids, end_ids)
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    last = torch.where(is_begin | is_end, idx, -1).cummax(dim=1).values  # last marker at or before t
+    opened = torch.gather(is_begin, 1, last.clamp(min=0))
+    prior = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if open_before is None else open_before
+    open_after = torch.where(last >= 0, opened, prior[:, None])
+    return open_after | is_end, open_after
+
+
+def _routed(base: nn.Linear, experts: nn.ModuleDict | None, name: str, x: Tensor, route: Tensor | None) -> Tensor:
+    """base(x), with the expert's projection of that name at the flat token indices `route`."""
+    if route is None:
+        return base(x)
+    flat = x.reshape(-1, x.shape[-1])
+    y = base(flat).index_copy(0, route, experts[name](flat.index_select(0, route)))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -195,11 +236,19 @@ class KVCache:
     have to be finite: a masked NaN would still leak through the attention matmul).
     """
 
-    def __init__(self, k: Sequence[Tensor], v: Sequence[Tensor]):
+    def __init__(self, k: Sequence[Tensor], v: Sequence[Tensor], open_spans: Tensor | None = None):
         if len(k) != len(v) or not k:
             raise ValueError("KVCache needs one k and one v tensor per layer")
         self.k = list(k)
         self.v = list(v)
+        # A model with experts: [B, 1, S, 1] bool, whether an expert span is open after each slot's token
+        # (shaped like k and v so that code moving slots or rows moves it with them: `tensors`).
+        self.open_spans = open_spans
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """Every per-row, per-slot tensor (batch dim 0, slot dim 2): what copying rows or slots must move."""
+        return self.k + self.v + ([] if self.open_spans is None else [self.open_spans])
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_length: int,
@@ -209,7 +258,9 @@ class KVCache:
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        return cls(k, v)
+        open_spans = (torch.zeros((batch_size, 1, max_length, 1), dtype=torch.bool, device=device)
+                      if config.experts else None)
+        return cls(k, v, open_spans)
 
     @property
     def batch_size(self) -> int:
@@ -248,18 +299,34 @@ class KVCache:
 
     def rows(self, n: int) -> KVCache:
         """A view of the first n batch rows (writes go through to this cache)."""
-        return KVCache([t[:n] for t in self.k], [t[:n] for t in self.v])
+        spans = None if self.open_spans is None else self.open_spans[:n]
+        return KVCache([t[:n] for t in self.k], [t[:n] for t in self.v], spans)
 
     def select(self, rows: Tensor | Sequence[int]) -> KVCache:
         """New cache holding the given batch rows (drop finished rows, duplicate for sampling)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+        spans = None if self.open_spans is None else self.open_spans.index_select(0, rows)
+        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v], spans)
 
     def reorder(self, rows: Tensor | Sequence[int]) -> KVCache:
         """In-place variant of select(), for callers that hold a reference to this cache."""
         selected = self.select(rows)
-        self.k, self.v = selected.k, selected.v
+        self.k, self.v, self.open_spans = selected.k, selected.v, selected.open_spans
         return self
+
+    def routes(self, input_ids: Tensor, cache_positions: Tensor, begin_ids: Tensor, end_ids: Tensor) -> Tensor:
+        """span_routes of tokens written at cache_positions ([T] or [B, T], consecutive per row), continuing
+        from the slot before them; records the new states in their slots. Returns inside [B, T]."""
+        B, T = input_ids.shape
+        per_row = cache_positions if cache_positions.dim() == 2 else cache_positions[None].expand(B, T)
+        rows = torch.arange(B, device=input_ids.device)
+        before = per_row[:, 0] - 1
+        spans = self.open_spans[:, 0, :, 0]  # [B, S]
+        open_before = spans[rows, before.clamp(min=0)] & (before >= 0)
+        inside, open_after = span_routes(input_ids, begin_ids, end_ids, open_before)
+        spans[rows[:, None], per_row] = open_after
+        return inside
+
 
 
 class Attention(nn.Module):
@@ -279,14 +346,18 @@ class Attention(nn.Module):
             self.k_norm = HeadNorm(self.num_kv_heads, hd, config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.expert = nn.ModuleDict({name: nn.Linear(getattr(self, name).in_features, getattr(self, name).out_features,
+                                                     bias=bias) for name in ("wq", "wk", "wv", "wo")}) \
+            if config.experts else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
-                cache_positions: Tensor | None = None, kv_length: int | None = None) -> Tensor:
+                cache_positions: Tensor | None = None, kv_length: int | None = None,
+                route: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = _routed(self.wq, self.expert, "wq", x, route).view(B, T, self.num_heads, self.head_dim)
+        k = _routed(self.wk, self.expert, "wk", x, route).view(B, T, self.num_kv_heads, self.head_dim)
+        v = _routed(self.wv, self.expert, "wv", x, route).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # before RoPE, as in Chameleon
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -298,7 +369,8 @@ class Attention(nn.Module):
         per_row = cache_positions is not None and cache_positions.dim() == 2  # decode steps, not prefills
         if (T == 1 or per_row and T <= DECODE_QUERIES) and mask is not None and not self.training:
             y = decode_attention(q, k, v, mask)
-            return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            return _routed(self.wo, self.expert, "wo", y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim),
+                           route)
         if self.num_kv_heads != self.num_heads:
             # q head h reads kv head h // rep (the Llama / Hugging Face grouping).
             rep = self.num_heads // self.num_kv_heads
@@ -307,7 +379,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return _routed(self.wo, self.expert, "wo", y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), route)
 
 
 DECODE_QUERIES = 64  # decode steps of up to this many new tokens per row use decode_attention
@@ -339,9 +411,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(hidden, inter, bias=bias)  # gate
         self.w3 = nn.Linear(hidden, inter, bias=bias)  # up
         self.w2 = nn.Linear(inter, hidden, bias=bias)  # down
+        self.expert = nn.ModuleDict({"w1": nn.Linear(hidden, inter, bias=bias), "w3": nn.Linear(hidden, inter, bias=bias),
+                                     "w2": nn.Linear(inter, hidden, bias=bias)}) if config.experts else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, route: Tensor | None = None) -> Tensor:
+        if route is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = _routed(self.w1, self.expert, "w1", x, route)
+        return _routed(self.w2, self.expert, "w2", F.silu(gate) * _routed(self.w3, self.expert, "w3", x, route), route)
 
 
 class TransformerBlock(nn.Module):
@@ -356,16 +433,17 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
-                cache_positions: Tensor | None = None, kv_length: int | None = None) -> Tensor:
+                cache_positions: Tensor | None = None, kv_length: int | None = None,
+                route: Tensor | None = None) -> Tensor:
         drop = self.resid_dropout
         if self.swin_norm:
             # Chameleon-30B: normalising the branch output bounds its norm, which stabilised training.
             h = x + drop(self.attention_norm(self.attention(x, cos, sin, mask, kv_cache, layer_idx, cache_positions,
-                                                            kv_length)))
-            return h + drop(self.ffn_norm(self.feed_forward(h)))
+                                                            kv_length, route)))
+            return h + drop(self.ffn_norm(self.feed_forward(h, route)))
         h = x + drop(self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, layer_idx, cache_positions,
-                                    kv_length))
-        return h + drop(self.feed_forward(self.ffn_norm(h)))
+                                    kv_length, route))
+        return h + drop(self.feed_forward(self.ffn_norm(h), route))
 
 
 # --------------------------------------------------------------------------- model
@@ -380,7 +458,48 @@ class Transformer(nn.Module):
         self.norm = _make_norm(config, config.hidden_size)
         # Tied: no output module at all, so "output.weight" never appears in the state dict.
         self.output = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The expert spans' begin and end token ids, from the vocabulary (set_expert_spans); not weights.
+        self.span_begin_ids: Tensor | None = None
+        self.span_end_ids: Tensor | None = None
         self.init_weights()
+
+    def set_expert_spans(self, begin_ids: Sequence[int], end_ids: Sequence[int]) -> None:
+        """The begin and end tokens of the spans that run through the experts (config.experts names their
+        modalities; the vocabulary gives their ids: tokenloom.modalities.route_experts)."""
+        if not self.config.experts:
+            raise ValueError("this model has no experts (ModelConfig.experts is empty)")
+        device = self.tok_embeddings.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.span_begin_ids = torch.tensor(list(begin_ids), dtype=torch.long, device=device)
+        self.span_end_ids = torch.tensor(list(end_ids), dtype=torch.long, device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) moves the span ids with the weights (they are plain tensors, not buffers, so that they
+        # never enter a state dict).
+        out = super()._apply(fn, *args, **kwargs)
+        if self.span_begin_ids is not None:
+            device = self.tok_embeddings.weight.device
+            if device.type != "meta":
+                self.span_begin_ids = self.span_begin_ids.to(device)
+                self.span_end_ids = self.span_end_ids.to(device)
+        return out
+
+    def _routes(self, input_ids: Tensor, kv_cache: KVCache | None, cache_positions: Tensor | None) -> Tensor | None:
+        """Flat indices of the tokens that run through the experts (None: none do)."""
+        if not self.config.experts:
+            return None
+        if self.span_begin_ids is None:
+            raise ValueError(f"this model routes {self.config.experts} spans to experts but was not told their "
+                             "tokens: load it with tokenloom.load, or call set_expert_spans")
+        if kv_cache is not None:
+            if kv_cache.open_spans is None:
+                raise ValueError("a model with experts needs a KVCache with open_spans (model.allocate_cache)")
+            inside = kv_cache.routes(input_ids, cache_positions, self.span_begin_ids, self.span_end_ids)
+        else:
+            inside = span_routes(input_ids, self.span_begin_ids, self.span_end_ids)[0]
+        route = inside.flatten().nonzero().squeeze(1)
+        return route if route.numel() else None
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, *, device: torch.device | str | None = None,
@@ -434,6 +553,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             normal_(layer.attention.wo.weight, resid_std)
             normal_(layer.feed_forward.w2.weight, resid_std)
+            if layer.attention.expert is not None:
+                normal_(layer.attention.expert["wo"].weight, resid_std)
+                normal_(layer.feed_forward.expert["w2"].weight, resid_std)
+
+    @torch.no_grad()
+    def copy_to_experts(self) -> None:
+        """Every expert projection := the projection it shadows (the start of growing a model by experts:
+        the grown model then computes exactly what the base did, on every token)."""
+        for layer in self.layers:
+            for module in (layer.attention, layer.feed_forward):
+                for name, expert in module.expert.items():
+                    expert.load_state_dict(getattr(module, name).state_dict())
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A KVCache on the model's device and in its dtype, sized to the request."""
@@ -517,9 +648,10 @@ class Transformer(nn.Module):
         mask, positions = self._mask_and_positions(input_ids, positions, document_ids, kv_cache,
                                                    cache_positions, key_mask, kv_length)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        route = self._routes(input_ids, kv_cache, cache_positions)
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, kv_cache, i, cache_positions, kv_length)
+            h = layer(h, cos, sin, mask, kv_cache, i, cache_positions, kv_length, route)
         h = self.norm(h)
         if return_hidden:
             return h

@@ -255,6 +255,19 @@ class Vocabulary:
             raise VocabularyError(f"unknown role {role!r}; known: {SPECIAL_ROLES}")
         return self._specials.get(role)
 
+    def span_markers(self, modalities: Sequence[str]) -> tuple[list[int], list[int]]:
+        """The begin and end ids of `modalities`' spans (the spans a model's ModelConfig.experts routes)."""
+        begins, ends = [], []
+        for modality in modalities:
+            if modality not in MODALITY_ROLES:
+                raise VocabularyError(f"unknown modality {modality!r}; expected some of {sorted(MODALITY_ROLES)}")
+            begin, end = (self.role_id(r) for r in MODALITY_ROLES[modality])
+            if begin is None or end is None:
+                raise VocabularyError(f"the vocabulary lacks the {modality} markers {MODALITY_ROLES[modality]}")
+            begins.append(begin)
+            ends.append(end)
+        return begins, ends
+
     def role_of(self, id: int) -> str | None:
         """Special role of an id, or None."""
         for role, i in self._specials.items():

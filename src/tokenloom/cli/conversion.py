@@ -114,10 +114,15 @@ def add_modality_arguments(p) -> None:
     p.add_argument("--modality", required=True, choices=sorted(MODALITY_ROLES), help="the modality to add")
     p.add_argument("--codec", help="speech: the speech codec directory (a `tokenloom train-codec` run's best/) whose "
                                    "codes the vocabulary gains; the new model carries it")
+    p.add_argument("--experts", action="store_true",
+                   help="the modality's spans run through expert projections (copies of the model's, or its experts): "
+                        "trained with train.trainable: experts, the model keeps exactly what it computed on its old "
+                        "tasks")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
 def run_add_modality(a) -> int:
     from ..convert import add_modality_dir
 
-    return _wrote(add_modality_dir(a.base, a.out, a.modality, codec=a.codec, overwrite=a.overwrite))
+    return _wrote(add_modality_dir(a.base, a.out, a.modality, codec=a.codec, experts=a.experts,
+                                     overwrite=a.overwrite))

@@ -109,6 +109,9 @@ def export_hf_chameleon(src: Pipeline | str | Path, dst: str | Path, *, dtype: s
     dst = prepare_destination(sources, dst, overwrite)
     pipe = src if isinstance(src, Pipeline) else Pipeline.from_pretrained(src)
     c = pipe.model.config
+    if c.experts:
+        raise ConversionError(f"this model routes {' and '.join(c.experts)} spans through expert projections, which "
+                              "HF Chameleon has no place for: it cannot be exported to the Chameleon layout")
     if c.norm_type != "rmsnorm":
         raise ConversionError(f"norm_type {c.norm_type!r} cannot be exported: HF Chameleon uses RMSNorm")
     if not c.qk_norm:

@@ -177,7 +177,7 @@ class ContinuousBatcher:
         cache = self.engine.model.allocate_cache(new_rows, new_len)
         mask = torch.zeros((new_rows, new_len), dtype=torch.bool, device=self._device)
         if self._cache is not None:
-            for old, fresh in zip(self._cache.k + self._cache.v, cache.k + cache.v):
+            for old, fresh in zip(self._cache.tensors, cache.tensors):
                 fresh[:have_rows, :, :have_len] = old
             mask[:have_rows, :have_len] = self._key_mask_full
         self._cache, self._key_mask_full = cache, mask
@@ -206,7 +206,7 @@ class ContinuousBatcher:
                            key_mask=valid, kv_length=prompt_len)[:, -1, :e.vocab.size]
 
         n = self.running_rows
-        for big, small in zip(self._cache.k + self._cache.v, tmp.k + tmp.v):
+        for big, small in zip(self._cache.tensors, tmp.tensors):
             big[n:n + k, :, :prompt_len] = small
         self._key_mask_full[n:n + k] = False
         self._key_mask_full[n:n + k, :prompt_len] = valid
@@ -459,7 +459,7 @@ class ContinuousBatcher:
         if holes:
             src = torch.tensor(movers, dtype=torch.long, device=dev)
             dst = torch.tensor(holes, dtype=torch.long, device=dev)
-            for t in self._cache.k + self._cache.v:
+            for t in self._cache.tensors:
                 t[dst] = t[src]
             self._key_mask_full[dst] = self._key_mask_full[src]
         keep_rows = torch.tensor(order, dtype=torch.long, device=dev)

@@ -96,7 +96,8 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per step
     precision: str = "auto"  # "fp32", "bf16" (autocast; weights and optimizer stay float32) or "auto":
     # bf16 where the device has native bf16 matmuls, else fp32
-    trainable: str = "all"  # "all", "image_head" (only the output rows of image codes) or "lora" (see `lora`)
+    trainable: str = "all"  # "all", "image_head" (only the output rows of image codes), "experts" (a model's
+    # expert projections and its expert modalities' rows: tokenloom add-modality --experts) or "lora" (see `lora`)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); Lumina-mGPT uses 1e-5
     seed: int = 0
     device: str | None = None  # torch device; None: where the pipeline loads (the CPU)
@@ -152,7 +153,7 @@ class TrainConfig:
 CHOICES = {
     "model.weights": ("pretrained", "random"),
     "train.precision": PRECISIONS,
-    "train.trainable": ("all", "image_head", "lora"),
+    "train.trainable": ("all", "image_head", "experts", "lora"),
 }
 
 

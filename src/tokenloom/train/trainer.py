@@ -62,6 +62,7 @@ from ..checkpoint import load_weights
 from ..data.packing import IGNORE_INDEX, BatchLoader, LengthBucketSampler, MixtureSampler, ShardDataset
 from ..data.pretokenize import MANIFEST_NAME, read_manifest, vocab_fingerprint
 from ..data.raw import DataError
+from ..modalities import new_token_rows
 from ..model import ModelConfig, Transformer
 from ..pipeline import Pipeline, torch_dtype
 from ..precision import resolve_precision
@@ -73,7 +74,7 @@ from . import distributed
 from .plot import plot_losses
 
 __all__ = ["CHECKPOINTS", "METRICS_NAME", "MetricsLog", "Trainer", "TrainError", "lr_at", "param_groups",
-           "token_losses", "train", "train_image_head_only"]
+           "token_losses", "train", "train_experts_only", "train_image_head_only"]
 # Keys that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = {"out_dir", "data.eval", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_checkpoints", "train.progress", "train.device"}
@@ -103,22 +104,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def train_image_head_only(model: Transformer, code_mask: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
-    """Anole-style: freeze everything but the output rows of image codes.
+def _train_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+    """Make `weight` trainable in `rows` only: a hook zeroes its gradient elsewhere; with no weight decay on
+    it (the caller's job) the other rows then stay bit-identical under AdamW."""
+    weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    keep[: len(rows)] = rows.to(weight.device)
+    keep = keep[:, None]
+    # where(), not a product: a non-finite gradient in a frozen row must not leak as NaN.
+    return weight.register_hook(lambda grad: torch.where(keep, grad, torch.zeros((), dtype=grad.dtype,
+                                                                                 device=grad.device)))
 
-    The output matrix keeps requires_grad, and a hook zeroes its gradient outside the code rows;
-    with no weight decay on it (the caller's job) those rows then stay bit-identical under AdamW.
-    """
+
+def train_image_head_only(model: Transformer, code_mask: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+    """Anole-style: freeze everything but the output rows of image codes (the output matrix keeps
+    requires_grad, its other rows a zero gradient)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    weight = model.output_weight
-    weight.requires_grad_(True)
-    rows = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-    rows[: len(code_mask)] = code_mask.to(weight.device)
-    rows = rows[:, None]
-    # where(), not a product: a non-finite gradient in a frozen row must not leak as NaN.
-    return weight.register_hook(lambda grad: torch.where(rows, grad, torch.zeros((), dtype=grad.dtype,
-                                                                                 device=grad.device)))
+    return _train_rows(model.output_weight, code_mask)
+
+
+def train_experts_only(model: Transformer, rows: torch.Tensor) -> list[torch.utils.hooks.RemovableHandle]:
+    """Freeze the model but its expert projections and, in the embedding and the output head, the rows of
+    the experts' modality tokens (`rows`, tokenloom.modalities.new_token_rows): every computation on tokens
+    outside the experts' spans then stays exactly the base model's. Needs no weight decay (the caller's job)."""
+    if not model.config.experts:
+        raise ValueError("train.trainable: experts needs a model with experts (tokenloom add-modality "
+                         "--experts adds them)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".expert." in name)
+    weights = {id(w): w for w in (model.tok_embeddings.weight, model.output_weight)}.values()  # tied: once
+    return [_train_rows(w, rows) for w in weights]
 
 
 def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device,
@@ -239,6 +255,16 @@ class Trainer:
         if c.train.trainable == "image_head":
             self.hook = train_image_head_only(self.model, vocab.code_mask)
             weight_decay = 0.0  # decoupled decay would shrink the frozen rows too
+        elif c.train.trainable == "experts":
+            if not self.model.config.experts:
+                raise config_error(c, "train.trainable", "'train.trainable: experts' needs a model with experts "
+                                                         "(tokenloom add-modality --experts adds them)")
+            if world is not None:
+                raise config_error(c, "train.trainable", "'train.trainable: experts' runs in one process (not yet "
+                                                         "under torchrun)")
+            rows = new_token_rows(vocab, self.model.config.experts)
+            self.hook = train_experts_only(self.model, rows)
+            weight_decay = 0.0  # decoupled decay would shrink the frozen rows too
         elif c.train.trainable == "lora":
             self.adapter = self._add_lora()
         if world is not None:
@@ -247,8 +273,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=c.optim.lr,
                                            betas=tuple(c.optim.betas), eps=c.optim.eps)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.trainable_parameters = (int(vocab.code_mask.sum()) * self.model.output_weight.shape[1]
-                                     if self.hook is not None else sum(p.numel() for p in self.trainable))
+        self.trainable_parameters = sum(p.numel() for p in self.trainable)
+        if c.train.trainable == "image_head":
+            self.trainable_parameters = int(vocab.code_mask.sum()) * self.model.output_weight.shape[1]
+        elif c.train.trainable == "experts":  # the row-hooked matrices count by their trained rows
+            hooked = {id(self.model.tok_embeddings.weight), id(self.model.output_weight)}
+            self.trainable_parameters = (sum(p.numel() for p in self.trainable if id(p) not in hooked)
+                                         + int(rows.sum()) * self.model.output_weight.shape[1] * len(hooked))
         total = sum(p.numel() for p in self.model.parameters())
         if c.data.seq_len > self.model.config.max_position_embeddings:
             warnings.warn(f"data.seq_len {c.data.seq_len} exceeds the model's max_position_embeddings "
