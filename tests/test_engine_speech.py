@@ -305,17 +305,18 @@ def test_random_weight_fuzz_utterances_always_well_formed(talkers, layout):
 
 def test_modes_text_and_image_never_speak(talkers):
     """Even with a model that likes speech_begin: modes "text" and "image" never emit it, nor "any" with
-    speak=False (in a batch beside rows that may); "any" does."""
+    modalities that leave speech out (in a batch beside rows that may); "any" does."""
     fond = talkers["blocks"]
     v = fond.vocab
-    for mode, size, speak in (("text", None, True), ("image", (2, 2), True), ("any", (2, 2), True),
-                              ("any", (2, 2), False)):
+    quiet = ("text", "image")
+    for mode, size, modalities in (("text", None, None), ("image", (2, 2), None), ("any", (2, 2), None),
+                                   ("any", (2, 2), quiet), ("any", (2, 2), ("text", "image", "speech"))):
         reqs = [GenerationRequest(prompt(fond, f"x {s}"), mode=mode, image_size=size, max_new_tokens=30, text=WARM,
-                                  image=WARM, speech=WARM, seed=s, speak=speak) for s in range(4)]
+                                  image=WARM, speech=WARM, seed=s, modalities=modalities) for s in range(4)]
         started = [v.speech_begin in r.ids for r in fond.engine.generate(reqs)]
-        assert any(started) if (mode, speak) == ("any", True) else not any(started), (mode, speak)
+        assert any(started) if mode == "any" and modalities != quiet else not any(started), (mode, modalities)
     mixed = [GenerationRequest(prompt(fond, f"x {s}"), max_new_tokens=30, text=WARM, speech=WARM, seed=s,
-                               speak=bool(s % 2)) for s in range(8)]
+                               modalities=None if s % 2 else quiet) for s in range(8)]
     started = [v.speech_begin in r.ids for r in fond.engine.generate(mixed)]
     assert not any(started[0::2]) and any(started[1::2])
 
@@ -635,12 +636,16 @@ def test_bad_speech_requests_are_refused(speech_pipe, pipe):
         eng.generate([speech_request(speech_pipe, speech_frames=3, max_new_tokens=13)])
     with pytest.raises(ValueError, match=r"an utterance of one frame at 2 levels needs 4 tokens"):
         eng.generate([speech_request(speech_pipe, speech_levels=2, max_new_tokens=3)])
-    with pytest.raises(ValueError, match="request 0: speak=False contradicts mode 'speech'"):
-        eng.generate([speech_request(speech_pipe, speak=False)])
-    with pytest.raises(ValueError, match="speak=False contradicts speech_frames"):
-        eng.generate([speech_request(speech_pipe, mode="any", speech_frames=2, speak=False)])
-    with pytest.raises(ValueError, match="speak must be True or False"):
-        eng.generate([speech_request(speech_pipe, mode="any", speak="no")])
+    quiet = ("text", "image")
+    with pytest.raises(ValueError, match=r"request 0: mode 'speech' asks for speech, which modalities="
+                                         r"\['text', 'image'\] leaves out"):
+        eng.generate([speech_request(speech_pipe, modalities=quiet)])
+    with pytest.raises(ValueError, match="speech_frames asks for speech, which modalities"):
+        eng.generate([speech_request(speech_pipe, mode="any", speech_frames=2, modalities=quiet)])
+    with pytest.raises(ValueError, match="modalities must be a list of names"):
+        eng.generate([speech_request(speech_pipe, mode="any", modalities="text")])
+    with pytest.raises(ValueError, match=r"unknown modalities \['audio'\]"):
+        eng.generate([speech_request(speech_pipe, mode="any", modalities=("text", "audio"))])
     # Without speech tokens mode "any" never speaks (there is nothing to speak with).
     res = pipe.engine.generate([speech_request(pipe, mode="any", text=WILD, seed=s) for s in range(3)])
     assert not any(r.speech_parts for r in res)

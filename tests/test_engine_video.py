@@ -231,13 +231,18 @@ def test_random_weight_fuzz_videos_always_well_formed(vpipe, vflat, layout):
 
 
 def test_modes_image_and_text_never_start_a_video(fond):
-    """Even with a model that likes video_begin: modes "text" and "image" never emit it; "any" does."""
+    """Even with a model that likes video_begin: modes "text" and "image" never emit it, nor "any" with
+    modalities that leave video out (a story on a model grown by video); "any" does."""
     v = fond.vocab
-    for mode, size in (("text", None), ("image", (2, 2)), ("any", (2, 2))):
+    for mode, size, modalities in (("text", None, None), ("image", (2, 2), None), ("any", (2, 2), None),
+                                   ("any", (2, 2), ("text", "image")), ("any", (2, 2), ("video",))):
         reqs = [GenerationRequest(prompt(fond, f"x {s}"), mode=mode, image_size=size, max_new_tokens=40, text=WARM,
-                                  image=WARM, seed=s) for s in range(16)]
-        started = [v.video_begin in r.ids for r in fond.engine.generate(reqs)]
-        assert any(started) if mode == "any" else not any(started), mode
+                                  image=WARM, seed=s, modalities=modalities) for s in range(16)]
+        results = fond.engine.generate(reqs)
+        started = [v.video_begin in r.ids for r in results]
+        assert any(started) if mode == "any" and modalities != ("text", "image") else not any(started), mode
+        if modalities == ("text", "image"):
+            assert any(v.image_begin in r.ids for r in results), "images stay allowed"
 
 
 # -- the same tokens as recomputation from scratch ---------------------------------------------------
@@ -488,6 +493,10 @@ def test_bad_video_requests_are_refused(vpipe, novideo):
         eng.generate([video_request(vpipe, max_new_tokens=8)])
     with pytest.raises(ValueError, match=r"request 1: a video of 2 frames"):  # mode "any" asking for a count too
         eng.generate([video_request(vpipe), video_request(vpipe, mode="any", video_frames=2, max_new_tokens=10)])
+    with pytest.raises(ValueError, match=r"request 0: video_frames asks for video, which modalities=\['text'\]"):
+        eng.generate([video_request(vpipe, mode="any", video_frames=2, modalities=("text",))])
+    with pytest.raises(ValueError, match=r"mode 'video' asks for video, which modalities=\['image'\] leaves out"):
+        eng.generate([video_request(vpipe, modalities=["image"])])
     for mode in ("image", "text"):
         with pytest.raises(ValueError, match="video_frames is for modes 'video' and 'any'"):
             eng.generate([video_request(vpipe, mode=mode, image_size=(2, 2), video_frames=2)])

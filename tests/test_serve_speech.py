@@ -199,7 +199,7 @@ def test_an_answer_speaks_only_when_audio_is_asked_for(speaker, monkeypatch):
 
     def spy(self, pipe):
         requests = build(self, pipe)
-        seen.append([(r.mode, r.speak) for r in requests])
+        seen.append([(r.mode, r.modalities is None or "speech" in r.modalities) for r in requests])
         return requests
 
     monkeypatch.setattr(jobs.ChatJob, "build", spy)

@@ -32,6 +32,7 @@ from .world.tasks import QUESTION_KINDS, TASKS, TELL_A_STORY, heldout_samples, q
 
 MAX_SAMPLES = 5000
 STORY_TEXT_SAMPLING = {"temperature": 1.0}
+STORY_MODALITIES = ("text", "image")  # a story is told in these, also by a model that has grown video or speech
 # Edits draw unguided whatever --guidance-scale says: the source image is their context, and neither
 # two-way nor three-way (image-only) guidance drew more right edits from shapes-tiny (stage 8).
 EDIT_GUIDANCE_SCALE = 1.0
@@ -209,7 +210,8 @@ def eval_story(pipe, samples, batch_size, progress, seed):
     greedy text would open every "Tell a story." with the same caption, scoring one story n times."""
     requests = []
     for i, s in enumerate(samples):
-        req = pipe.chat_request(sample_document(pipe, s), mode="any", seed=seed * MAX_SAMPLES + i,
+        req = pipe.chat_request(sample_document(pipe, s), mode="any", modalities=STORY_MODALITIES,
+                                seed=seed * MAX_SAMPLES + i,
                                 image_size=_grid_size(pipe, s), text_sampling=STORY_TEXT_SAMPLING)
         req.max_new_tokens = 4 * pipe.format.image_length(*req.image_size) + 120
         requests.append(req)

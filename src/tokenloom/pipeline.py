@@ -437,7 +437,8 @@ class Pipeline(SpeechMixin):
                      text_sampling: dict | None = None, image_sampling: dict | None = None,
                      image_size: tuple[int, int] | None = None, speculative: str | bool | None = None,
                      speculative_window: int | None = None, video_frames: int | None = None,
-                     speech_sampling: dict | None = None, speak: bool = True) -> GenerationRequest:
+                     speech_sampling: dict | None = None,
+                     modalities: tuple[str, ...] | None = None) -> GenerationRequest:
         """One engine request for a document, with Hugging Face `generate` keyword names: `temperature`,
         `top_k`, `top_p`, `repetition_penalty` for text, `image_temperature`, `image_top_k`,
         `image_top_p` for images, `do_sample=False` for greedy decoding of both; `width` and `height`
@@ -446,8 +447,9 @@ class Pipeline(SpeechMixin):
         ("jacobi" or "off") and `speculative_window` override the config's speculative decoding.
         `mode="video"` answers with one video (frames of the image size); `video_frames` fixes its
         frame count (None: the model's choice), and without `max_new_tokens` the budget is what it needs.
-        `mode="speech"` answers with one utterance (see `speak`); `speech_sampling` sets its sampling;
-        `speak=False` keeps speech out of the answer (a client that did not ask for audio)."""
+        `mode="speech"` answers with one utterance; `speech_sampling` sets its sampling. `modalities`
+        limits a mode-"any" answer (e.g. ("text", "image"): no speech for a client that did not ask for
+        audio, nor on an old task of a model grown by video and speech; None: every one it has)."""
         if not isinstance(document, Document):
             raise ValueError(f"expected a Document, got {type(document).__name__}")
         if do_sample is not None and not isinstance(do_sample, bool):
@@ -481,7 +483,7 @@ class Pipeline(SpeechMixin):
             **({"speech": self.sampling("speech", **{**(speech_sampling or {}), **greedy})}
                if self.vocab.has_speech else {}),
             guidance_scale=scale,
-            uncond_prompt_ids=self.unconditional_prompt(), seed=seed, speak=speak,
+            uncond_prompt_ids=self.unconditional_prompt(), seed=seed, modalities=modalities,
             **self.speculation(speculative, speculative_window))
 
     def use_speculative(self, speculative: str | bool | None = None, window: int | None = None) -> "Pipeline":

@@ -233,7 +233,7 @@ class ContinuousBatcher:
         grammar = Grammar(e.tables, [r.mode for r in reqs], [r.image_size for r in reqs],
                           [r.max_new_tokens for r in reqs], dev, [r.video_frames for r in reqs],
                           speech_levels=[r.speech_levels for r in reqs], speech_frames=[r.speech_frames for r in reqs],
-                          max_speech_frames=[r.max_speech_frames for r in reqs], speak=[r.speak for r in reqs])
+                          max_speech_frames=[r.max_speech_frames for r in reqs], modalities=[r.modalities for r in reqs])
         self._grammar = grammar if self._grammar is None else self._grammar.concat(grammar)
         self._seen = torch.cat([self._seen, torch.zeros((len(new), e.vocab.size), dtype=torch.bool, device=dev)])
         self._rebuild()

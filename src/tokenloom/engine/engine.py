@@ -22,7 +22,7 @@ import torch
 from ..document import MAX_SPEECH_FRAMES
 from .continuous import ContinuousBatcher, request_rows
 from .events import Event, Finished
-from .grammar import MODES, GrammarTables
+from .grammar import MODES, OUTPUT_MODALITIES, GrammarTables
 from .request import GenerationRequest, GenerationResult, check_guidance_scale
 from .sampling import check_integer
 from .speculative import check_speculative
@@ -116,6 +116,7 @@ class Engine:
                 if r.mode == "image" and self.tables.image_length(h, w) > r.max_new_tokens:
                     raise ValueError(f"request {i}: a {h}x{w} image needs {self.tables.image_length(h, w)} tokens, "
                                      f"more than max_new_tokens={r.max_new_tokens}")
+            self._validate_modalities(i, r)
             self._validate_video(i, r)
             self._validate_speech(i, r)
             check_guidance_scale(r.guidance_scale, f"request {i}: guidance_scale")
@@ -124,6 +125,24 @@ class Engine:
                 check_guidance_scale(r.image_guidance_scale, f"request {i}: image_guidance_scale")
             if r.image_guidance_scale is not None and r.image_cond_prompt_ids is None:
                 raise ValueError(f"request {i}: image_guidance_scale needs image_cond_prompt_ids")
+
+    @staticmethod
+    def _validate_modalities(i: int, r: GenerationRequest) -> None:
+        """`modalities` names modalities (text is always allowed) and leaves in what the request asks for."""
+        if r.modalities is None:
+            return
+        if isinstance(r.modalities, str) or not all(isinstance(m, str) for m in r.modalities):
+            raise ValueError(f"request {i}: modalities must be a list of names, got {r.modalities!r}")
+        bad = [m for m in r.modalities if m not in OUTPUT_MODALITIES]
+        if bad:
+            raise ValueError(f"request {i}: unknown modalities {bad}; expected some of {OUTPUT_MODALITIES}")
+        asked = [(r.mode in ("image", "video", "speech"), r.mode, f"mode {r.mode!r}"),
+                 (r.speech_frames is not None, "speech", "speech_frames"),
+                 (r.video_frames is not None, "video", "video_frames")]
+        for wanted, modality, what in asked:
+            if wanted and modality not in r.modalities:
+                raise ValueError(f"request {i}: {what} asks for {modality}, which modalities="
+                                 f"{list(r.modalities)} leaves out")
 
     def _validate_video(self, i: int, r: GenerationRequest) -> None:
         """Mode "video" and `video_frames` need video tokens, a frame count the vocabulary can say, and
@@ -158,11 +177,6 @@ class Engine:
         t = self.tables
         check_integer(r.max_speech_frames, f"request {i}: max_speech_frames", low=1, high=MAX_SPEECH_FRAMES)
         check_integer(r.speech_chunk_frames, f"request {i}: speech_chunk_frames", low=1)
-        if not isinstance(r.speak, bool):
-            raise ValueError(f"request {i}: speak must be True or False, got {r.speak!r}")
-        if not r.speak and (r.mode == "speech" or r.speech_frames is not None):
-            what = "mode 'speech'" if r.mode == "speech" else "speech_frames"
-            raise ValueError(f"request {i}: speak=False contradicts {what}, which asks for an utterance")
         if r.mode != "speech" and r.speech_levels is None and r.speech_frames is None:
             return
         if not t.has_speech:

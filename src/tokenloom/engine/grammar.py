@@ -58,6 +58,7 @@ TEXT, HEIGHT, WIDTH, CODES, END, COUNT, FRAME, VIDEO_END, DONE, SPEECH, SPEECH_E
 # States strictly between TEXT and DONE are inside a visual span (an image, or a video and its frames);
 # SPEECH and SPEECH_END (after DONE, so that stays true) inside an utterance.
 MODES = ("text", "image", "video", "speech", "any")
+OUTPUT_MODALITIES = ("text", "image", "video", "speech")  # what a mode-"any" answer may be limited to
 # The modality a row samples with (`Grammar.modality`): its request's text, image or speech settings.
 MODALITY_TEXT, MODALITY_IMAGE, MODALITY_SPEECH = range(3)
 # What the grammar forces at a position ahead inside an image (`Grammar.lookahead`): a free code, an
@@ -175,12 +176,13 @@ class Grammar:
     `speech_levels`: codebook levels of each utterance (None: all the vocabulary's);
     `speech_frames`: its frame count to force (None: the model ends it); `max_speech_frames`: the
     most frames of an utterance whose count the model chooses (None: document.MAX_SPEECH_FRAMES);
-    `speak`: False keeps a mode-"any" row from speaking (None: every row may)."""
+    `modalities`: per row, the modalities a mode-"any" row may write (None: every one; text always may)."""
 
     def __init__(self, tables: GrammarTables, modes: list[str], image_sizes: list[tuple[int, int] | None],
                  budgets: list[int], device, video_frames: list[int | None] | None = None, *,
                  speech_levels: list[int | None] | None = None, speech_frames: list[int | None] | None = None,
-                 max_speech_frames: list[int | None] | None = None, speak: list[bool] | None = None):
+                 max_speech_frames: list[int | None] | None = None,
+                 modalities: list[tuple[str, ...] | None] | None = None):
         self.t = tables
         b = len(modes)
         bad = [m for m in modes if m not in MODES]
@@ -224,12 +226,16 @@ class Grammar:
         self.frames = torch.zeros(b, dtype=torch.long, device=device)  # the current video's frame count
         self.frame = torch.zeros(b, dtype=torch.long, device=device)  # frames of it already closed
         self.allow_text = torch.tensor([m in ("text", "any") for m in modes], device=device)
-        self.max_images = tensor([{"image": 1, "any": UNLIMITED}.get(m, 0) for m in modes])
-        self.max_videos = tensor([{"video": 1, "any": UNLIMITED}.get(m, 0) if tables.has_video else 0
-                                  for m in modes])
-        speak = speak or [True] * b
-        self.max_speeches = tensor([{"speech": 1, "any": UNLIMITED if ok else 0}.get(m, 0) if tables.has_speech else 0
-                                    for m, ok in zip(modes, speak)])
+        modalities = modalities or [None] * b
+
+        def most(name: str, present: bool = True):  # a row's cap on spans of one modality
+            return tensor([0 if not present else 1 if m == name else
+                           UNLIMITED if m == "any" and (allowed is None or name in allowed) else 0
+                           for m, allowed in zip(modes, modalities)])
+
+        self.max_images = most("image")
+        self.max_videos = most("video", tables.has_video)
+        self.max_speeches = most("speech", tables.has_speech)
         self.speeches_done = torch.zeros(b, dtype=torch.long, device=device)
         # Per row: the utterance's levels L' and its forced frame count (0: free), the most frames it may
         # have; inside one, the level of the next code (blocks: the current block's; interleaved: the

@@ -60,7 +60,10 @@ class GenerationRequest:
     speech_frames: int | None = None  # frames of an utterance, forced when given; None: the model ends it
     max_speech_frames: int = MAX_SPEECH_FRAMES  # the most frames of an utterance whose length the model chooses
     speech_chunk_frames: int = 10  # frames per SpeechChunk event (the last chunk of an utterance may be shorter)
-    speak: bool = True  # mode "any": False keeps speech out (an answer whose asker did not ask for audio)
+    # Mode "any": the modalities the answer may contain ("text", "image", "video", "speech"; text always
+    # may). None: every one the vocabulary has. A client that did not ask for audio leaves "speech" out;
+    # an old task on a grown model leaves out what the model grew.
+    modalities: tuple[str, ...] | None = None
 
 
 @dataclass

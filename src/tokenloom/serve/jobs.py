@@ -22,7 +22,10 @@ import time
 
 from ..document import MAX_SPEECH_FRAMES, Document, TextPart
 from ..engine import GenerationRequest
+from ..engine.grammar import OUTPUT_MODALITIES
 from .errors import APIError
+
+WITHOUT_SPEECH = tuple(m for m in OUTPUT_MODALITIES if m != "speech")  # an answer to a client that asked for no audio
 
 
 class Job:
@@ -118,7 +121,7 @@ class ChatJob(Job):
                     doc_parts.append(pipe.encode_image(value))
             turns.append((role, doc_parts))
         request = pipe.chat_request(Document.chat(turns), mode=o.mode, max_new_tokens=o.max_tokens, seed=o.seed,
-                                    speak=o.speak, **o.sampling)
+                                    modalities=None if o.speak else WITHOUT_SPEECH, **o.sampling)
         context = pipe.model.config.max_position_embeddings
         prompt = len(request.prompt_ids)
         room = context - prompt
