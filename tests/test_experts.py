@@ -21,7 +21,7 @@ from tokenloom.model import ModelConfig, Transformer, span_routes
 from tokenloom.pipeline import Pipeline
 from tokenloom.train.trainer import train_experts_only
 
-BEGIN, END = 5, 6
+BEGIN, END, BOS = 5, 6, 4
 
 
 def test_span_routes_mark_spans_markers_included():
@@ -36,13 +36,17 @@ def test_span_routes_mark_spans_markers_included():
     inside, _ = span_routes(torch.tensor([[2, 6, 2]]), torch.tensor([BEGIN]), torch.tensor([END]),
                             open_before=torch.tensor([True]))
     assert inside.int().tolist() == [[1, 1, 0]]
+    # A document's first token closes a span before itself (a packed row's next document starts outside).
+    inside, open_after = span_routes(torch.tensor([[5, 2, 4, 2, 5, 2]]), torch.tensor([BEGIN]), torch.tensor([END]),
+                                     open_before=torch.tensor([True]), reset_ids=torch.tensor([BOS]))
+    assert inside.int().tolist() == [[1, 1, 0, 0, 1, 1]] and open_after.int().tolist() == [[1, 1, 0, 0, 1, 1]]
 
 
-def experts_model(seed=0, same=False):
+def experts_model(seed=0, same=False, scope="span"):
     config = ModelConfig(vocab_size=24, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True,
-                         experts=["video"])
+                         experts=["video"], expert_scope=scope)
     model = Transformer.random(config, seed=seed).eval()
-    model.set_expert_spans([BEGIN], [END])
+    model.set_expert_spans([BEGIN], [END], [BOS])
     if same:
         model.copy_to_experts()
     return model
@@ -78,12 +82,33 @@ def test_tokens_outside_spans_compute_what_the_base_computes():
     assert "experts" not in base.config.to_dict() and model.config.to_dict()["experts"] == ["video"]
 
 
-def test_a_cached_forward_routes_as_a_whole_forward():
+def test_scope_rest_routes_from_the_first_begin_to_the_end():
+    """expert_scope "rest": an end marker closes nothing, so the answer after a span is the experts' too;
+    what comes before the first begin is still the base's, bit for bit."""
+    model, span = experts_model(scope="rest"), experts_model()
+    base = base_of(model)
+    ids = torch.randint(7, 24, (2, 16), generator=torch.Generator().manual_seed(3))
+    ids[1, [4, 8]] = torch.tensor([BEGIN, END])
+    ids[0, [2, 5]] = torch.tensor([BEGIN, BOS])  # two documents packed in one row: the second starts outside
+    with torch.no_grad():
+        got, want, spans = model(ids), base(ids), span(ids)
+        routes = span_routes(ids, model.span_begin_ids, model.span_end_ids, reset_ids=model.span_reset_ids)[0]
+    assert routes.int().tolist() == [[0, 0, 1, 1, 1] + [0] * 11, [0] * 4 + [1] * 12]
+    assert torch.equal(got[0, :2], want[0, :2]) and torch.equal(got[1, :4], want[1, :4])
+    assert torch.equal(got[1, :9], spans[1, :9])  # the same weights as the span model, through the end marker
+    assert not torch.allclose(got[1, 9:], spans[1, 9:])  # after it the experts go on computing
+    assert model.config.to_dict()["expert_scope"] == "rest" and "expert_scope" not in base.config.to_dict()
+    with pytest.raises(ValueError, match="expert_scope must be one of"):
+        ModelConfig(vocab_size=24, hidden_size=32, num_layers=1, num_heads=4, experts=["video"], expert_scope="all")
+
+
+@pytest.mark.parametrize("scope", ["span", "rest"])
+def test_a_cached_forward_routes_as_a_whole_forward(scope):
     """Windows of every size over a row whose spans open and close inside them; rows at their own slots."""
-    model = experts_model()
+    model = experts_model(scope=scope)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(7, 24, (2, 24), generator=g)
-    ids[0, [3, 9, 14]] = torch.tensor([BEGIN, END, BEGIN])
+    ids[0, [3, 9, 14, 18]] = torch.tensor([BEGIN, END, BEGIN, BOS])
     ids[1, [0, 20]] = torch.tensor([BEGIN, END])
     with torch.no_grad():
         whole = model(ids)
@@ -307,3 +332,12 @@ def test_the_add_modality_command_adds_experts(old_pipe, tmp_path, capsys):
     capsys.readouterr()
     assert cli(["add-modality", str(tmp_path / "new"), str(tmp_path / "again"), "--modality", "video", "--experts"]) == 2
     assert "already has the video tokens" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    # --expert-scope rest is recorded; without --experts it is a usage error.
+    assert cli(["add-modality", str(tmp_path / "old"), str(tmp_path / "rest"), "--modality", "video", "--experts",
+                "--expert-scope", "rest"]) == 0
+    config = json.loads((tmp_path / "rest" / "config.json").read_text())
+    assert config["model"]["expert_scope"] == "rest" and config["added_modality"]["expert_scope"] == "rest"
+    capsys.readouterr()
+    assert cli(["add-modality", str(tmp_path / "old"), str(tmp_path / "no"), "--modality", "video",
+                "--expert-scope", "rest"]) == 2
+    assert "--expert-scope is for --experts" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -66,3 +66,12 @@ def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speec
     ids = torch.arange(0, base.vocab.size, 5)[None]
     with torch.no_grad():  # the experts start as copies: the same model as the plain base
         assert torch.equal(base.model(ids), plain.model(ids))
+    # --experts-rest goes on from the experts run's model with expert_scope "rest", on the same sets.
+    config = load_config(recipe.write_config(tmp_path, smoke=False, experts=True, rest=True))
+    assert config.model.pipeline == str(tmp_path / "base-experts-rest") and config.train.trainable == "experts"
+    assert [s["name"] for s in config.data.train] == ["video", "speech"]
+    base.save_pretrained(tmp_path / "experts" / "final")
+    rest = Pipeline.from_pretrained(recipe.rest_base(tmp_path))
+    assert rest.model.config.expert_scope == "rest" and rest.model.span_end_ids.numel() == 0
+    assert torch.equal(rest.model.state_dict()["layers.0.attention.expert.wq.weight"],
+                       base.model.state_dict()["layers.0.attention.expert.wq.weight"])

@@ -6,6 +6,7 @@ video and speech tasks mixed with replay of its old tasks, measured on every tas
     python recipes/grow/build.py --work runs/grow --only train   # or corpus, codec, base, data, train, eval
     python recipes/grow/build.py --work runs/grow-smoke --smoke  # tiny sets, a few steps
     python recipes/grow/build.py --work runs/grow --experts      # the same, grown through experts
+    python recipes/grow/build.py --work runs/grow --experts-rest # then the experts take the answers too
 
 The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost the old tasks 1-9 points
 (docs/video.md, docs/speech.md). shapes-tiny's last stage (recipes/shapes-tiny/stages.yaml, train-13) ran at
@@ -25,6 +26,9 @@ The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost 
 in the same WORK): WORK/base-experts has expert projections for video and speech spans, experts.yaml
 trains only them and the new rows on the video and speech sets (no replay: the old tasks cannot change),
 into WORK/experts; the eval step writes WORK/eval-experts...; --install-to installs WORK/experts/final.
+--experts-rest goes on from WORK/experts/final with expert_scope "rest" (WORK/base-experts-rest): the
+experts compute from a video or speech begin marker to the end of the document, the answer included;
+experts-rest.yaml trains it into WORK/experts-rest (eval: WORK/eval-experts-rest...).
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
 docs/model-growth.md.
@@ -32,6 +36,7 @@ docs/model-growth.md.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -41,6 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 from modality import SHIPPED, arguments, build_sets, evaluate_model, install_model, train_from  # noqa: E402
 from modality import write_config as write_from  # noqa: E402
 
+import tokenloom  # noqa: E402
 from tokenloom.convert import add_modality_dir  # noqa: E402
 
 
@@ -74,16 +80,31 @@ def build_base(work: Path, source: Path = SHIPPED, experts: bool = False) -> Pat
     return base
 
 
-def _template(experts: bool) -> Path:
-    return HERE / ("experts.yaml" if experts else "grow.yaml")
+def rest_base(work: Path) -> Path:
+    """WORK/experts/final with expert_scope "rest": WORK/base-experts-rest."""
+    base = work / "base-experts-rest"
+    if not (base / "config.json").exists():
+        pipe = tokenloom.load(work / "experts" / "final")
+        pipe.model.config = dataclasses.replace(pipe.model.config, expert_scope="rest")
+        pipe.save_pretrained(base)
+    return base
 
 
-def write_config(work: Path, smoke: bool, experts: bool = False) -> Path:
-    return write_from(_template(experts), work, smoke)
+def _template(experts: bool, rest: bool = False) -> Path:
+    return HERE / ("experts-rest.yaml" if rest else "experts.yaml" if experts else "grow.yaml")
 
 
-def train_grown(work: Path, smoke: bool, experts: bool = False) -> dict:
-    return train_from(_template(experts), work, "experts" if experts else "grow", smoke)
+def write_config(work: Path, smoke: bool, experts: bool = False, rest: bool = False) -> Path:
+    return write_from(_template(experts, rest), work, smoke)
+
+
+def train_grown(work: Path, smoke: bool, experts: bool = False, rest: bool = False) -> dict:
+    if not rest:
+        return train_from(_template(experts), work, "experts" if experts else "grow", smoke)
+    if not (work / "experts" / "final" / "config.json").exists():
+        train_from(_template(True), work, "experts", smoke)
+    rest_base(work)
+    return train_from(_template(True, True), work, "experts-rest", smoke)
 
 
 def main(argv=None) -> int:
@@ -92,8 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="threads of the codec's training")
     ap.add_argument("--experts", action="store_true",
                     help="grow through expert projections for video and speech spans (the old tasks stay exact)")
+    ap.add_argument("--experts-rest", action="store_true",
+                    help="--experts, then on with expert_scope 'rest': the experts write the answers too")
     a = ap.parse_args(argv)
-    work, run = a.work, "experts" if a.experts else "grow"
+    a.experts = a.experts or a.experts_rest
+    work, run = a.work, "experts-rest" if a.experts_rest else "experts" if a.experts else "grow"
     work.mkdir(parents=True, exist_ok=True)
     n = 4 if a.smoke else a.n
     tasks = tuple(a.tasks.split(",")) if a.tasks else OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS
@@ -110,9 +134,9 @@ def main(argv=None) -> int:
         elif step == "eval-before":
             evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
-            train_grown(work, a.smoke, a.experts)
+            train_grown(work, a.smoke, a.experts, a.experts_rest)
         else:
-            out = "eval" + ("-experts" if a.experts else "") + ("-" + "-".join(tasks) if a.tasks else "")
+            out = "eval" + ("-" + run if a.experts else "") + ("-" + "-".join(tasks) if a.tasks else "")
             evaluate_model(work / run / "final", work / out, tasks, n)
     if a.install_to is not None:
         print(f"installed {install_model(work / run / 'final', a.install_to)}")

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 NORM_TYPES = ("rmsnorm", "layernorm")
+EXPERT_SCOPES = ("span", "rest")  # ModelConfig.expert_scope
 
 
 def _default_intermediate_size(hidden_size: int, multiple_of: int = 64) -> int:
@@ -64,6 +65,10 @@ class ModelConfig:
     # every block has a second set of wq/wk/wv/wo/w1/w2/w3 for the tokens inside such a span, the first set
     # for all others, so a model grown this way computes exactly what it did on its old tokens.
     experts: list = dataclasses.field(default_factory=list)
+    # What the experts compute: "span", the span's tokens (begin marker through end marker, CogVLM's); "rest",
+    # every token from the first begin marker on, so that the text answering about a video or an utterance
+    # is the experts' too (a small model's frozen text weights cannot learn to write it).
+    expert_scope: str = "span"
 
     def __post_init__(self) -> None:
         # Resolve defaults to concrete values so to_dict() records what was built.
@@ -93,6 +98,8 @@ class ModelConfig:
         self.experts = list(self.experts)
         if any(not isinstance(m, str) for m in self.experts) or len(set(self.experts)) != len(self.experts):
             raise ValueError(f"experts must be distinct modality names, got {self.experts!r}")
+        if self.expert_scope not in EXPERT_SCOPES:
+            raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +108,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if not d["experts"]:  # configs (and adapter fingerprints) of models without experts stay as they were
-            del d["experts"]
+            del d["experts"], d["expert_scope"]
         return d
 
     @classmethod
@@ -165,19 +172,23 @@ def document_positions(document_ids: Tensor) -> Tensor:
 
 
 def span_routes(input_ids: Tensor, begin_ids: Tensor, end_ids: Tensor,
-                open_before: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                open_before: Tensor | None = None, reset_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Which tokens lie inside an expert span, markers included, and whether a span is open after each.
 
     input_ids [B, T]; begin_ids / end_ids [K]: the spans' begin and end tokens; open_before [B] bool: a span
     was open before the first token (a window after cached tokens), else none was. Returns inside [B, T] and
     open_after [B, T]. A token's state is set by the last marker at or before it: a begin opens a span, an
-    end closes it after itself; with no marker yet, the state before the window holds.
+    end closes it after itself, a reset (reset_ids: a document's first token, bos) closes it before itself;
+    with no marker yet, the state before the window holds.
     """
     B, T = input_ids.shape
     is_begin = torch.isin(input_ids, begin_ids)
     is_end = torch.isin(input_ids, end_ids)
+    marker = is_begin | is_end
+    if reset_ids is not None:
+        marker = marker | torch.isin(input_ids, reset_ids)
     idx = torch.arange(T, device=input_ids.device).expand(B, T)
-    last = torch.where(is_begin | is_end, idx, -1).cummax(dim=1).values  # last marker at or before t
+    last = torch.where(marker, idx, -1).cummax(dim=1).values  # last marker at or before t
     opened = torch.gather(is_begin, 1, last.clamp(min=0))
     prior = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if open_before is None else open_before
     open_after = torch.where(last >= 0, opened, prior[:, None])
@@ -314,7 +325,8 @@ class KVCache:
         self.k, self.v, self.open_spans = selected.k, selected.v, selected.open_spans
         return self
 
-    def routes(self, input_ids: Tensor, cache_positions: Tensor, begin_ids: Tensor, end_ids: Tensor) -> Tensor:
+    def routes(self, input_ids: Tensor, cache_positions: Tensor, begin_ids: Tensor, end_ids: Tensor,
+               reset_ids: Tensor | None = None) -> Tensor:
         """span_routes of tokens written at cache_positions ([T] or [B, T], consecutive per row), continuing
         from the slot before them; records the new states in their slots. Returns inside [B, T]."""
         B, T = input_ids.shape
@@ -323,7 +335,7 @@ class KVCache:
         before = per_row[:, 0] - 1
         spans = self.open_spans[:, 0, :, 0]  # [B, S]
         open_before = spans[rows, before.clamp(min=0)] & (before >= 0)
-        inside, open_after = span_routes(input_ids, begin_ids, end_ids, open_before)
+        inside, open_after = span_routes(input_ids, begin_ids, end_ids, open_before, reset_ids)
         spans[rows[:, None], per_row] = open_after
         return inside
 
@@ -461,18 +473,25 @@ class Transformer(nn.Module):
         # The expert spans' begin and end token ids, from the vocabulary (set_expert_spans); not weights.
         self.span_begin_ids: Tensor | None = None
         self.span_end_ids: Tensor | None = None
+        self.span_reset_ids: Tensor | None = None
         self.init_weights()
 
-    def set_expert_spans(self, begin_ids: Sequence[int], end_ids: Sequence[int]) -> None:
+    def set_expert_spans(self, begin_ids: Sequence[int], end_ids: Sequence[int],
+                         reset_ids: Sequence[int] = ()) -> None:
         """The begin and end tokens of the spans that run through the experts (config.experts names their
-        modalities; the vocabulary gives their ids: tokenloom.modalities.route_experts)."""
+        modalities; Pipeline takes their ids from the vocabulary), and the tokens that start a document
+        (bos), which close any span before themselves, so that in a packed row one document's span never
+        routes the next. Under config.expert_scope "rest" the ends close nothing: the experts compute from
+        a begin marker to the end of its document."""
         if not self.config.experts:
             raise ValueError("this model has no experts (ModelConfig.experts is empty)")
         device = self.tok_embeddings.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
         self.span_begin_ids = torch.tensor(list(begin_ids), dtype=torch.long, device=device)
-        self.span_end_ids = torch.tensor(list(end_ids), dtype=torch.long, device=device)
+        ends = list(end_ids) if self.config.expert_scope == "span" else []  # "rest": a span never closes
+        self.span_end_ids = torch.tensor(ends, dtype=torch.long, device=device)
+        self.span_reset_ids = torch.tensor(list(reset_ids), dtype=torch.long, device=device)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) moves the span ids with the weights (they are plain tensors, not buffers, so that they
@@ -483,6 +502,7 @@ class Transformer(nn.Module):
             if device.type != "meta":
                 self.span_begin_ids = self.span_begin_ids.to(device)
                 self.span_end_ids = self.span_end_ids.to(device)
+                self.span_reset_ids = self.span_reset_ids.to(device)
         return out
 
     def _routes(self, input_ids: Tensor, kv_cache: KVCache | None, cache_positions: Tensor | None) -> Tensor | None:
@@ -495,9 +515,11 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             if kv_cache.open_spans is None:
                 raise ValueError("a model with experts needs a KVCache with open_spans (model.allocate_cache)")
-            inside = kv_cache.routes(input_ids, cache_positions, self.span_begin_ids, self.span_end_ids)
+            inside = kv_cache.routes(input_ids, cache_positions, self.span_begin_ids, self.span_end_ids,
+                                     self.span_reset_ids)
         else:
-            inside = span_routes(input_ids, self.span_begin_ids, self.span_end_ids)[0]
+            inside = span_routes(input_ids, self.span_begin_ids, self.span_end_ids,
+                                 reset_ids=self.span_reset_ids)[0]
         route = inside.flatten().nonzero().squeeze(1)
         return route if route.numel() else None
 

@@ -171,7 +171,8 @@ class Pipeline(SpeechMixin):
                 raise ValueError(f"the speech codec has {codec.codebooks} codebooks of {codec.codebook_size}, the "
                                  f"vocabulary {vocab.speech_codebooks} of {vocab.speech_codebook_size}")
         if model.config.experts:
-            model.set_expert_spans(*vocab.span_markers(model.config.experts))
+            model.set_expert_spans(*vocab.span_markers(model.config.experts), 
+                                   reset_ids=[] if vocab.bos is None else [vocab.bos])
         grid = {"grid": self.config.flat_grid} if self.config.layout == "flat" else {}
         self.format: Format = get_format(self.config.layout, vocab, text_tokenizer,
                                          speech_layout=self.config.speech_layout, **grid)

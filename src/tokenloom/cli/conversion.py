@@ -118,11 +118,16 @@ def add_modality_arguments(p) -> None:
                    help="the modality's spans run through expert projections (copies of the model's, or its experts): "
                         "trained with train.trainable: experts, the model keeps exactly what it computed on its old "
                         "tasks")
+    p.add_argument("--expert-scope", choices=("span", "rest"), default=None,  # model.EXPERT_SCOPES, unimported
+                   help="with --experts: what the experts compute, 'span' (the span's tokens; the default) or 'rest' "
+                        "(from the span's begin to the end of the sequence, the answer about it included)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
 def run_add_modality(a) -> int:
     from ..convert import add_modality_dir
 
+    if a.expert_scope and not a.experts:
+        raise ValueError("--expert-scope is for --experts")
     return _wrote(add_modality_dir(a.base, a.out, a.modality, codec=a.codec, experts=a.experts,
-                                     overwrite=a.overwrite))
+                                     expert_scope=a.expert_scope, overwrite=a.overwrite))
