@@ -190,3 +190,15 @@ def test_random_pipelines_can_have_either_speech_layout() -> None:
                         speech_layout="interleaved")
     assert p.format.speech_layout == "interleaved" and p.engine.generate([p.speech_request("x", seed=0,
                                                                                            max_seconds=0.4)])
+
+
+def test_the_demo_speaks_and_hears_for_a_model_that_has_speech(model_dir, tmp_path) -> None:
+    from tokenloom.world.speech import espeak_available
+
+    assert main(["demo", "--model", str(model_dir), "--out", str(tmp_path), "--max-new-tokens", "20"]) == 0
+    page = (tmp_path / "index.md").read_text()
+    assert "Say: a small red circle at the top left" in page
+    said = read_audio(tmp_path / "speech_000.wav", 16000)
+    assert said.size > 0  # the model's own utterance, decoded by its codec
+    if espeak_available():  # the utterance it heard, and what it wrote down
+        assert "Transcribe the speech." in page and (tmp_path / "speech_001.wav").exists()

@@ -381,12 +381,34 @@ def _demo_video(pipe, seed: int) -> list:
             ("assistant", [TextPart(pipe.caption(seen, seed=seed))])]
 
 
+DEMO_SPEECH_TEXT = "a small red circle at the top left"
+
+
+def _demo_speech(pipe, seed: int) -> list:
+    """Say a caption; hear one (rendered by espeak-ng, where it is installed) and write it down."""
+    import numpy as np
+
+    from ..document import TextPart
+    from ..world.speech import espeak_available, random_voice, speak
+
+    said = pipe.run_batched([pipe.speech_request(DEMO_SPEECH_TEXT, seed=seed)], 1)[0].document.speech
+    turns = [("user", [TextPart(pipe.config.speak_prompt.format(text=DEMO_SPEECH_TEXT))]),
+             ("assistant", said or [TextPart("(nothing said)")])]
+    if espeak_available():
+        heard = pipe.encode_speech(speak(DEMO_SPEECH_TEXT, random_voice(np.random.default_rng(seed), held_out=True)))
+        turns += [("user", [heard, TextPart(pipe.config.transcribe_prompt)]),
+                  ("assistant", [TextPart(pipe.transcribe(heard, seed=seed))])]
+    return turns
+
+
 def run_demo(args) -> int:
     """The main job on the embedded default: draw, describe, answer, tell a story (and, for a model with
-    video tokens, draw and describe a video); one HTML page."""
+    video tokens, draw and describe a video; for one that speaks, say a caption and write one down); one
+    HTML page."""
     import numpy as np
 
     from ..document import Document, TextPart
+    from ..evaluation import STORY_MODALITIES
     from ..report import image_grid, save_document
     from ..world import random_scene, render
 
@@ -406,7 +428,10 @@ def run_demo(args) -> int:
         turns.append(("assistant", [TextPart(answer)]))
     if pipe.vocab.has_video:  # a model that learned video: draw one, and describe another
         turns += _demo_video(pipe, args.seed)
-    story = pipe.chat("Tell a story.", seed=args.seed, max_new_tokens=args.max_new_tokens)
+    if pipe.vocab.has_speech and pipe.speech_tokenizer is not None:
+        turns += _demo_speech(pipe, args.seed)
+    story = pipe.chat("Tell a story.", seed=args.seed, max_new_tokens=args.max_new_tokens,
+                      modalities=STORY_MODALITIES)  # a model grown by video or speech tells it as before
     turns.append(("user", [TextPart("Tell a story.")]))
     doc = Document.chat(turns)
     doc.turns.extend(story.document.turns)
