@@ -75,3 +75,22 @@ def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speec
     assert rest.model.config.expert_scope == "rest" and rest.model.span_end_ids.numel() == 0
     assert torch.equal(rest.model.state_dict()["layers.0.attention.expert.wq.weight"],
                        base.model.state_dict()["layers.0.attention.expert.wq.weight"])
+
+
+def test_same_answers_finds_a_grown_model_answering_as_its_base_and_one_that_does_not(tmp_path, old_pipe) -> None:
+    spec = importlib.util.spec_from_file_location("same_answers", ROOT / "recipes" / "grow" / "same_answers.py")
+    same = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same)
+    from tokenloom.modalities import add_modality
+
+    old_pipe.save_pretrained(tmp_path / "base")
+    grown = add_modality(old_pipe, "video", experts=True)
+    grown.save_pretrained(tmp_path / "grown")
+    argv = ["--base", str(tmp_path / "base"), "--n", "2", "--tasks", "caption,qa", "--out", str(tmp_path / "r.json")]
+    assert same.main(["--grown", str(tmp_path / "grown"), *argv]) == 0
+    with torch.no_grad():  # a model whose old weights moved answers otherwise
+        for p in grown.model.layers[0].feed_forward.w2.parameters():
+            p.mul_(-3.0)
+    grown.save_pretrained(tmp_path / "moved")
+    assert same.main(["--grown", str(tmp_path / "moved"), *argv]) == 1
+    assert (tmp_path / "r.json").exists()
