@@ -66,8 +66,8 @@ class ModelConfig:
     # for all others, so a model grown this way computes exactly what it did on its old tokens.
     experts: list = dataclasses.field(default_factory=list)
     # What the experts compute: "span", the span's tokens (begin marker through end marker, CogVLM's); "rest",
-    # every token from the first begin marker on, so that the text answering about a video or an utterance
-    # is the experts' too (a small model's frozen text weights cannot learn to write it).
+    # every token from a begin marker to the end of its document, so that the text answering about a video
+    # or an utterance is the experts' too (a small model's frozen text weights cannot learn to write it).
     expert_scope: str = "span"
 
     def __post_init__(self) -> None:

@@ -120,7 +120,7 @@ def add_modality_arguments(p) -> None:
                         "tasks")
     p.add_argument("--expert-scope", choices=("span", "rest"), default=None,  # model.EXPERT_SCOPES, unimported
                    help="with --experts: what the experts compute, 'span' (the span's tokens; the default) or 'rest' "
-                        "(from the span's begin to the end of the sequence, the answer about it included)")
+                        "(from the span's begin to the end of its document, the answer about it included)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
