@@ -67,7 +67,7 @@ def _matches_target(name: str, target: str | Sequence[str]) -> bool:
 def _linear_names(model: Transformer) -> list[str]:
     """The names LoRA can target: of every Linear layer but the output head."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and m is not model.output})
+                   if isinstance(m, nn.Linear) and m is not model.output and m is not model.expert_output})
 
 
 def check_lora_targets(model: Transformer, target_modules: str | Sequence[str],
@@ -89,7 +89,7 @@ def check_lora_targets(model: Transformer, target_modules: str | Sequence[str],
                                                     f"matches no module of the model (its Linear layers: {known})")
         for name in found:
             module = modules[name]
-            if module is model.output or (model.output is None and module is model.tok_embeddings):
+            if module in (model.output, model.expert_output) or (model.output is None and module is model.tok_embeddings):
                 raise LoraTargetError("target_modules", f"'lora.target_modules': {entry!r} matches the output head "
                                       f"{name!r}, which training and scoring read as a matrix (not through its "
                                       "forward): list it under lora.modules_to_save to train the whole head")

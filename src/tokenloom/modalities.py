@@ -37,17 +37,22 @@ def new_token_rows(vocab: Vocabulary, modalities: list[str]) -> torch.Tensor:
     return rows
 
 
-def _with_experts(model: Transformer, modalities: list[str], scope: str | None = None) -> Transformer:
-    """`model` with config.experts = modalities (and expert_scope = scope, None keeping its own); a model
-    that had no experts gains them as copies of its projections."""
+def _with_experts(model: Transformer, modalities: list[str], scope: str | None = None,
+                  head: bool | None = None) -> Transformer:
+    """`model` with config.experts = modalities (and expert_scope = scope, expert_head = head; None keeps the
+    model's own); a model that had no experts gains them as copies of its projections, one that gains the
+    expert head gets it as a copy of its final norm and head."""
     weight = model.tok_embeddings.weight
-    config = dataclasses.replace(model.config, experts=modalities, expert_scope=scope or model.config.expert_scope)
+    config = dataclasses.replace(model.config, experts=modalities, expert_scope=scope or model.config.expert_scope,
+                                 expert_head=model.config.expert_head if head is None else head)
     grown = Transformer(config).to(device=weight.device, dtype=weight.dtype)
-    had = bool(model.config.experts)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(".expert." in name for name in missing), (missing, unexpected)
-    if not had:
+    assert all(name.startswith("expert_") for name in unexpected), unexpected  # a head given up
+    assert all(".expert." in name or name.startswith("expert_") for name in missing), missing
+    if not model.config.experts:
         grown.copy_to_experts()
+    elif config.expert_head and not model.config.expert_head:
+        grown.copy_to_expert_head()
     return grown.eval()
 
 
@@ -66,14 +71,16 @@ def _grown(weight: torch.Tensor, rows: int, where: slice) -> torch.Tensor:
 
 @torch.no_grad()
 def add_modality(pipeline, modality: str, speech_tokenizer=None, *, experts: bool = False,
-                 expert_scope: str | None = None):
+                 expert_scope: str | None = None, expert_head: bool = False):
     """A new Pipeline whose vocabulary and model have `modality`'s tokens (the given one is left as it
     was). A pipeline that already has them is an error, so a run never silently re-adds rows.
     Speech needs the codec (`speech_tokenizer`, a `tokenloom.speech_codec.SpeechTokenizer`) whose codes
     the vocabulary gains; the new pipeline carries it. `experts`: the modality's spans run through expert
     projections (copies of the model's, or the experts it has already); a model that has the modality's
     tokens but does not route them gains only that. `expert_scope`: ModelConfig.expert_scope ("span" or
-    "rest"; None: the model's own, "span" for a model without experts)."""
+    "rest"; None: the model's own, "span" for a model without experts). `expert_head`: the experts' tokens
+    get their own final norm and output head (ModelConfig.expert_head; a copy of the model's), which a
+    model that routes the modality already may gain alone."""
     from .pipeline import Pipeline
 
     roles = missing_roles(pipeline.vocab, modality)
@@ -81,14 +88,16 @@ def add_modality(pipeline, modality: str, speech_tokenizer=None, *, experts: boo
     if modality == "speech" and speech_tokenizer is None and (roles or new_codes):
         raise ValueError("adding speech needs its codec: add_modality(pipe, 'speech', speech_tokenizer) "
                          "(CLI: --codec DIR, a `tokenloom train-codec` run's best/)")
-    if expert_scope is not None and not experts:
-        raise ValueError("expert_scope is for experts=True")
+    if (expert_scope is not None or expert_head) and not experts:
+        raise ValueError("expert_scope and expert_head are for experts=True")
     if modality != "speech" and speech_tokenizer is not None:
         raise ValueError(f"a speech codec is for --modality speech, not {modality!r}")
     if not roles and not new_codes:
-        if experts and modality not in pipeline.model.config.experts:  # the tokens are there: only route them
-            model = _with_experts(copy.deepcopy(pipeline.model), [*pipeline.model.config.experts, modality],
-                                  expert_scope)
+        config = pipeline.model.config
+        if experts and (modality not in config.experts or expert_head and not config.expert_head):
+            # the tokens are there: only route them (or give the experts their head)
+            routed = config.experts if modality in config.experts else [*config.experts, modality]
+            model = _with_experts(copy.deepcopy(pipeline.model), routed, expert_scope, expert_head or None)
             return Pipeline(model, pipeline.vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
                             dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)
         raise VocabularyError(f"the model already has the {modality} tokens")
@@ -113,7 +122,12 @@ def add_modality(pipeline, modality: str, speech_tokenizer=None, *, experts: boo
         model.output = nn.Linear(head.in_features, vocab.size, bias=False, device=head.weight.device,
                                  dtype=head.weight.dtype)
         model.output.weight.copy_(_grown(head.weight, vocab.size, new_rows))
+    if model.expert_output is not None:
+        head = model.expert_output
+        model.expert_output = nn.Linear(head.in_features, vocab.size, bias=False, device=head.weight.device,
+                                        dtype=head.weight.dtype)
+        model.expert_output.weight.copy_(_grown(head.weight, vocab.size, new_rows))
     if experts:
-        model = _with_experts(model, [*model.config.experts, modality], expert_scope)
+        model = _with_experts(model, [*model.config.experts, modality], expert_scope, expert_head or None)
     return Pipeline(model, vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
                     dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,10 @@ class ModelConfig:
     # every token from a begin marker to the end of its document, so that the text answering about a video
     # or an utterance is the experts' too (a small model's frozen text weights cannot learn to write it).
     expert_scope: str = "span"
+    # The experts' tokens also have their own final norm and output head (copies of the model's at growth):
+    # words the base never wrote (their output rows untrained) can then be learned without moving the
+    # logits of any token outside the experts.
+    expert_head: bool = False
 
     def __post_init__(self) -> None:
         # Resolve defaults to concrete values so to_dict() records what was built.
@@ -100,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"experts must be distinct modality names, got {self.experts!r}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
+        if self.expert_head and not self.experts:
+            raise ValueError("expert_head needs experts (the modalities whose tokens use it)")
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +115,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if not d["experts"]:  # configs (and adapter fingerprints) of models without experts stay as they were
             del d["experts"], d["expert_scope"]
+        if not d["expert_head"]:  # nor those of models whose experts share the head
+            del d["expert_head"]
         return d
 
     @classmethod
@@ -195,13 +203,19 @@ def span_routes(input_ids: Tensor, begin_ids: Tensor, end_ids: Tensor,
     return open_after | is_end, open_after
 
 
-def _routed(base: nn.Linear, experts: nn.ModuleDict | None, name: str, x: Tensor, route: Tensor | None) -> Tensor:
-    """base(x), with the expert's projection of that name at the flat token indices `route`."""
+def _split(base: Callable[[Tensor], Tensor], expert: Callable[[Tensor], Tensor] | None, x: Tensor,
+           route: Tensor | None) -> Tensor:
+    """base(x), with expert(x) at the flat token indices `route` (None: no token is the expert's)."""
     if route is None:
         return base(x)
     flat = x.reshape(-1, x.shape[-1])
-    y = base(flat).index_copy(0, route, experts[name](flat.index_select(0, route)))
+    y = base(flat).index_copy(0, route, expert(flat.index_select(0, route)))
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _routed(base: nn.Linear, experts: nn.ModuleDict | None, name: str, x: Tensor, route: Tensor | None) -> Tensor:
+    """base(x), with the expert's projection of that name at the flat token indices `route`."""
+    return _split(base, None if route is None else experts[name], x, route)
 
 
 # --------------------------------------------------------------------------- layers
@@ -470,6 +484,10 @@ class Transformer(nn.Module):
         self.norm = _make_norm(config, config.hidden_size)
         # Tied: no output module at all, so "output.weight" never appears in the state dict.
         self.output = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # ModelConfig.expert_head: the final norm and output head of the experts' tokens (never tied).
+        self.expert_norm = _make_norm(config, config.hidden_size) if config.expert_head else None
+        self.expert_output = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                              if config.expert_head else None)
         # The expert spans' begin and end token ids, from the vocabulary (set_expert_spans); not weights.
         self.span_begin_ids: Tensor | None = None
         self.span_end_ids: Tensor | None = None
@@ -504,6 +522,31 @@ class Transformer(nn.Module):
                 self.span_end_ids = self.span_end_ids.to(device)
                 self.span_reset_ids = self.span_reset_ids.to(device)
         return out
+
+    def routed(self, input_ids: Tensor) -> Tensor | None:
+        """[B, T] bool: the tokens of `input_ids` (whole documents, no cache) that run through the experts;
+        None for a model without experts. What `project` takes beside a plain forward's hidden states."""
+        if not self.config.experts:
+            return None
+        route = self._routes(input_ids, None, None)
+        inside = torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+        if route is not None:
+            inside[route] = True
+        return inside.view(input_ids.shape)
+
+    def project(self, hidden: Tensor, routed: Tensor | None = None) -> Tensor:
+        """Logits of final hidden states (a forward's with return_hidden, any leading shape), the experts'
+        tokens (`routed`, a bool mask of that leading shape: `routed(input_ids)` indexed alike) through the
+        expert head where the model has one."""
+        route = None
+        if self.expert_output is not None and routed is not None:
+            route = routed.flatten().nonzero().squeeze(1)
+            route = route if route.numel() else None
+        return self._head(hidden, route)
+
+    def _head(self, h: Tensor, route: Tensor | None) -> Tensor:
+        shared = self.output if self.output is not None else (lambda x: F.linear(x, self.tok_embeddings.weight))
+        return _split(shared, self.expert_output, h, route)
 
     def _routes(self, input_ids: Tensor, kv_cache: KVCache | None, cache_positions: Tensor | None) -> Tensor | None:
         """Flat indices of the tokens that run through the experts (None: none do)."""
@@ -587,6 +630,14 @@ class Transformer(nn.Module):
             for module in (layer.attention, layer.feed_forward):
                 for name, expert in module.expert.items():
                     expert.load_state_dict(getattr(module, name).state_dict())
+        self.copy_to_expert_head()
+
+    @torch.no_grad()
+    def copy_to_expert_head(self) -> None:
+        """The expert norm and head := the model's (no-op without ModelConfig.expert_head)."""
+        if self.expert_output is not None:
+            self.expert_norm.load_state_dict(self.norm.state_dict())
+            self.expert_output.weight.copy_(self.output_weight)
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A KVCache on the model's device and in its dtype, sized to the request."""
@@ -649,7 +700,8 @@ class Transformer(nn.Module):
                 kv_cache: KVCache | None = None, cache_positions: Tensor | None = None,
                 key_mask: Tensor | None = None, kv_length: int | None = None,
                 return_hidden: bool = False) -> Tensor:
-        """Logits [B, T, vocab] (or final normed hidden states [B, T, hidden] with return_hidden).
+        """Logits [B, T, vocab] (or final normed hidden states [B, T, hidden] with return_hidden: their logits
+        are `project(hidden, routed(input_ids))`).
 
         - plain: causal attention, positions 0..T-1;
         - packed: ``document_ids`` [B, T] restricts attention to equal ids; positions restart per document;
@@ -674,7 +726,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, kv_cache, i, cache_positions, kv_length, route)
-        h = self.norm(h)
+        if self.expert_output is None:
+            route = None  # past the blocks, the experts' tokens share the norm and head
+        h = _split(self.norm, self.expert_norm, h, route)
         if return_hidden:
             return h
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return self._head(h, route)

@@ -9,7 +9,6 @@ the way DALL-E reranked with CLIP, with no second model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .document import Document, ImagePart, TextPart
 
@@ -43,9 +42,12 @@ def reply_log_likelihoods(pipe, documents: list[Document]) -> list[float]:
             scored[row, max(j for j, m in enumerate(e.loss_mask) if m)] = False  # the closing turn token
         ids, scored = ids.to(pipe.device), scored[:, 1:].to(pipe.device)
         hidden = model(ids[:, :-1], return_hidden=True)[scored]  # only positions that predict a scored token
+        routed = model.routed(ids[:, :-1])
+        routed = None if routed is None else routed[scored]
         targets = ids[:, 1:][scored]
         token_lp = torch.cat([
-            F.linear(hidden[i:i + per_slice], model.output_weight).float().log_softmax(-1)
+            model.project(hidden[i:i + per_slice], None if routed is None else routed[i:i + per_slice])
+            .float().log_softmax(-1)
             .gather(-1, targets[i:i + per_slice, None])[:, 0] for i in range(0, len(targets), per_slice)])
         rows = torch.arange(len(chunk), device=scored.device)[:, None].expand_as(scored)[scored]
         totals = torch.zeros(len(chunk), device=scored.device).index_add_(0, rows, token_lp)

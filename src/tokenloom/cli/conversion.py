@@ -121,13 +121,17 @@ def add_modality_arguments(p) -> None:
     p.add_argument("--expert-scope", choices=("span", "rest"), default=None,  # model.EXPERT_SCOPES, unimported
                    help="with --experts: what the experts compute, 'span' (the span's tokens; the default) or 'rest' "
                         "(from the span's begin to the end of its document, the answer about it included)")
+    p.add_argument("--expert-head", action="store_true",
+                   help="with --experts: the experts' tokens get their own final norm and output head (a copy of the "
+                        "model's), so they can learn words the model never wrote; a model that routes the modality "
+                        "already gains only that")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
 def run_add_modality(a) -> int:
     from ..convert import add_modality_dir
 
-    if a.expert_scope and not a.experts:
-        raise ValueError("--expert-scope is for --experts")
+    if (a.expert_scope or a.expert_head) and not a.experts:
+        raise ValueError(f"--{'expert-scope' if a.expert_scope else 'expert-head'} is for --experts")
     return _wrote(add_modality_dir(a.base, a.out, a.modality, codec=a.codec, experts=a.experts,
-                                     expert_scope=a.expert_scope, overwrite=a.overwrite))
+                                     expert_scope=a.expert_scope, expert_head=a.expert_head, overwrite=a.overwrite))

@@ -11,13 +11,15 @@ from .common import prepare_destination, save_derived
 
 
 def add_modality_dir(base: str | Path, dst: str | Path, modality: str, *, codec: str | Path | None = None,
-                     experts: bool = False, expert_scope: str | None = None, overwrite: bool = False) -> Path:
+                     experts: bool = False, expert_scope: str | None = None, expert_head: bool = False,
+                     overwrite: bool = False) -> Path:
     """Write the model directory `base` with `modality`'s tokens added (new embedding and head rows,
     the mean of the old ones) to `dst`, under a temporary name renamed into place. The config records
     which ids are new, so a reader can tell the untrained rows. Speech needs `codec`: the directory of
     the speech codec (a `tokenloom train-codec` run's best/), which the new model carries. `experts`: the
     modality's spans run through expert projections (train it with `train.trainable: experts`);
-    `expert_scope` what they compute (ModelConfig.expert_scope)."""
+    `expert_scope` what they compute (ModelConfig.expert_scope); `expert_head`: their tokens get their own
+    final norm and output head (ModelConfig.expert_head), alone where the model routes the modality already."""
     base, dst = Path(base), Path(dst)
     prepare_destination([base, *([Path(codec)] if codec else [])], dst, overwrite)
     speech_tokenizer = None
@@ -26,10 +28,12 @@ def add_modality_dir(base: str | Path, dst: str | Path, modality: str, *, codec:
 
         speech_tokenizer = SpeechTokenizer.from_pretrained(codec)
     pipe = Pipeline.from_pretrained(base)
-    grown = add_modality(pipe, modality, speech_tokenizer, experts=experts, expert_scope=expert_scope)
+    grown = add_modality(pipe, modality, speech_tokenizer, experts=experts, expert_scope=expert_scope,
+                         expert_head=expert_head)
     record = {"modality": modality, "new_ids": [pipe.vocab.size, grown.vocab.size],
               "new_row_init": "mean of the base rows"}
     if experts:
         record["experts"] = grown.model.config.experts
         record["expert_scope"] = grown.model.config.expert_scope
+        record["expert_head"] = grown.model.config.expert_head
     return save_derived(grown, base, dst, "added_modality", record)

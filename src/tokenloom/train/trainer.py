@@ -53,7 +53,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,14 +124,15 @@ def train_image_head_only(model: Transformer, code_mask: torch.Tensor) -> torch.
 
 
 def train_experts_only(model: Transformer, rows: torch.Tensor) -> list[torch.utils.hooks.RemovableHandle]:
-    """Freeze the model but its expert projections and, in the embedding and the output head, the rows of
-    the experts' modality tokens (`rows`, tokenloom.modalities.new_token_rows): every computation on tokens
-    outside the experts' spans then stays exactly the base model's. Needs no weight decay (the caller's job)."""
+    """Freeze the model but its expert projections (and expert head: ModelConfig.expert_head) and, in the
+    embedding and the output head, the rows of the experts' modality tokens (`rows`,
+    tokenloom.modalities.new_token_rows): every computation on tokens outside the experts' spans then stays
+    exactly the base model's. Needs no weight decay (the caller's job)."""
     if not model.config.experts:
         raise ValueError("train.trainable: experts needs a model with experts (tokenloom add-modality "
                          "--experts adds them)")
     for name, p in model.named_parameters():
-        p.requires_grad_(".expert." in name)
+        p.requires_grad_(".expert." in name or name.startswith("expert_"))
     weights = {id(w): w for w in (model.tok_embeddings.weight, model.output_weight)}.values()  # tied: once
     return [_train_rows(w, rows) for w in weights]
 
@@ -146,9 +146,11 @@ def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device
     each source's summed cross-entropy is added into it (detached: logging only).
     """
     labels = batch["labels"].to(device)
-    hidden = model(batch["input_ids"].to(device), document_ids=batch["document_ids"].to(device), return_hidden=True)
+    input_ids = batch["input_ids"].to(device)
+    hidden = model(input_ids, document_ids=batch["document_ids"].to(device), return_hidden=True)
     keep = labels != IGNORE_INDEX
-    logits = F.linear(hidden[keep], model.output_weight).float()  # softmax statistics in float32
+    routed = model.routed(input_ids) if model.expert_output is not None else None  # the experts' own head
+    logits = model.project(hidden[keep], None if routed is None else routed[keep]).float()  # softmax in float32
     targets = labels[keep]
     lse = torch.logsumexp(logits, dim=-1)
     per_token = lse - logits.gather(1, targets[:, None]).squeeze(1)
