@@ -54,7 +54,7 @@ def test_base_has_both_modalities_and_the_old_logits(tmp_path, speech_pipe, old_
 
 
 def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speech_pipe, old_pipe) -> None:
-    config = load_config(recipe.write_config(tmp_path, smoke=False, experts=True))
+    config = load_config(recipe.write_config(tmp_path, smoke=False, stage="experts"))
     assert [s["name"] for s in config.data.train] == ["video", "speech"]  # no replay: the old tasks cannot move
     assert config.train.trainable == "experts" and config.model.pipeline == str(tmp_path / "base-experts")
     speech_pipe.speech_tokenizer.save_pretrained(tmp_path / "codec" / "best")
@@ -67,7 +67,7 @@ def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speec
     with torch.no_grad():  # the experts start as copies: the same model as the plain base
         assert torch.equal(base.model(ids), plain.model(ids))
     # --experts-rest goes on from the experts run's model with expert_scope "rest", on the same sets.
-    config = load_config(recipe.write_config(tmp_path, smoke=False, experts=True, rest=True))
+    config = load_config(recipe.write_config(tmp_path, smoke=False, stage="experts-rest"))
     assert config.model.pipeline == str(tmp_path / "base-experts-rest") and config.train.trainable == "experts"
     assert [s["name"] for s in config.data.train] == ["video", "speech"]
     base.save_pretrained(tmp_path / "experts" / "final")
@@ -75,6 +75,28 @@ def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speec
     assert rest.model.config.expert_scope == "rest" and rest.model.span_end_ids.numel() == 0
     assert torch.equal(rest.model.state_dict()["layers.0.attention.expert.wq.weight"],
                        base.model.state_dict()["layers.0.attention.expert.wq.weight"])
+    # --experts-head goes on from the rest run's model, its experts given a copy of the norm and head.
+    config = load_config(recipe.write_config(tmp_path, smoke=False, stage="experts-head"))
+    assert config.model.pipeline == str(tmp_path / "base-experts-head") and config.train.trainable == "experts"
+    rest.save_pretrained(tmp_path / "experts-rest" / "final")
+    head = Pipeline.from_pretrained(recipe.head_base(tmp_path))
+    assert head.model.config.expert_head and head.model.config.expert_scope == "rest"
+    ids = torch.tensor([[*range(0, 40, 3), head.vocab.video_begin, *range(1, 40, 3)]])
+    with torch.no_grad():
+        assert torch.equal(head.model(ids), rest.model(ids))
+
+
+def test_an_expert_stage_trains_the_stages_before_it_that_are_not_done(tmp_path, monkeypatch) -> None:
+    trained = []
+    monkeypatch.setattr(recipe, "train_from", lambda template, work, name, smoke: trained.append(name))
+    monkeypatch.setattr(recipe, "EXPERT_STAGES", {s: (lambda work: None) for s in recipe.EXPERT_STAGES})
+    recipe.train_grown(tmp_path, False, "experts-head")
+    assert trained == ["experts", "experts-rest", "experts-head"]
+    (tmp_path / "experts-rest" / "final").mkdir(parents=True)
+    (tmp_path / "experts-rest" / "final" / "config.json").write_text("{}")
+    trained.clear()
+    recipe.train_grown(tmp_path, False, "experts-head")
+    assert trained == ["experts-head"]  # the shipped model is experts-rest's final: it goes on from there
 
 
 def test_same_answers_finds_a_grown_model_answering_as_its_base_and_one_that_does_not(tmp_path, old_pipe) -> None:

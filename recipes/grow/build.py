@@ -7,6 +7,7 @@ video and speech tasks mixed with replay of its old tasks, measured on every tas
     python recipes/grow/build.py --work runs/grow-smoke --smoke  # tiny sets, a few steps
     python recipes/grow/build.py --work runs/grow --experts      # the same, grown through experts
     python recipes/grow/build.py --work runs/grow --experts-rest # then the experts take the answers too
+    python recipes/grow/build.py --work runs/grow --experts-head # then they get their own output head
 
 The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost the old tasks 1-9 points
 (docs/video.md, docs/speech.md). shapes-tiny's last stage (recipes/shapes-tiny/stages.yaml, train-13) ran at
@@ -29,6 +30,9 @@ into WORK/experts; the eval step writes WORK/eval-experts...; --install-to insta
 --experts-rest goes on from WORK/experts/final with expert_scope "rest" (WORK/base-experts-rest): the
 experts compute from a video or speech begin marker to the end of the document, the answer included;
 experts-rest.yaml trains it into WORK/experts-rest (eval: WORK/eval-experts-rest...).
+--experts-head goes on from WORK/experts-rest/final with the experts' own final norm and output head
+(WORK/base-experts-head; ModelConfig.expert_head), so that they can write words the image-text model never
+wrote; experts-head.yaml trains it into WORK/experts-head.
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
 docs/model-growth.md.
@@ -90,21 +94,38 @@ def rest_base(work: Path) -> Path:
     return base
 
 
-def _template(experts: bool, rest: bool = False) -> Path:
-    return HERE / ("experts-rest.yaml" if rest else "experts.yaml" if experts else "grow.yaml")
+def head_base(work: Path) -> Path:
+    """WORK/experts-rest/final with the experts' own final norm and output head (copies of the shared ones,
+    ModelConfig.expert_head): WORK/base-experts-head."""
+    base = work / "base-experts-head"
+    if not (base / "config.json").exists():
+        add_modality_dir(work / "experts-rest" / "final", base, "video", experts=True, expert_head=True,
+                         overwrite=True)
+    return base
 
 
-def write_config(work: Path, smoke: bool, experts: bool = False, rest: bool = False) -> Path:
-    return write_from(_template(experts, rest), work, smoke)
+EXPERT_STAGES = {"experts": None, "experts-rest": rest_base, "experts-head": head_base}  # each from the last
 
 
-def train_grown(work: Path, smoke: bool, experts: bool = False, rest: bool = False) -> dict:
-    if not rest:
-        return train_from(_template(experts), work, "experts" if experts else "grow", smoke)
-    if not (work / "experts" / "final" / "config.json").exists():
-        train_from(_template(True), work, "experts", smoke)
-    rest_base(work)
-    return train_from(_template(True, True), work, "experts-rest", smoke)
+def _template(stage: str) -> Path:
+    return HERE / ("grow.yaml" if stage == "grow" else f"{stage}.yaml")
+
+
+def write_config(work: Path, smoke: bool, stage: str = "grow") -> Path:
+    return write_from(_template(stage), work, smoke)
+
+
+def train_grown(work: Path, smoke: bool, stage: str = "grow") -> dict:
+    """Train `stage` ("grow", or an expert stage: the expert stages before it first where not done)."""
+    if stage == "grow":
+        return train_from(_template(stage), work, stage, smoke)
+    stages = list(EXPERT_STAGES)
+    before = stages[stages.index(stage) - 1] if stage != stages[0] else None
+    if before and not (work / before / "final" / "config.json").exists():
+        train_grown(work, smoke, before)  # which trains the stages before it that are not done
+    if EXPERT_STAGES[stage] is not None:
+        EXPERT_STAGES[stage](work)
+    return train_from(_template(stage), work, stage, smoke)
 
 
 def main(argv=None) -> int:
@@ -115,9 +136,13 @@ def main(argv=None) -> int:
                     help="grow through expert projections for video and speech spans (the old tasks stay exact)")
     ap.add_argument("--experts-rest", action="store_true",
                     help="--experts, then on with expert_scope 'rest': the experts write the answers too")
+    ap.add_argument("--experts-head", action="store_true",
+                    help="--experts-rest, then on with the experts' own final norm and output head")
     a = ap.parse_args(argv)
-    a.experts = a.experts or a.experts_rest
-    work, run = a.work, "experts-rest" if a.experts_rest else "experts" if a.experts else "grow"
+    run = ("experts-head" if a.experts_head else "experts-rest" if a.experts_rest
+           else "experts" if a.experts else "grow")
+    a.experts = run != "grow"
+    work = a.work
     work.mkdir(parents=True, exist_ok=True)
     n = 4 if a.smoke else a.n
     tasks = tuple(a.tasks.split(",")) if a.tasks else OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS
@@ -134,7 +159,7 @@ def main(argv=None) -> int:
         elif step == "eval-before":
             evaluate_model(a.base, work / "eval-before", OLD_TASKS, n)
         elif step == "train":
-            train_grown(work, a.smoke, a.experts, a.experts_rest)
+            train_grown(work, a.smoke, run)
         else:
             out = "eval" + ("-" + run if a.experts else "") + ("-" + "-".join(tasks) if a.tasks else "")
             evaluate_model(work / run / "final", work / out, tasks, n)
