@@ -524,9 +524,10 @@ class Transformer(nn.Module):
         return out
 
     def routed(self, input_ids: Tensor) -> Tensor | None:
-        """[B, T] bool: the tokens of `input_ids` (whole documents, no cache) that run through the experts;
-        None for a model without experts. What `project` takes beside a plain forward's hidden states."""
-        if not self.config.experts:
+        """[B, T] bool: the tokens of `input_ids` (whole documents, no cache) that the expert head computes,
+        what `project` takes beside a plain forward's hidden states; None for a model without an expert head
+        (its tokens share one head, and project needs no mask)."""
+        if self.expert_output is None:
             return None
         route = self._routes(input_ids, None, None)
         inside = torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device)

@@ -149,7 +149,7 @@ def token_losses(model: Transformer, batch: dict[str, Any], device: torch.device
     input_ids = batch["input_ids"].to(device)
     hidden = model(input_ids, document_ids=batch["document_ids"].to(device), return_hidden=True)
     keep = labels != IGNORE_INDEX
-    routed = model.routed(input_ids) if model.expert_output is not None else None  # the experts' own head
+    routed = model.routed(input_ids)  # None unless the experts have their own head
     logits = model.project(hidden[keep], None if routed is None else routed[keep]).float()  # softmax in float32
     targets = labels[keep]
     lse = torch.logsumexp(logits, dim=-1)
