@@ -96,7 +96,7 @@ def test_an_expert_stage_trains_the_stages_before_it_that_are_not_done(tmp_path,
     (tmp_path / "experts-rest" / "final" / "config.json").write_text("{}")
     trained.clear()
     recipe.train_grown(tmp_path, False, "experts-head")
-    assert trained == ["experts-head"]  # the shipped model is experts-rest's final: it goes on from there
+    assert trained == ["experts-head"]  # a finished rest run: the head stage goes on from it
 
 
 def test_same_answers_finds_a_grown_model_answering_as_its_base_and_one_that_does_not(tmp_path, old_pipe) -> None:
