@@ -67,7 +67,7 @@ def arguments(doc: str, steps) -> argparse.ArgumentParser:
     ap.add_argument("--install-to", type=Path, help="then copy the trained model there (a checkout's assets)")
     ap.add_argument("--base", type=Path, default=SHIPPED,
                     help="the model to grow (default: the shipped shapes-tiny); it must not have the new modality "
-                         "yet (docs/model-growth.md says how to get the image-text model these recipes grew)")
+                         "yet (`tokenloom remove-modality` gives the image-text model these recipes grew: docs/model-growth.md)")
     return ap
 
 

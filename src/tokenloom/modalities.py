@@ -11,7 +11,8 @@ as noise that dominates the logits). Training on the modality's data then teache
 With experts (`add_modality(..., experts=True)`, CogVLM's visual expert), the model also gains a second
 set of projections in every block (`ModelConfig.experts`), copies of the first, which the tokens inside
 the modality's spans run through; trained with `train.trainable: experts` (only those projections and the
-new rows learn), the grown model computes on every old task exactly what the base did.
+new rows learn), the grown model computes on every old task exactly what the base did, and
+`remove_modalities` gives the base back, bit for bit.
 """
 
 from __future__ import annotations
@@ -131,3 +132,38 @@ def add_modality(pipeline, modality: str, speech_tokenizer=None, *, experts: boo
         model = _with_experts(model, [*model.config.experts, modality], expert_scope, expert_head or None)
     return Pipeline(model, vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
                     dataclasses.replace(pipeline.config), speech_tokenizer or pipeline.speech_tokenizer)
+
+
+@torch.no_grad()
+def remove_modalities(pipeline, modalities: list[str]):
+    """A new Pipeline without `modalities`' tokens: the inverse of add_modality. Their rows leave the
+    embedding and the heads; experts that routed only them leave with them (and the experts' head, when no
+    expert is left). Of a model grown through experts this gives back, bit for bit, the model it grew from:
+    the experts never moved its weights. The modalities may be named in any order, but their ids must be
+    the vocabulary's last (a modality kept whose ids come after them is an error)."""
+    from .pipeline import Pipeline
+
+    vocab, model = pipeline.vocab, pipeline.model
+    if model.config.vocab_size != vocab.size:
+        raise VocabularyError(f"model has {model.config.vocab_size} embedding rows for a vocabulary of "
+                              f"{vocab.size} ids; remove_modalities needs them equal")
+    for modality in sorted(set(modalities), key=lambda m: -int(vocab.modality_ids(m).max(initial=-1))):
+        vocab = vocab.without_modality(modality)  # the last-added first
+    if vocab.size < pipeline.text_tokenizer.vocab_size:
+        raise VocabularyError(f"the {', '.join(modalities)} ids are the text tokenizer's too; they cannot go")
+    routed = [m for m in model.config.experts if m not in modalities]
+    config = dataclasses.replace(model.config, vocab_size=vocab.size, experts=routed,
+                                 expert_scope=model.config.expert_scope if routed else "span",
+                                 expert_head=model.config.expert_head and bool(routed))
+    state = {}
+    for name, weight in model.state_dict().items():
+        if not routed and (".expert." in name or name.startswith("expert_")):
+            continue  # no expert is left
+        rows = name in ("tok_embeddings.weight", "output.weight", "expert_output.weight")
+        state[name] = weight[: vocab.size] if rows else weight
+    weight = model.tok_embeddings.weight
+    kept = Transformer(config).to(device=weight.device, dtype=weight.dtype)
+    kept.load_state_dict(state)
+    speech_tokenizer = None if "speech" in modalities else pipeline.speech_tokenizer
+    return Pipeline(kept.eval(), vocab, pipeline.text_tokenizer, pipeline.image_tokenizer,
+                    dataclasses.replace(pipeline.config), speech_tokenizer)

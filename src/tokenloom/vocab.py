@@ -485,6 +485,34 @@ class Vocabulary:
         return Vocabulary(self._size + len(ids), self._specials, self._code_ids, self._size_ids,
                           size_unit=self._size_unit, speech_code_ids=ids, speech_codebooks=codebooks)
 
+    def modality_ids(self, modality: str) -> np.ndarray:
+        """The ids of `modality`'s markers the vocabulary has, and speech's codes."""
+        if modality not in MODALITY_ROLES:
+            raise VocabularyError(f"unknown modality {modality!r}; expected one of {sorted(MODALITY_ROLES)}")
+        markers = [self._specials[r] for r in MODALITY_ROLES[modality] if r in self._specials]
+        codes = self._speech_ids if modality == "speech" else np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.asarray(markers, dtype=np.int64), codes])
+
+    def without_modality(self, modality: str) -> Vocabulary:
+        """This vocabulary without `modality`'s markers (and speech's codes): the inverse of with_new_specials
+        and with_speech_codes. The ids must be its last ones, so that no id kept moves; another modality's
+        after them is an error that says which to remove first."""
+        roles = [r for r in MODALITY_ROLES[modality] if r in self._specials]
+        ids = np.sort(self.modality_ids(modality))
+        if len(ids) == 0:
+            raise VocabularyError(f"the vocabulary has no {modality} tokens")
+        tail = self._size - len(ids)
+        if not np.array_equal(ids, np.arange(tail, self._size)):
+            later = " and ".join(m for m in MODALITY_ROLES
+                                 if m != modality and self.modality_ids(m).max(initial=-1) > ids[0]) or "other"
+            raise VocabularyError(f"the {modality} ids {int(ids[0])}-{int(ids[-1])} are not the vocabulary's last: "
+                                  f"{later} ids come after them; remove {later} first")
+        specials = {r: i for r, i in self._specials.items() if r not in roles}
+        keep_speech = modality != "speech"
+        return Vocabulary(tail, specials, self._code_ids, self._size_ids, size_unit=self._size_unit,
+                          speech_code_ids=self._speech_ids if keep_speech else (),
+                          speech_codebooks=self._speech_levels if keep_speech else 0)
+
     # -- constructors from tokenizers ------------------------------------------
 
     @classmethod

@@ -63,6 +63,8 @@ VERBS = {
                           f"{_C}:merge_adapter_arguments", f"{_C}:run_merge_adapter"),
     "add-modality": Verb("grow a model's vocabulary by a modality's tokens (BASE OUT --modality video), to train it",
                          f"{_C}:add_modality_arguments", f"{_C}:run_add_modality"),
+    "remove-modality": Verb("a model without modalities' tokens (BASE OUT --modality video,speech): a grown model's base",
+                            f"{_C}:remove_modality_arguments", f"{_C}:run_remove_modality"),
     "serve": Verb("an OpenAI-compatible HTTP server with a web page", "tokenloom.cli.serving:serve_arguments",
                   "tokenloom.cli.serving:run_serve"),
 }

@@ -128,6 +128,29 @@ def add_modality_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
+def remove_modality_arguments(p) -> None:
+    p.description = ("Remove modalities' tokens from a model: their embedding and head rows go, and so do the experts "
+                     "and the speech codec that only they used. Of a model grown through experts (add-modality "
+                     "--experts, trained with train.trainable: experts) this is, bit for bit, the model it grew from. "
+                     "The modalities' ids must be the vocabulary's last. OUT is written under a temporary name and "
+                     "renamed into place.")
+    p.add_argument("base", help="the model directory")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--modality", required=True, help="the modalities to remove, comma-separated (video,speech)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def run_remove_modality(a) -> int:
+    from ..convert import remove_modality_dir
+    from ..vocab import MODALITY_ROLES
+
+    modalities = [m.strip() for m in a.modality.split(",") if m.strip()]
+    unknown = [m for m in modalities if m not in MODALITY_ROLES]
+    if unknown or not modalities:
+        raise ValueError(f"--modality: unknown {unknown or a.modality!r}; expected some of {sorted(MODALITY_ROLES)}")
+    return _wrote(remove_modality_dir(a.base, a.out, modalities, overwrite=a.overwrite))
+
+
 def run_add_modality(a) -> int:
     from ..convert import add_modality_dir
 

@@ -6,6 +6,7 @@ expansion of a Hugging Face LLM, and export back to the Hugging Face Chameleon l
     export(src, dst, **options)             tokenloom pipeline -> HF ChameleonForConditionalGeneration
     merge_adapter(base, adapter, dst)       a LoRA adapter merged into its base: a plain model directory
     add_modality_dir(base, dst, modality)   a model grown by a modality's tokens (video), to train on it
+    remove_modality_dir(base, dst, [modality, ...])   the inverse: a grown model's base back
 
 Conversions stream: weights are read one tensor at a time from memory-mapped files into a model
 built on the meta device, so the peak host memory stays near one copy of the weights. Each
@@ -25,10 +26,10 @@ from .liquid import expand as _expand
 from .liquid import expand_pipeline
 from .lumina import convert_lumina_mgpt, load_lumina_mgpt
 from .merge import merge_adapter
-from .modality import add_modality_dir
+from .modality import add_modality_dir, remove_modality_dir
 from .profiles import PROFILES, anole_profile, chameleon_profile, liquid_profile, lumina_mgpt_profile, profile_config
 
-__all__ = ["add_modality_dir", "convert", "expand", "export", "merge_adapter", "KINDS", "ConversionError", "ConversionWarning", "load_chameleon_hf",
+__all__ = ["add_modality_dir", "remove_modality_dir", "convert", "expand", "export", "merge_adapter", "KINDS", "ConversionError", "ConversionWarning", "load_chameleon_hf",
            "load_chameleon_meta", "load_lumina_mgpt", "expand_pipeline", "export_hf_chameleon", "PROFILES",
            "profile_config", "chameleon_profile", "anole_profile", "lumina_mgpt_profile", "liquid_profile"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..modalities import add_modality
+from ..modalities import add_modality, remove_modalities
 from ..pipeline import Pipeline
 from .common import prepare_destination, save_derived
 
@@ -37,3 +37,15 @@ def add_modality_dir(base: str | Path, dst: str | Path, modality: str, *, codec:
         record["expert_scope"] = grown.model.config.expert_scope
         record["expert_head"] = grown.model.config.expert_head
     return save_derived(grown, base, dst, "added_modality", record)
+
+
+def remove_modality_dir(base: str | Path, dst: str | Path, modalities: list[str], *, overwrite: bool = False) -> Path:
+    """Write the model directory `base` without `modalities`' tokens (and the experts and codec only they
+    used) to `dst`, under a temporary name renamed into place: of a model grown through experts, the model it
+    grew from (`tokenloom.modalities.remove_modalities`)."""
+    base, dst = Path(base), Path(dst)
+    prepare_destination([base], dst, overwrite)
+    pipe = Pipeline.from_pretrained(base)
+    kept = remove_modalities(pipe, modalities)
+    record = {"modalities": list(modalities), "removed_ids": [kept.vocab.size, pipe.vocab.size]}
+    return save_derived(kept, base, dst, "removed_modalities", record)
