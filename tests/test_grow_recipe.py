@@ -33,8 +33,11 @@ def test_config_mixes_both_modalities_with_replay_at_the_last_stage_rate(tmp_pat
 def test_sets_use_fresh_seeds_and_every_task() -> None:
     earlier = ([s for s, _ in recipe.video.SETS.values()] + [s for s, _ in recipe.speech.SETS.values()]
                + [s for s, _, _ in recipe.speech.CORPUS.values()])
-    seeds = [seed for seed, _ in recipe.SETS.values()]
+    seeds = [seed for seed, _ in [*recipe.SETS.values(), *recipe.MORE_SETS.values()]]
     assert len(set(seeds)) == len(seeds) and not set(seeds) & set(earlier) and min(seeds) > max(earlier)
+    more = {name: set(counts) for name, (_, counts) in recipe.MORE_SETS.items()}
+    assert more["speech-more"] == set(recipe.SPEECH_TASKS) and more["video-more"] == set(recipe.VIDEO_TASKS)
+    assert more["eval-more"] == more["speech-more"] | more["video-more"]
     sets = {name: set(counts) for name, (_, counts) in recipe.SETS.items()}
     assert sets["video"] == set(recipe.VIDEO_TASKS) and sets["speech"] == set(recipe.SPEECH_TASKS)
     assert sets["replay"] == set(recipe.OLD_TASKS) and sets["eval"] == sets["video"] | sets["speech"] | sets["replay"]
@@ -84,14 +87,19 @@ def test_the_experts_variant_trains_only_experts_on_the_new_sets(tmp_path, speec
     ids = torch.tensor([[*range(0, 40, 3), head.vocab.video_begin, *range(1, 40, 3)]])
     with torch.no_grad():
         assert torch.equal(head.model(ids), rest.model(ids))
+    # --experts-more trains the head run's model as it is, on its own fresh sets.
+    config = load_config(recipe.write_config(tmp_path, smoke=False, stage="experts-more"))
+    assert config.model.pipeline == str(tmp_path / "experts-head" / "final") and config.train.trainable == "experts"
+    assert [s["path"] for s in config.data.train] == [str(tmp_path / "shards" / n) for n in ("speech-more", "video-more")]
+    assert config.data.eval == [str(tmp_path / "shards" / "eval-more")]
 
 
 def test_an_expert_stage_trains_the_stages_before_it_that_are_not_done(tmp_path, monkeypatch) -> None:
     trained = []
     monkeypatch.setattr(recipe, "train_from", lambda template, work, name, smoke: trained.append(name))
-    monkeypatch.setattr(recipe, "EXPERT_STAGES", {s: (lambda work: None) for s in recipe.EXPERT_STAGES})
-    recipe.train_grown(tmp_path, False, "experts-head")
-    assert trained == ["experts", "experts-rest", "experts-head"]
+    monkeypatch.setattr(recipe, "EXPERT_STAGES", {s: (lambda work, smoke: None) for s in recipe.EXPERT_STAGES})
+    recipe.train_grown(tmp_path, False, "experts-more")
+    assert trained == ["experts", "experts-rest", "experts-head", "experts-more"]
     (tmp_path / "experts-rest" / "final").mkdir(parents=True)
     (tmp_path / "experts-rest" / "final" / "config.json").write_text("{}")
     trained.clear()

@@ -8,6 +8,7 @@ video and speech tasks mixed with replay of its old tasks, measured on every tas
     python recipes/grow/build.py --work runs/grow --experts      # the same, grown through experts
     python recipes/grow/build.py --work runs/grow --experts-rest # then the experts take the answers too
     python recipes/grow/build.py --work runs/grow --experts-head # then they get their own output head
+    python recipes/grow/build.py --work runs/grow --experts-more # then more steps on fresh sets
 
 The video recipe (lr 5e-4, 60:40) and the speech recipe (3e-4, 50:50) each cost the old tasks 1-9 points
 (docs/video.md, docs/speech.md). shapes-tiny's last stage (recipes/shapes-tiny/stages.yaml, train-13) ran at
@@ -33,6 +34,8 @@ experts-rest.yaml trains it into WORK/experts-rest (eval: WORK/eval-experts-rest
 --experts-head goes on from WORK/experts-rest/final with the experts' own final norm and output head
 (WORK/base-experts-head; ModelConfig.expert_head), so that they can write words the image-text model never
 wrote; experts-head.yaml trains it into WORK/experts-head.
+--experts-more goes on from WORK/experts-head/final on fresh sets (MORE_SETS, drawn when the stage starts),
+weighted to the speech tasks that answer in text; experts-more.yaml trains it into WORK/experts-more.
 
 Every step skips what is done and resumes what was interrupted: rerun the same command. Measured:
 docs/model-growth.md.
@@ -70,6 +73,12 @@ SETS = {  # name: (seed, documents per task); seeds 0-65 went to earlier recipes
     "replay": (68, {"t2i": 8000, "caption": 3000, "qa": 6000, "story": 5000, "edit": 8000}),
     "eval": (69, {t: 16 for t in OLD_TASKS + VIDEO_TASKS + SPEECH_TASKS}),
 }
+MORE_SETS = {  # the experts-more stage's fresh sets: speech weighted to transcripts and spoken questions
+    "speech-more": (75, {"asr": 3000, "spoken_qa": 3000, "tts": 1000, "speech_t2i": 1000}),
+    "video-more": (76, {"video_caption": 500, "video_qa": 500, "t2v": 500, "next_frames": 500}),
+    "eval-more": (77, {t: 16 for t in ("asr", "spoken_qa", "tts", "speech_t2i",
+                                       "video_caption", "video_qa", "t2v", "next_frames")}),
+}
 STEPS = ("corpus", "codec", "base", "data", "train", "eval")
 EXTRA_STEPS = ("eval-before",)
 
@@ -84,7 +93,7 @@ def build_base(work: Path, source: Path = SHIPPED, experts: bool = False) -> Pat
     return base
 
 
-def rest_base(work: Path) -> Path:
+def rest_base(work: Path, smoke: bool = False) -> Path:
     """WORK/experts/final with expert_scope "rest": WORK/base-experts-rest."""
     base = work / "base-experts-rest"
     if not (base / "config.json").exists():
@@ -94,7 +103,7 @@ def rest_base(work: Path) -> Path:
     return base
 
 
-def head_base(work: Path) -> Path:
+def head_base(work: Path, smoke: bool = False) -> Path:
     """WORK/experts-rest/final with the experts' own final norm and output head (copies of the shared ones,
     ModelConfig.expert_head): WORK/base-experts-head."""
     base = work / "base-experts-head"
@@ -104,7 +113,13 @@ def head_base(work: Path) -> Path:
     return base
 
 
-EXPERT_STAGES = {"experts": None, "experts-rest": rest_base, "experts-head": head_base}  # each from the last
+def more_sets(work: Path, smoke: bool = False) -> None:
+    """The experts-more stage trains its predecessor's model as it is; it needs only its own sets."""
+    build_sets(work, MORE_SETS, smoke)
+
+
+EXPERT_STAGES = {"experts": None, "experts-rest": rest_base, "experts-head": head_base,
+                 "experts-more": more_sets}  # each from the last
 
 
 def _template(stage: str) -> Path:
@@ -124,7 +139,7 @@ def train_grown(work: Path, smoke: bool, stage: str = "grow") -> dict:
     if before and not (work / before / "final" / "config.json").exists():
         train_grown(work, smoke, before)  # which trains the stages before it that are not done
     if EXPERT_STAGES[stage] is not None:
-        EXPERT_STAGES[stage](work)
+        EXPERT_STAGES[stage](work, smoke)  # what the stage starts from
     return train_from(_template(stage), work, stage, smoke)
 
 
@@ -138,9 +153,11 @@ def main(argv=None) -> int:
                     help="--experts, then on with expert_scope 'rest': the experts write the answers too")
     ap.add_argument("--experts-head", action="store_true",
                     help="--experts-rest, then on with the experts' own final norm and output head")
+    ap.add_argument("--experts-more", action="store_true",
+                    help="--experts-head, then more steps on fresh sets weighted to transcripts and spoken questions")
     a = ap.parse_args(argv)
-    run = ("experts-head" if a.experts_head else "experts-rest" if a.experts_rest
-           else "experts" if a.experts else "grow")
+    run = ("experts-more" if a.experts_more else "experts-head" if a.experts_head
+           else "experts-rest" if a.experts_rest else "experts" if a.experts else "grow")
     a.experts = run != "grow"
     work = a.work
     work.mkdir(parents=True, exist_ok=True)

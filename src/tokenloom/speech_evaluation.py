@@ -35,7 +35,12 @@ def eval_tts(pipe, samples, batch_size, progress, seed, out_dir: Path | None = N
     codec = pipe.speech_tokenizer
     rate = codec.config.sample_rate
     records, right, ceiling, round_trip = [], [], [], []
-    for i, (s, result) in enumerate(zip(samples, results)):
+    from tqdm.auto import tqdm
+
+    # three recognitions a sample (the model's speech, espeak-ng's, espeak-ng's through the codec): minutes
+    heard_all = tqdm(zip(samples, results), total=len(samples), desc="tts recognised", unit="utterance",
+                     disable=not progress)
+    for i, (s, result) in enumerate(heard_all):
         text = normalize(s.info["text"])
         parts = result.document.speech
         audio = pipe.decode_speech(parts[0]).at(rate) if parts else np.zeros(0, np.float32)
