@@ -139,7 +139,7 @@ def train_grown(work: Path, smoke: bool, stage: str = "grow") -> dict:
     if before and not (work / before / "final" / "config.json").exists():
         train_grown(work, smoke, before)  # which trains the stages before it that are not done
     if EXPERT_STAGES[stage] is not None:
-        EXPERT_STAGES[stage](work, smoke)  # what the stage starts from
+        EXPERT_STAGES[stage](work, smoke)  # what the stage needs first: its base, or its own sets
     return train_from(_template(stage), work, stage, smoke)
 
 
